@@ -1,0 +1,127 @@
+"""Vanilla LoRA vs Light-PEFT on the real MiniLM, side by side in one run, per task.
+
+    python benchmarks/light_peft.py --tasks sst2,rte --data-root ../shared/data
+
+Prints, per task: dev metric of each, train-step time ratio, end-to-end time ratio (estimation included),
+peak training memory ratio, inference-latency ratio. Both runs share seed, data order, schedule and
+hyperparameters; only Light-PEFT's estimation/pruning differs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+from prunetune.config import from_dict  # noqa: E402
+from prunetune.methods.common import prepare  # noqa: E402
+from prunetune.methods.light_peft import train_light, train_vanilla  # noqa: E402
+
+GLUE_DIRS = {"sst2": "SST-2", "rte": "RTE", "cola": "CoLA", "stsb": "STS-B"}
+
+
+@torch.no_grad()
+def latency_ms(model, batch: dict, repeats: int) -> float:
+    """Median forward latency of one dev batch (eval mode, no grad)."""
+    model.eval()
+    for _ in range(3):
+        model(**batch)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        model(**batch)
+        times.append(time.perf_counter() - t0)
+    return 1e3 * sorted(times)[len(times) // 2]
+
+
+def bench_task(task: str, args) -> dict:
+    cfg = from_dict({
+        "model": {"name_or_path": args.model},
+        "data": {"task": task, "data_dir": str(Path(args.data_root) / GLUE_DIRS[task]),
+                 "max_train_samples": args.train_samples, "max_eval_samples": args.eval_samples,
+                 "max_length": args.max_length},
+        "prune": {"heads": args.heads, "ffn": args.ffn},
+        "train": {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed},
+        "output_dir": str(Path(args.out) / task),
+    })
+    ctx = prepare(cfg)
+    print(f"== {task}: {len(ctx.train_loader.dataset)} train / {len(ctx.dev_loader.dataset)} dev, "
+          f"{ctx.total_steps} steps, batch {args.batch_size}", flush=True)
+    batch = next(iter(ctx.dev_loader))
+    batch = {k: v for k, v in batch.items() if k != "labels"}
+    van = train_vanilla(ctx)
+    van["latency_ms"] = latency_ms(van.pop("_model"), batch, args.repeats)
+    light = train_light(ctx)
+    light.pop("_plan")
+    light["latency_ms"] = latency_ms(light.pop("_model"), batch, args.repeats)
+    metric = ctx.task.metric
+    row = {
+        "task": task, "metric": metric, "steps": ctx.total_steps,
+        "vanilla_final": van["final"][metric], "light_final": light["final"][metric],
+        "vanilla_best": van["best"][metric], "light_best": light["best"][metric],
+        "step_speedup": van["step_seconds"] / light["step_seconds"],
+        "e2e_speedup": van["train_seconds"] / light["train_seconds"],
+        "memory_ratio": light["peak_mb"] / van["peak_mb"],
+        "inference_speedup": van["latency_ms"] / light["latency_ms"],
+        "vanilla_step_ms": 1e3 * van["step_seconds"], "light_step_ms": 1e3 * light["step_seconds"],
+        "vanilla_peak_mb": van["peak_mb"], "light_peak_mb": light["peak_mb"],
+        "vanilla_latency_ms": van["latency_ms"], "light_latency_ms": light["latency_ms"],
+        "base_kept_pct": light["base_kept_pct"], "block_kept_pct": light["block_kept_pct"],
+        "trainable_vanilla": van["trainable_params_no_head"], "trainable_light": light["trainable_params_no_head"],
+        "plan": light["plan"],
+    }
+    print(json.dumps(row, indent=1), flush=True)
+    return row
+
+
+def table(rows: list[dict]) -> str:
+    head = ("| task | dev metric vanilla -> Light-PEFT (final / best) | step speedup | end-to-end speedup | "
+            "peak train memory ratio | inference speedup | body / block params kept | trainable (no head) |")
+    lines = [head, "|" + "---|" * 8]
+    for r in rows:
+        lines.append(
+            f"| {r['task']} ({r['metric']}) | {r['vanilla_final']:.4f} -> {r['light_final']:.4f} / "
+            f"{r['vanilla_best']:.4f} -> {r['light_best']:.4f} | {r['step_speedup']:.2f}x "
+            f"({r['vanilla_step_ms']:.0f} -> {r['light_step_ms']:.0f} ms) | {r['e2e_speedup']:.2f}x | "
+            f"{r['memory_ratio']:.2f} ({r['vanilla_peak_mb']:.0f} -> {r['light_peak_mb']:.0f} MB) | "
+            f"{r['inference_speedup']:.2f}x | {r['base_kept_pct']:.1f}% / {r['block_kept_pct']:.1f}% | "
+            f"{r['trainable_vanilla']:,} -> {r['trainable_light']:,} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tasks", default="sst2,rte")
+    p.add_argument("--data-root", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"))
+    p.add_argument("--model", default="minilm")
+    p.add_argument("--train-samples", type=int, default=8000)
+    p.add_argument("--eval-samples", type=int, default=None)
+    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--epochs", type=float, default=3)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--heads", type=float, default=1 / 3)
+    p.add_argument("--ffn", type=float, default=1 / 3)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--out", default="runs/bench_light")
+    p.add_argument("--json", help="also write the rows to this JSON file")
+    args = p.parse_args(argv)
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
+          f"device {'cuda' if torch.cuda.is_available() else 'cpu'}", flush=True)
+    rows = [bench_task(t.strip(), args) for t in args.tasks.split(",") if t.strip()]
+    print("\n" + table(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

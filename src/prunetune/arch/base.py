@@ -1,0 +1,112 @@
+"""Per-family layout of transformer blocks: where q/k/v/o and FFN up/gate/down live."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from ..errors import PrunetuneError
+
+
+@dataclass(frozen=True)
+class LayerNames:
+    """Full dotted module names of one block. For fused qkv (GPT-2) q == k == v == the fused module."""
+
+    q: str
+    k: str
+    v: str
+    o: str
+    up: str
+    down: str
+    gate: str | None = None
+    attn: str = ""  # the attention module holding head-count attributes
+
+    @property
+    def fused_qkv(self) -> bool:
+        return self.q == self.k == self.v
+
+    def role(self, role: str) -> str | None:
+        return getattr(self, role)
+
+
+@dataclass
+class Arch:
+    """Layout of one model instance. `heads` counts query heads; a head *unit* is a KV group on GQA models."""
+
+    family: str
+    layers: list[LayerNames]
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    hidden_size: int
+    intermediate_size: int
+    body_prefix: str  # parameters outside this prefix are the task head (trained in full)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def heads_per_unit(self) -> int:
+        """Query heads per prunable unit: 1 for MHA, num_heads // num_kv_heads for GQA."""
+        return self.num_heads // self.num_kv_heads
+
+    @property
+    def num_units(self) -> int:
+        return self.num_kv_heads
+
+    def peft_targets(self, roles) -> list[str]:
+        """Distinct module names for the given roles (q, k, v, o, up, gate, down) in all layers."""
+        names: list[str] = []
+        for layer in self.layers:
+            for role in roles:
+                name = layer.role(role)
+                if name is not None and name not in names:
+                    names.append(name)
+        return names
+
+    def role_of(self, module_name: str) -> tuple[int, str]:
+        for i, layer in enumerate(self.layers):
+            for role in ("q", "k", "v", "o", "up", "gate", "down"):
+                if layer.role(role) == module_name:
+                    return i, role
+        raise KeyError(module_name)
+
+
+_FAMILIES: dict[str, "callable"] = {}
+
+
+def register(*model_types: str):
+    def deco(fn):
+        for t in model_types:
+            _FAMILIES[t] = fn
+        return fn
+
+    return deco
+
+
+def supported_families() -> list[str]:
+    return sorted(_FAMILIES)
+
+
+def get_arch(model: nn.Module) -> Arch:
+    """Layout of a Hugging Face PreTrainedModel (any task head)."""
+    from . import families  # noqa: F401  (registers the families)
+
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in _FAMILIES:
+        raise PrunetuneError(
+            f"unsupported architecture '{model_type}' ({type(model).__name__}); supported: {', '.join(supported_families())}"
+        )
+    return _FAMILIES[model_type](model, config)
+
+
+def body_path(model: nn.Module) -> str:
+    """Dotted path from the top-level model to its transformer body ('' if the model is the body)."""
+    prefix = getattr(model, "base_model_prefix", "")
+    return prefix if prefix and hasattr(model, prefix) else ""
+
+
+def join(*parts: str) -> str:
+    return ".".join(p for p in parts if p)

@@ -1,0 +1,150 @@
+"""prunetune command line: light | eval | export."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import yaml
+
+from .errors import PrunetuneError
+
+
+def _overrides(args) -> dict:
+    """CLI flags -> dotted config overrides (only the flags the user gave)."""
+    o = {}
+    flags = {"model": "model.name_or_path", "gguf_file": "model.gguf_file", "task": "data.task",
+             "data_dir": "data.data_dir", "train_file": "data.train_file", "dev_file": "data.dev_file",
+             "output_dir": "output_dir", "epochs": "train.epochs", "max_steps": "train.max_steps",
+             "batch_size": "train.batch_size", "lr": "train.lr", "seed": "train.seed",
+             "max_train_samples": "data.max_train_samples", "max_eval_samples": "data.max_eval_samples"}
+    for flag, key in flags.items():
+        value = getattr(args, flag, None)
+        if value is not None:
+            o[key] = value
+    if getattr(args, "baseline", None) is not None:
+        o["baseline"] = args.baseline
+    for item in getattr(args, "set", None) or []:
+        if "=" not in item:
+            raise PrunetuneError(f"--set expects key=value, got '{item}'")
+        key, value = item.split("=", 1)
+        o[key.strip()] = yaml.safe_load(value)
+    return o
+
+
+def _add_run_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML run configuration (see README: configuration reference)")
+    p.add_argument("--model", help="local folder, hub id, or 'minilm' (embedded default)")
+    p.add_argument("--gguf-file", dest="gguf_file", help="GGUF file inside --model to load")
+    p.add_argument("--task", help="sst2 | cola | rte | stsb | custom | hub name (e.g. glue/sst2)")
+    p.add_argument("--data-dir", dest="data_dir", help="folder with train.tsv / dev.tsv")
+    p.add_argument("--train-file", dest="train_file")
+    p.add_argument("--dev-file", dest="dev_file")
+    p.add_argument("--output-dir", dest="output_dir")
+    p.add_argument("--epochs", type=float)
+    p.add_argument("--max-steps", dest="max_steps", type=int)
+    p.add_argument("--batch-size", dest="batch_size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--max-train-samples", dest="max_train_samples", type=int)
+    p.add_argument("--max-eval-samples", dest="max_eval_samples", type=int)
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any config key, e.g. prune.heads=0.5")
+
+
+def cmd_light(args) -> int:
+    from .config import load_config
+    from .methods.light_peft import run
+
+    cfg = load_config(args.config, _overrides(args))
+    run(cfg, export=not args.no_export)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .config import DataConfig, _build, validate, RunConfig
+    from .data import encode, load_task, make_collate
+    from .export import load
+    from .train import evaluate, make_loader
+
+    loaded = load(args.path)
+    task_name = args.task or loaded.info.get("task", {}).get("name") or "sst2"
+    data = {"task": task_name, "data_dir": args.data_dir, "train_file": args.train_file, "dev_file": args.dev_file,
+            "max_eval_samples": args.max_eval_samples}
+    if task_name == "custom" or loaded.info.get("task", {}).get("name") == "custom":
+        info = loaded.info.get("task", {})
+        data.update(text_fields=info.get("text_fields"), num_labels=info.get("num_labels"))
+    cfg = validate(_build(RunConfig, {"data": {k: v for k, v in data.items() if v is not None}}, ""))
+    task, _train, dev = load_task(cfg.data)
+    if loaded.tokenizer is None:
+        raise PrunetuneError(f"export {args.path} has no tokenizer")
+    loader = make_loader(encode(dev, loaded.tokenizer, cfg.data.max_length), make_collate(loaded.tokenizer),
+                         args.batch_size, False, 0)
+    import torch
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    metrics = evaluate(loaded.model.to(device), loader, task, device)
+    print(json.dumps({"task": task.name, "rows": len(dev), **metrics}, indent=1))
+    return 0
+
+
+def cmd_export(args) -> int:
+    from pathlib import Path
+
+    from .export import load, save_export
+
+    src = Path(args.path)
+    if (src / "model" / "prunetune.json").is_file():
+        src = src / "model"
+    loaded = load(src)
+    peft_model = loaded.model if loaded.info["peft"] == "lora" else None
+    hf = peft_model.base_model.model if peft_model is not None else loaded.model
+    if args.merge and loaded.info["peft"] != "lora":
+        raise PrunetuneError(f"--merge needs a LoRA export; {src} holds '{loaded.info['peft']}'")
+    save_export(args.out, hf, loaded.plan, loaded.tokenizer, peft_model=peft_model, adapters=loaded.adapters,
+                task_info=loaded.info.get("task"), merge=args.merge)
+    print(f"wrote {args.out}" + (" (merged, standalone)" if args.merge else ""))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="prunetune", description="Cheaper PEFT by pruning (Light-PEFT, PrunePEFT).")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("light", help="Light-PEFT: estimate, prune, fine-tune, export")
+    _add_run_flags(p)
+    p.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=None,
+                   help="also train vanilla PEFT with identical hyperparameters and print the comparison")
+    p.add_argument("--no-export", action="store_true", help="do not write the model export")
+    p.set_defaults(func=cmd_light)
+    p = sub.add_parser("eval", help="evaluate an export on a task's dev set")
+    p.add_argument("path")
+    p.add_argument("--task")
+    p.add_argument("--data-dir", dest="data_dir")
+    p.add_argument("--train-file", dest="train_file")
+    p.add_argument("--dev-file", dest="dev_file")
+    p.add_argument("--max-eval-samples", dest="max_eval_samples", type=int)
+    p.add_argument("--batch-size", dest="batch_size", type=int, default=64)
+    p.set_defaults(func=cmd_eval)
+    p = sub.add_parser("export", help="re-export a run or export (optionally merged into a standalone model)")
+    p.add_argument("path", help="run output folder or export folder")
+    p.add_argument("--out", required=True)
+    p.add_argument("--merge", action="store_true", help="merge LoRA into the pruned base (standalone model)")
+    p.set_defaults(func=cmd_export)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except PrunetuneError as exc:
+        print(f"prunetune: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("prunetune: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

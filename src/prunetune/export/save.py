@@ -1,0 +1,60 @@
+"""Write an export folder atomically (temp folder, then rename)."""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+from safetensors.torch import save_file
+
+from ..arch.families import uniform_config_update
+from ..io import atomic_dir
+from ..plan import PruningPlan
+from .manifest import write_manifest
+
+
+def save_export(out: str | Path, hf_model, plan: PruningPlan, tokenizer=None, peft_model=None, adapters=None,
+                task_info: dict | None = None, merge: bool = False, card: str | None = None) -> Path:
+    """hf_model: the (pruned) HF model; peft_model: its PeftModel wrapper for LoRA; adapters: AdapterSet.
+
+    merge=True folds LoRA into the base weights and writes a standalone model (LoRA only).
+    """
+    out = Path(out)
+    if merge and adapters is not None:
+        raise ValueError("--merge needs LoRA: serial bottleneck adapters are non-linear and cannot be merged")
+    with atomic_dir(out) as tmp:
+        if peft_model is not None:
+            clone = copy.deepcopy(peft_model)
+            base = clone.merge_and_unload() if merge else clone.unload()
+        else:
+            base = copy.deepcopy(hf_model)
+        heads = plan.uniform_heads() if plan.heads_pruned() else None
+        inter = plan.uniform_neurons() if plan.ffn_pruned() else None
+        plain = (heads is not None or not plan.heads_pruned()) and (inter is not None or not plan.ffn_pruned())
+        if plain:
+            plain = uniform_config_update(plan.family, base.config,
+                                          heads * plan.heads_per_unit if heads else None, heads, inter)
+        base.save_pretrained(tmp, safe_serialization=True)
+        plan.save(tmp / "prunetune_plan.json")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        kind = "merged" if merge else plan.peft_kind
+        if peft_model is not None and not merge:
+            peft_model.save_pretrained(tmp / "adapter")
+        if adapters is not None:
+            save_file({k: v.detach().cpu().contiguous() for k, v in adapters.state_dict().items()},
+                      str(tmp / "adapters.safetensors"))
+        if card:
+            (tmp / "README.md").write_text(card)
+        write_manifest(tmp, {
+            "peft": kind,
+            "adapter_sizes": adapters.sizes() if adapters is not None else None,
+            "plain_from_pretrained": bool(plain),
+            "causal_lm": bool(getattr(base.config, "is_decoder", False)) or _is_causal(base),
+            "task": task_info or {},
+            "hidden_size": int(getattr(base.config, "hidden_size", 0) or getattr(base.config, "n_embd", 0)),
+        })
+    return out
+
+
+def _is_causal(model) -> bool:
+    return type(model).__name__.endswith("ForCausalLM") or type(model).__name__.endswith("LMHeadModel")

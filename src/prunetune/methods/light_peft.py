@@ -1,0 +1,186 @@
+"""Light-PEFT: estimate (masks + importance, first t' steps), prune once, fine-tune the smaller model.
+
+Orchestration only: the work lives in scores/, plan.py, surgery/, train/ and export/.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from ..config import RunConfig
+from ..io import atomic_write_text
+from ..plan import make_plan
+from ..scores import ImportanceTracker, StructureMasks
+from ..surgery import prune_adapter_model, prune_lora_model
+from ..train import PeakMemory, TrainState, evaluate
+from ..train.memory import StepMemory
+from .common import (Context, base_param_counts, build_model, epoch_evaluator, mean_step, prepare,
+                     summarize_evals)
+
+
+def estimation_steps(cfg: RunConfig, total: int, train_rows: int) -> int:
+    """t': explicit steps, else a fraction of the schedule (default 5%, 10% for small tasks)."""
+    fraction = cfg.estimate.fraction
+    if fraction is None:
+        fraction = 0.10 if train_rows < cfg.estimate.small_task_rows else 0.05
+    steps = cfg.estimate.steps or int(round(fraction * total))
+    return max(1, min(steps, total - 1))
+
+
+def train_vanilla(ctx: Context) -> dict:
+    """The baseline: PEFT at every position, same hyperparameters and seed, no pruning."""
+    model, hf, arch, adapters = build_model(ctx)
+    extras = {"adapters": adapters} if adapters is not None else {}
+    state = TrainState(model, hf, extras, ctx.cfg.train, ctx.train_loader, ctx.total_steps, ctx.device, desc="vanilla")
+    evals: list[dict] = []
+    t0 = time.perf_counter()
+    with PeakMemory(ctx.device) as mem:
+        state.run(ctx.total_steps, on_epoch_end=epoch_evaluator(ctx, state, evals))
+    wall = time.perf_counter() - t0
+    if not evals or evals[-1]["step"] != state.step:
+        evals.append({"epoch": round(state.epoch, 2), "step": state.step,
+                      **evaluate(state.model, ctx.dev_loader, ctx.task, ctx.device)})
+    return {
+        "evals": evals, **summarize_evals(evals, ctx.task.metric),
+        "step_seconds": mean_step(state.step_times), "train_seconds": wall, "peak_mb": state.memory.peak_mb,
+        "cuda_peak_mb": mem.peak_mb,
+        "trainable_params": state.trainable_count(), "trainable_params_no_head": state.trainable_count(False),
+        "base_params": base_param_counts(hf, arch), "eval_seconds": _eval_seconds(ctx, state.model),
+        "loss_curve": state.history, "_model": state.model,
+    }
+
+
+def train_light(ctx: Context, export_dir: Path | None = None) -> dict:
+    cfg = ctx.cfg
+    model, hf, arch, adapters = build_model(ctx)
+    params_before = base_param_counts(hf, arch)
+    masks = StructureMasks(arch).attach(hf)
+    extras = {"masks": masks}
+    if adapters is not None:
+        extras["adapters"] = adapters
+    total = ctx.total_steps
+    est = estimation_steps(cfg, total, len(ctx.train_loader.dataset))
+    window_start = est - max(1, int(round(cfg.estimate.window * est)))
+    state = TrainState(model, hf, extras, cfg.train, ctx.train_loader, total, ctx.device,
+                       mask_lr=cfg.estimate.mask_lr, desc="light-peft")
+    tracker = ImportanceTracker(hf, adapters, cfg.estimate.rank_score)
+    evals: list[dict] = []
+    on_epoch_end = epoch_evaluator(ctx, state, evals)
+    mask_curve: list[dict] = []
+
+    def l1():
+        h, f = masks.l1()
+        return cfg.estimate.lambda_heads * h + cfg.estimate.lambda_ffn * f
+
+    def before_forward(batch):
+        tracker.token_mask = batch.get("attention_mask")
+        if state.step == window_start and not tracker._handles:
+            tracker.start()
+
+    def after_backward(step):
+        if step >= window_start:
+            tracker.after_backward()
+        if step % max(1, cfg.train.log_every) == 0 or step == est - 1:
+            mask_curve.append({"step": step, "heads_mean": float(sum(float(m.detach().mean()) for m in masks.heads) / len(masks.heads)),
+                               "ffn_mean": float(sum(float(m.detach().mean()) for m in masks.ffn) / len(masks.ffn))})
+
+    t0 = time.perf_counter()
+    with PeakMemory(ctx.device) as mem_est:
+        state.run(est, extra_loss=l1, before_forward=before_forward, after_backward=after_backward,
+                  on_epoch_end=on_epoch_end, desc="estimate")
+    tracker.stop()
+    module_imp, rank_imp = tracker.finalize()
+    est_seconds = time.perf_counter() - t0
+
+    t1 = time.perf_counter()
+    head_vals, ffn_vals = masks.head_values(), masks.ffn_values()
+    p = cfg.prune
+    plan = make_plan(arch, head_vals, ffn_vals, module_imp, rank_imp, p.heads, p.ffn, p.modules, p.ranks,
+                     p.ffn_scope, p.ffn_floor, cfg.peft.kind, hf.config.model_type,
+                     meta={"estimation_steps": est, "window_start": window_start, "total_steps": total,
+                           "module_importance": module_imp,
+                           "rank_importance": {k: v.tolist() for k, v in rank_imp.items()},
+                           "head_masks": [m.tolist() for m in head_vals],
+                           "ffn_mask_summary": [[float(m.min()), float(m.mean()), float(m.max())] for m in ffn_vals]})
+    masks.detach()
+    fold = (head_vals, ffn_vals) if p.fold_masks else (None, None)
+    if adapters is None:
+        model, ops = prune_lora_model(model, arch, plan, cfg.peft.r, cfg.peft.alpha, cfg.peft.dropout, *fold)
+        hf = model.base_model.model
+        extras = {}
+    else:
+        ops = prune_adapter_model(hf, arch, plan, adapters, *fold)
+        extras = {"adapters": adapters}
+    state.set_model(model, hf, extras, ops, reset=cfg.estimate.optimizer_state == "reset")
+    surgery_seconds = time.perf_counter() - t1
+    est_step_times = list(state.step_times)
+
+    est_memory, state.memory = state.memory, StepMemory()
+    with PeakMemory(ctx.device) as mem_ft:
+        state.run(total - est, on_epoch_end=on_epoch_end, desc="fine-tune")
+    wall = time.perf_counter() - t0
+    if not evals or evals[-1]["step"] != state.step:
+        evals.append({"epoch": round(state.epoch, 2), "step": state.step,
+                      **evaluate(state.model, ctx.dev_loader, ctx.task, ctx.device)})
+    params_after = base_param_counts(hf, arch)
+    result = {
+        "evals": evals, **summarize_evals(evals, ctx.task.metric),
+        "plan": plan.summary(), "estimation_steps": est, "total_steps": total,
+        "step_seconds": mean_step(state.step_times[len(est_step_times):]),
+        "estimation_step_seconds": mean_step(est_step_times),
+        "estimation_seconds": est_seconds, "surgery_seconds": surgery_seconds, "train_seconds": wall,
+        "peak_mb": state.memory.peak_mb, "estimation_peak_mb": est_memory.peak_mb,
+        "cuda_peak_mb": mem_ft.peak_mb, "cuda_estimation_peak_mb": mem_est.peak_mb,
+        "trainable_params": state.trainable_count(), "trainable_params_no_head": state.trainable_count(False),
+        "base_params_before": params_before, "base_params": params_after,
+        "base_kept_pct": 100.0 * params_after["body"] / params_before["body"],
+        "block_kept_pct": 100.0 * params_after["blocks"] / max(1, params_before["blocks"]),
+        "eval_seconds": _eval_seconds(ctx, state.model), "loss_curve": state.history, "mask_curve": mask_curve,
+    }
+    if export_dir is not None:
+        from ..export import save_export
+
+        save_export(export_dir, hf, plan, ctx.tokenizer, peft_model=model if adapters is None else None,
+                    adapters=adapters, task_info=_task_info(ctx))
+        result["export"] = str(export_dir)
+    result["_plan"], result["_model"] = plan, state.model
+    return result
+
+
+def _task_info(ctx: Context) -> dict:
+    t = ctx.task
+    return {"name": t.name, "num_labels": t.num_labels, "metric": t.metric, "label_names": t.label_names,
+            "text_fields": t.text_fields}
+
+
+def _eval_seconds(ctx: Context, model) -> float:
+    t0 = time.perf_counter()
+    evaluate(model, ctx.dev_loader, ctx.task, ctx.device)
+    return time.perf_counter() - t0
+
+
+def run(cfg: RunConfig, export: bool = True) -> dict:
+    """The full Light-PEFT job (plus the vanilla baseline when cfg.baseline); writes results to cfg.output_dir."""
+    out = Path(cfg.output_dir)
+    ctx = prepare(cfg)
+    print(f"prunetune light: {ctx.model_path} on {ctx.task.name} — {len(ctx.train_loader.dataset)} train / "
+          f"{len(ctx.dev_loader.dataset)} dev rows, {ctx.total_steps} steps on {ctx.device}", flush=True)
+    results: dict = {"config": cfg.to_dict(), "task": _task_info(ctx)}
+    if cfg.baseline:
+        print("[1/2] vanilla PEFT baseline (same hyperparameters)", flush=True)
+        results["vanilla"] = train_vanilla(ctx)
+        results["vanilla"].pop("_model")
+    print(f"[{2 if cfg.baseline else 1}/{2 if cfg.baseline else 1}] Light-PEFT", flush=True)
+    light = train_light(ctx, out / "model" if export else None)
+    plan = light.pop("_plan")
+    light.pop("_model")
+    results["light_peft"] = light
+    out.mkdir(parents=True, exist_ok=True)
+    plan.save(out / "plan.json")
+    atomic_write_text(out / "results.json", json.dumps(results, indent=1, default=str))
+    from ..report import summary_table, write_report
+
+    write_report(out, results, plan)
+    print(summary_table(results), flush=True)
+    return results

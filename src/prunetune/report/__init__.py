@@ -1,0 +1,5 @@
+"""Run reports: the comparison table printed at the end of a run and report.md with plots."""
+from .summary import summary_rows, summary_table
+from .write import write_report
+
+__all__ = ["summary_rows", "summary_table", "write_report"]

@@ -1,0 +1,129 @@
+"""Light-PEFT importance of PEFT modules (norm ratio) and of their ranks (first-order Taylor).
+
+Scores are summed on device during the accumulation window and turned into means (all-reduced under DDP)
+by `finalize()`. Tracking is switched on only inside the window and removed afterwards, so fine-tuning pays
+nothing for it.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..units.adapters import AdapterSet
+from ..units.lora import ADAPTER, lora_layers
+from .dist import all_reduce_sum_, world_size
+
+RANK_SCORES = {}
+
+
+def rank_score(name):
+    def deco(fn):
+        RANK_SCORES[name] = fn
+        return fn
+
+    return deco
+
+
+@rank_score("taylor")
+def taylor(a, ga, b, gb) -> torch.Tensor:
+    """S_i = sum_o B[o,i] dL/dB[o,i]: the first-order loss change of removing rank i (signed, per step)."""
+    return (b * gb).sum(0)
+
+
+@rank_score("reference")
+def reference(a, ga, b, gb) -> torch.Tensor:
+    """The reference code's |mean(A*gA)| + |mean(B*gB)| per rank (shape dependent; kept as an option)."""
+    return (a * ga).mean(1).abs() + (b * gb).mean(0).abs()
+
+
+def norm_ratio(delta: torch.Tensor, base: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean over non-padding tokens of ||delta||_2 / ||base||_2."""
+    ratio = delta.detach().float().norm(dim=-1) / base.detach().float().norm(dim=-1).clamp_min(1e-12)
+    if token_mask is not None and token_mask.shape == ratio.shape:
+        m = token_mask.to(ratio.dtype)
+        return (ratio * m).sum() / m.sum().clamp_min(1.0)
+    return ratio.mean()
+
+
+class ImportanceTracker:
+    """Accumulates module and rank importance for the LoRA layers (or adapters) of a model."""
+
+    def __init__(self, hf_model, adapters: AdapterSet | None = None, rank_score: str = "taylor"):
+        self.hf_model = hf_model
+        self.adapters = adapters
+        self.rank_fn = RANK_SCORES[rank_score]
+        self.token_mask: torch.Tensor | None = None
+        self.module_sum: dict[str, torch.Tensor] = {}
+        self.module_n: dict[str, int] = {}
+        self.rank_sum: dict[str, torch.Tensor] = {}
+        self.rank_n = 0
+        self._handles: list = []
+        self._base_out: dict[str, torch.Tensor] = {}
+
+    # -- module importance (forward hooks) --------------------------------------------------------
+    def start(self) -> "ImportanceTracker":
+        self.stop()
+        if self.adapters is not None:
+            for name in self.adapters.names():
+                self.adapters.get(name).observer = lambda d, h, n=name: self._add_module(n, d, h)
+        for name, layer in lora_layers(self.hf_model).items():
+            self._handles.append(layer.base_layer.register_forward_hook(
+                lambda _m, _i, out, n=name: self._base_out.__setitem__(n, out.detach())))
+            self._handles.append(layer.lora_B[ADAPTER].register_forward_hook(
+                lambda _m, _i, out, n=name, s=layer.scaling[ADAPTER]: self._add_module(n, out * s, self._base_out.pop(n))))
+        return self
+
+    def stop(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._base_out.clear()
+        if self.adapters is not None:
+            for name in self.adapters.names():
+                self.adapters.get(name).observer = None
+
+    def _add_module(self, name: str, delta: torch.Tensor, base: torch.Tensor) -> None:
+        with torch.no_grad():
+            r = norm_ratio(delta, base, self.token_mask)
+            self.module_sum[name] = self.module_sum.get(name, 0.0) + r
+            self.module_n[name] = self.module_n.get(name, 0) + 1
+
+    # -- rank importance (after backward, before the optimizer step) --------------------------------
+    @torch.no_grad()
+    def after_backward(self) -> None:
+        """Call once per optimizer step, on unscaled, fully accumulated gradients."""
+        for name, a, ga, b, gb in self._rank_tensors():
+            s = self.rank_fn(a, ga, b, gb).abs()
+            self.rank_sum[name] = self.rank_sum.get(name, 0.0) + s
+        self.rank_n += 1
+
+    def _rank_tensors(self):
+        if self.adapters is not None:
+            for name in self.adapters.names():
+                ad = self.adapters.get(name)
+                if ad.up.weight.grad is not None:
+                    # adapter unit i: the up-projection column i (the down row plays A's part)
+                    yield name, ad.down.weight, ad.down.weight.grad, ad.up.weight, ad.up.weight.grad
+        for name, layer in lora_layers(self.hf_model).items():
+            a, b = layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight
+            if b.grad is not None and a.grad is not None:
+                yield name, a, a.grad, b, b.grad
+
+    # -- results ---------------------------------------------------------------------------------
+    def finalize(self) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+        """(module importance, rank importance): means over window steps, summed across DDP ranks."""
+        modules = {}
+        for name in sorted(self.module_sum):
+            t = torch.stack([torch.as_tensor(self.module_sum[name], dtype=torch.float32),
+                             torch.tensor(float(self.module_n[name]))]).to(_device(self.module_sum[name]))
+            all_reduce_sum_(t)
+            modules[name] = float(t[0] / t[1].clamp_min(1))
+        ranks = {}
+        for name in sorted(self.rank_sum):
+            t = self.rank_sum[name].float().clone()
+            all_reduce_sum_(t)  # gradients are already averaged by DDP; summing then / world keeps the mean
+            ranks[name] = (t / max(self.rank_n, 1) / world_size()).cpu()
+        return modules, ranks
+
+
+def _device(x):
+    return x.device if isinstance(x, torch.Tensor) else torch.device("cpu")

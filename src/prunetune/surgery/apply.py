@@ -1,0 +1,41 @@
+"""One entry point: turn a PEFT-wrapped model + plan into the physically pruned PEFT model."""
+from __future__ import annotations
+
+from ..arch import Arch
+from ..plan import PruningPlan
+from ..units.adapters import AdapterSet
+from ..units.lora import attach_lora, extract_lora, load_lora, lora_config
+from .base import apply_plan, fold_masks
+from .peft import lora_param_ops, slice_adapters, slice_lora_tensors
+
+
+def prune_lora_model(peft_model, arch: Arch, plan: PruningPlan, r: int, alpha: float, dropout: float,
+                     head_masks=None, ffn_masks=None):
+    """Returns (new PeftModel, {param name relative to the HF model: slicing ops}) for optimizer-state carry-over.
+
+    head_masks/ffn_masks (lists of tensors) are folded into o/down weights when given; otherwise dropped.
+    """
+    hf = peft_model.base_model.model
+    tensors = extract_lora(hf)
+    hf = peft_model.unload()
+    if head_masks is not None:
+        fold_masks(hf, arch, head_masks, ffn_masks, lora=tensors)
+    struct = apply_plan(hf, arch, plan)
+    sliced, ranks, alphas = slice_lora_tensors(tensors, plan.peft_ranks, struct)
+    config = lora_config(arch, list(sliced), r, alpha, dropout, ranks, alphas)
+    new = attach_lora(hf, arch, config)
+    load_lora(hf, sliced)
+    param_ops = {}
+    for name, kept in plan.peft_ranks.items():
+        for suffix, ops in lora_param_ops(kept, struct.get(name)).items():
+            param_ops[f"{name}.{suffix}"] = ops
+    return new, param_ops
+
+
+def prune_adapter_model(hf_model, arch: Arch, plan: PruningPlan, adapters: AdapterSet, head_masks=None, ffn_masks=None):
+    """Adapters are hook-based and live outside the HF model: slice base in place, shrink adapters."""
+    if head_masks is not None:
+        fold_masks(hf_model, arch, head_masks, ffn_masks)
+    apply_plan(hf_model, arch, plan)
+    ops = slice_adapters(adapters, plan.peft_ranks)
+    return {f"adapters.{n.replace('.', '__')}.{p}": o for n, pops in ops.items() for p, o in pops.items()}

@@ -1,0 +1,98 @@
+"""Slice q/k/v output rows and o input columns of removed heads, FFN up/gate rows and down columns of
+removed neurons. Operates on the plain HF model (PEFT wrappers removed first)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..arch import Arch
+from ..arch.families import set_head_count
+from ..plan import PruningPlan
+
+Op = tuple[str, torch.Tensor]  # ("out" | "in", kept indices)
+
+
+def _span(units: list[int], width: int) -> torch.Tensor:
+    return torch.cat([torch.arange(u * width, (u + 1) * width) for u in units]) if units else torch.zeros(0, dtype=torch.long)
+
+
+def structure_ops(arch: Arch, plan: PruningPlan) -> dict[str, Op]:
+    """For every base module touched by the plan, which axis is sliced and which indices are kept."""
+    ops: dict[str, Op] = {}
+    q_width = arch.heads_per_unit * arch.head_dim
+    for i, layer in enumerate(arch.layers):
+        units = plan.kept_heads[i]
+        if len(units) < plan.num_units:
+            q_idx, kv_idx = _span(units, q_width), _span(units, arch.head_dim)
+            if layer.fused_qkv:
+                e = arch.num_heads * arch.head_dim
+                ops[layer.q] = ("out", torch.cat([q_idx, e + q_idx, 2 * e + q_idx]))
+            else:
+                ops[layer.q] = ("out", q_idx)
+                ops[layer.k] = ("out", kv_idx)
+                ops[layer.v] = ("out", kv_idx)
+            ops[layer.o] = ("in", q_idx)
+        neurons = plan.kept_neurons[i]
+        if len(neurons) < plan.intermediate_size:
+            idx = torch.tensor(neurons, dtype=torch.long)
+            ops[layer.up] = ("out", idx)
+            if layer.gate:
+                ops[layer.gate] = ("out", idx)
+            ops[layer.down] = ("in", idx)
+    return ops
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    return type(module).__name__ == "Conv1D"  # transformers.pytorch_utils.Conv1D: weight is (in, out)
+
+
+@torch.no_grad()
+def slice_module(module: nn.Module, op: Op) -> None:
+    axis, idx = op
+    w = module.weight
+    idx = idx.to(w.device)
+    out_dim, in_dim = (1, 0) if _is_conv1d(module) else (0, 1)
+    dim = out_dim if axis == "out" else in_dim
+    module.weight = nn.Parameter(w.index_select(dim, idx).clone(), requires_grad=w.requires_grad)
+    if axis == "out" and getattr(module, "bias", None) is not None:
+        b = module.bias
+        module.bias = nn.Parameter(b.index_select(0, idx).clone(), requires_grad=b.requires_grad)
+    n = len(idx)
+    if _is_conv1d(module):
+        if axis == "out":
+            module.nf = n
+    elif axis == "out":
+        module.out_features = n
+    else:
+        module.in_features = n
+
+
+def apply_plan(hf_model, arch: Arch, plan: PruningPlan) -> dict[str, Op]:
+    """Physically prune heads and neurons in place; returns the ops so PEFT weights can follow."""
+    plan.check_matches(arch)
+    ops = structure_ops(arch, plan)
+    for name, op in ops.items():
+        module = hf_model.get_submodule(name)
+        if hasattr(module, "base_layer"):
+            raise RuntimeError(f"{name} is still PEFT-wrapped; unload PEFT before base surgery")
+        slice_module(module, op)
+    for i, layer in enumerate(arch.layers):
+        units = len(plan.kept_heads[i])
+        set_head_count(arch.family, hf_model.get_submodule(layer.attn), units * arch.heads_per_unit, units, arch.head_dim)
+    return ops
+
+
+@torch.no_grad()
+def fold_masks(hf_model, arch: Arch, head_masks, ffn_masks, lora: dict[str, dict] | None = None) -> None:
+    """Fold learned mask values into the o / down input columns (and LoRA A columns) before slicing."""
+    width = arch.heads_per_unit * arch.head_dim
+    for i, layer in enumerate(arch.layers):
+        for name, scale in ((layer.o, head_masks[i].repeat_interleave(width)), (layer.down, ffn_masks[i])):
+            module = hf_model.get_submodule(name)
+            s = scale.to(module.weight)
+            if _is_conv1d(module):
+                module.weight.mul_(s[:, None])
+            else:
+                module.weight.mul_(s[None, :])
+            if lora and name in lora:
+                lora[name]["A"] = lora[name]["A"] * s[None, :].to(lora[name]["A"])

@@ -1,0 +1,183 @@
+"""Training state that can swap in a pruned model mid-run and carry AdamW state over by slicing."""
+from __future__ import annotations
+
+import math
+import time
+from contextlib import nullcontext
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from ..config import TrainConfig
+from ..data.metrics import compute_metrics
+from ..surgery.peft import apply_ops
+from .memory import StepMemory
+
+AMP = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def make_loader(dataset, collate, batch_size: int, shuffle: bool, seed: int) -> DataLoader:
+    g = torch.Generator().manual_seed(seed)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, collate_fn=collate, generator=g)
+
+
+def lr_factor(step: int, total: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / max(1, warmup)
+    return max(0.0, (total - step) / max(1, total - warmup))
+
+
+class TrainState:
+    """model: what forward() is called on (PeftModel or HF model); hf: the HF model (naming root);
+    extras: modules outside the HF model whose parameters also train (masks, adapters)."""
+
+    def __init__(self, model: nn.Module, hf: nn.Module, extras: dict[str, nn.Module], cfg: TrainConfig,
+                 loader: DataLoader, total_steps: int, device: torch.device, mask_lr: float | None = None,
+                 desc: str = "train"):
+        self.cfg, self.loader, self.total_steps, self.device = cfg, loader, total_steps, device
+        self.mask_lr = mask_lr or cfg.lr
+        self.warmup = int(round(cfg.warmup_ratio * total_steps))
+        self.step = 0
+        self.epoch = 0.0
+        self.step_times: list[float] = []
+        self.history: list[dict] = []
+        self.desc = desc
+        self.memory = StepMemory()  # reset by the caller per phase
+        self._batches = self._batch_iter()
+        self.steps_per_epoch = max(1, math.ceil(len(loader) / cfg.grad_accum))
+        amp = AMP.get(cfg.mixed_precision)
+        self.autocast = (lambda: torch.autocast(device.type, dtype=amp)) if amp else nullcontext
+        self.scaler = torch.amp.GradScaler(device.type) if cfg.mixed_precision == "fp16" and device.type == "cuda" else None
+        self.set_model(model, hf, extras)
+
+    # ---- parameters and optimizer ------------------------------------------------------------------
+    def named_trainable(self) -> dict[str, nn.Parameter]:
+        named = {n: p for n, p in self.hf.named_parameters() if p.requires_grad}
+        for key, module in self.extras.items():
+            named.update({f"{key}.{n}": p for n, p in module.named_parameters() if p.requires_grad})
+        return named
+
+    def set_model(self, model, hf, extras, param_ops: dict | None = None, reset: bool = False) -> None:
+        """(Re)build the optimizer; with an old optimizer and reset=False, state of kept params is carried
+        over (sliced with param_ops where the parameter shrank)."""
+        old = getattr(self, "optimizer", None)
+        old_state = {}
+        if old is not None and not reset:
+            old_state = {self._names[id(p)]: s for p, s in old.state.items() if id(p) in self._names}
+        self.model, self.hf, self.extras = model.to(self.device), hf, extras
+        for m in extras.values():
+            m.to(self.device)
+        named = self.named_trainable()
+        masks = [p for n, p in named.items() if n.startswith("masks.")]
+        decay = [p for n, p in named.items() if not n.startswith("masks.") and p.ndim > 1]
+        no_decay = [p for n, p in named.items() if not n.startswith("masks.") and p.ndim <= 1]
+        groups = [{"params": decay, "weight_decay": self.cfg.weight_decay, "base_lr": self.cfg.lr},
+                  {"params": no_decay, "weight_decay": 0.0, "base_lr": self.cfg.lr}]
+        if masks:
+            groups.append({"params": masks, "weight_decay": 0.0, "base_lr": self.mask_lr})
+        groups = [g for g in groups if g["params"]]
+        self.optimizer = torch.optim.AdamW(groups, lr=self.cfg.lr)
+        self._names = {id(p): n for n, p in named.items()}  # names as of this build (surgery renames nothing)
+        for name, p in named.items():
+            if name in old_state:
+                st = {k: (apply_ops(v, (param_ops or {}).get(name, [])) if torch.is_tensor(v) and v.ndim else v)
+                      for k, v in old_state[name].items()}
+                if all(not torch.is_tensor(v) or v.ndim == 0 or v.shape == p.shape for v in st.values()):
+                    self.optimizer.state[p] = st
+
+    def trainable_count(self, include_head: bool = True) -> int:
+        n = 0
+        for name, p in self.named_trainable().items():
+            if name.startswith("masks."):
+                continue
+            if not include_head and _is_head(name, self.hf):
+                continue
+            n += p.numel()
+        return n
+
+    # ---- the loop ----------------------------------------------------------------------------------
+    def _batch_iter(self) -> Iterator[dict]:
+        epoch = 0
+        while True:
+            if hasattr(self.loader.generator, "manual_seed"):
+                self.loader.generator.manual_seed(self.cfg.seed + epoch)
+            for i, batch in enumerate(self.loader):
+                self.epoch = epoch + (i + 1) / len(self.loader)
+                yield batch
+            epoch += 1
+
+    def run(self, n_steps: int, extra_loss: Callable[[], torch.Tensor] | None = None,
+            before_forward: Callable[[dict], None] | None = None, after_backward: Callable[[int], None] | None = None,
+            on_epoch_end: Callable[[int], None] | None = None, desc: str | None = None) -> None:
+        self.model.train()
+        bar = tqdm(total=n_steps, desc=desc or self.desc, leave=False, dynamic_ncols=True)
+        for i in range(n_steps):
+            t0 = time.perf_counter()
+            loss_value = 0.0
+            for _micro in range(self.cfg.grad_accum):
+                batch = {k: v.to(self.device) for k, v in next(self._batches).items()}
+                if before_forward:
+                    before_forward(batch)
+                with self.autocast(), self.memory.saving():
+                    loss = self.model(**batch).loss / self.cfg.grad_accum
+                    if extra_loss is not None:
+                        loss = loss + extra_loss() / self.cfg.grad_accum
+                (self.scaler.scale(loss) if self.scaler else loss).backward()
+                loss_value += float(loss.detach())
+            if self.scaler:
+                self.scaler.unscale_(self.optimizer)
+            if after_backward:  # unscaled, fully accumulated, not yet clipped gradients
+                after_backward(self.step)
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            if self.cfg.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm)
+            f = lr_factor(self.step, self.total_steps, self.warmup)
+            for g in self.optimizer.param_groups:
+                g["lr"] = g["base_lr"] * f
+            if self.scaler:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                self.optimizer.step()
+            if i < 3 or self.step % 50 == 0:  # cheap, but no need on every step
+                self.memory.record(self.model, self.optimizer, self.extras.values())
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.step_times.append(time.perf_counter() - t0)
+            self.step += 1
+            bar.update(1)
+            if self.step % max(1, self.cfg.log_every) == 0:
+                bar.set_postfix(loss=f"{loss_value:.4f}")
+                self.history.append({"step": self.step, "loss": loss_value, "lr": self.cfg.lr * f})
+            if on_epoch_end and self.step % self.steps_per_epoch == 0:
+                on_epoch_end(self.step // self.steps_per_epoch)
+                self.model.train()
+        bar.close()
+
+
+def _is_head(name: str, hf) -> bool:
+    prefix = getattr(hf, "base_model_prefix", "")
+    return bool(prefix) and not name.startswith(prefix + ".") and not name.startswith(("masks.", "adapters."))
+
+
+@torch.no_grad()
+def predict(model: nn.Module, loader: DataLoader, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+    model.eval()
+    preds, labels = [], []
+    for batch in loader:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        y = batch.pop("labels")
+        logits = model(**batch).logits
+        preds.append(logits.float().cpu().numpy())
+        labels.append(y.cpu().numpy())
+    return np.concatenate(preds), np.concatenate(labels)
+
+
+def evaluate(model: nn.Module, loader: DataLoader, task, device: torch.device) -> dict[str, float]:
+    preds, labels = predict(model, loader, device)
+    return compute_metrics(task, preds, labels)
