@@ -29,7 +29,11 @@ def _overrides(args) -> dict:
         if "=" not in item:
             raise PrunetuneError(f"--set expects key=value, got '{item}'")
         key, value = item.split("=", 1)
-        o[key.strip()] = yaml.safe_load(value)
+        try:
+            o[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise PrunetuneError(f"--set {key.strip()}: cannot parse value {value!r}: "
+                                 f"{str(exc).splitlines()[0]}") from None
     return o
 
 
@@ -61,6 +65,16 @@ def cmd_light(args) -> int:
     return 0
 
 
+def cmd_search(args) -> int:
+    from .config import load_config
+    from .methods.prune_peft import run
+
+    overrides = _overrides(args)
+    overrides.setdefault("output_dir", "runs/search")
+    run(load_config(args.config, overrides), export=not args.no_export)
+    return 0
+
+
 def cmd_eval(args) -> int:
     from .config import DataConfig, _build, validate, RunConfig
     from .data import encode, load_task, make_collate
@@ -69,13 +83,22 @@ def cmd_eval(args) -> int:
 
     loaded = load(args.path)
     task_name = args.task or loaded.info.get("task", {}).get("name") or "sst2"
-    data = {"task": task_name, "data_dir": args.data_dir, "train_file": args.train_file, "dev_file": args.dev_file,
+    train_file = args.train_file or (args.dev_file if not args.data_dir else None)  # only the dev split is used
+    data = {"task": task_name, "data_dir": args.data_dir, "train_file": train_file, "dev_file": args.dev_file,
             "max_eval_samples": args.max_eval_samples}
     if task_name == "custom" or loaded.info.get("task", {}).get("name") == "custom":
         info = loaded.info.get("task", {})
-        data.update(text_fields=info.get("text_fields"), num_labels=info.get("num_labels"))
+        data.update(text_fields=info.get("text_fields"), num_labels=info.get("num_labels"),
+                    label_field=info.get("label_field"))
     cfg = validate(_build(RunConfig, {"data": {k: v for k, v in data.items() if v is not None}}, ""))
     task, _train, dev = load_task(cfg.data)
+    trained = loaded.info.get("task", {}).get("label_names")
+    if task.name == "custom" and task.label_names and trained and task.label_names != trained:
+        # label ids were inferred from these files alone: map them back to the ids the model was trained with
+        missing = sorted(set(task.label_names) - set(trained))
+        if missing:
+            raise PrunetuneError(f"labels {missing} were not seen in training (trained on {trained})")
+        dev = [dict(r, label=trained.index(task.label_names[r["label"]])) for r in dev]
     if loaded.tokenizer is None:
         raise PrunetuneError(f"export {args.path} has no tokenizer")
     loader = make_loader(encode(dev, loaded.tokenizer, cfg.data.max_length), make_collate(loaded.tokenizer),
@@ -97,9 +120,9 @@ def cmd_export(args) -> int:
     if (src / "model" / "prunetune.json").is_file():
         src = src / "model"
     loaded = load(src)
-    peft_model = loaded.model if loaded.info["peft"] == "lora" else None
+    peft_model = loaded.model if "lora" in loaded.info["peft"].split("+") else None
     hf = peft_model.base_model.model if peft_model is not None else loaded.model
-    if args.merge and loaded.info["peft"] != "lora":
+    if args.merge and loaded.info["peft"] != "lora":  # adapters are non-linear: nothing to merge them into
         raise PrunetuneError(f"--merge needs a LoRA export; {src} holds '{loaded.info['peft']}'")
     save_export(args.out, hf, loaded.plan, loaded.tokenizer, peft_model=peft_model, adapters=loaded.adapters,
                 task_info=loaded.info.get("task"), merge=args.merge)
@@ -116,6 +139,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also train vanilla PEFT with identical hyperparameters and print the comparison")
     p.add_argument("--no-export", action="store_true", help="do not write the model export")
     p.set_defaults(func=cmd_light)
+    p = sub.add_parser("search", help="PrunePEFT: search where PEFT units go, retrain, export")
+    _add_run_flags(p)
+    p.add_argument("--no-export", action="store_true", help="do not write the model export")
+    p.set_defaults(func=cmd_search)
     p = sub.add_parser("eval", help="evaluate an export on a task's dev set")
     p.add_argument("path")
     p.add_argument("--task")
@@ -134,7 +161,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    if "TRANSFORMERS_VERBOSITY" not in os.environ:  # transformers is already imported (through peft)
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -86,6 +87,32 @@ class TrainConfig:
 
 
 @dataclass
+class SearchConfig:
+    """PrunePEFT: iterative hybrid pruning of a supernet of PEFT units."""
+
+    space: list[str] = field(default_factory=lambda: ["lora_qv", "adapter_ffn"])  # see units/structure.py
+    lora_r: int = 8
+    lora_alpha: float = 16.0
+    adapter_size: int = 16
+    budget: float = 0.5  # trainable-parameter budget: <= 1 = fraction of the supernet, > 1 = parameter count
+    k: float = 4  # units removed per round (< 1: fraction of the alive units)
+    round_steps: int | None = None  # training steps per round; None = one epoch of the search data
+    data_fraction: float = 1.0  # low fidelity: train the rounds on this label-stratified fraction of the data
+    reinit: bool = False  # re-initialise surviving units between rounds (default: inherit weights)
+    combine: str = "calibrated"  # calibrated (unbiased percentile ranks) | eq1 (the paper's Eq. 1)
+    criteria: list[str] = field(default_factory=lambda: ["taylor", "activation", "magnitude", "gradient"])
+    bands: list[float] = field(default_factory=lambda: [0.2, 0.5, 0.8])  # depth-band edges (spindle)
+    threshold: float = 1e-3  # for the `threshold` criterion
+    warmup: bool = True  # assign criteria to blocks by pruning frequency on a small subset (cached)
+    warmup_samples: int = 256
+    warmup_round_steps: int = 8
+    warmup_criteria: list[str] = field(default_factory=lambda: [
+        "zeros", "threshold", "magnitude", "gradient", "taylor", "activation", "norm_ratio"])
+    warmup_cache: str | None = None  # folder; None = $PRUNETUNE_CACHE or ~/.cache/prunetune
+    prune_foundation: bool = False  # combined mode: Light-PEFT masks prune heads/FFN (prune.*) during search
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -93,6 +120,7 @@ class RunConfig:
     estimate: EstimateConfig = field(default_factory=EstimateConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
     output_dir: str = "runs/light"
     baseline: bool = False  # also train vanilla PEFT with identical hyperparameters, for comparison
 
@@ -107,6 +135,7 @@ _CHOICES = {
     "estimate.optimizer_state": {"slice", "reset"},
     "prune.ffn_scope": {"global", "layer"},
     "train.mixed_precision": {"no", "bf16", "fp16"},
+    "search.combine": {"calibrated", "eq1"},
 }
 _RATIOS = ["prune.heads", "prune.ffn", "prune.modules", "prune.ranks", "prune.ffn_floor"]
 _UNIT = ["estimate.fraction", "estimate.window"]
@@ -143,7 +172,13 @@ def _coerce(name: str, value: Any, default: Any, annotation: str = ""):
     if isinstance(default, (int, float)) and not isinstance(default, bool):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise PrunetuneError(f"config key '{name}' must be a number, got {value!r}")
-        return type(default)(value) if isinstance(default, float) else value
+        if not math.isfinite(value):
+            raise PrunetuneError(f"config key '{name}' must be a finite number, got {value!r}")
+        if isinstance(default, float):
+            return float(value)
+        if isinstance(value, float) and not value.is_integer():
+            raise PrunetuneError(f"config key '{name}' must be a whole number, got {value!r}")
+        return int(value)
     if isinstance(default, list):
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
@@ -178,19 +213,45 @@ def validate(cfg: RunConfig) -> RunConfig:
     if bad or not cfg.peft.targets:
         raise PrunetuneError(f"peft.targets must be a non-empty subset of {sorted(_PEFT_TARGETS)}, got {cfg.peft.targets}")
     positive = {"peft.r": cfg.peft.r, "peft.adapter_size": cfg.peft.adapter_size, "train.batch_size": cfg.train.batch_size,
-                "train.grad_accum": cfg.train.grad_accum, "data.max_length": cfg.data.max_length}
+                "train.grad_accum": cfg.train.grad_accum, "data.max_length": cfg.data.max_length,
+                "train.eval_batch_size": cfg.train.eval_batch_size, "train.max_steps": cfg.train.max_steps}
     for key, v in positive.items():
-        if v < 1:
+        if v is not None and v < 1:
             raise PrunetuneError(f"config key '{key}' must be >= 1, got {v}")
     if cfg.train.epochs <= 0 and not cfg.train.max_steps:
         raise PrunetuneError("train.epochs must be > 0 (or set train.max_steps)")
     if cfg.train.lr <= 0:
         raise PrunetuneError(f"train.lr must be > 0, got {cfg.train.lr}")
+    _validate_search(cfg.search)
     for key in ("data.train_file", "data.dev_file", "data.data_dir"):
         path = _get(cfg, key)
         if path is not None and not Path(path).exists():
             raise PrunetuneError(f"{key}: no such file or folder: {path}")
     return cfg
+
+
+def _validate_search(sc: SearchConfig) -> None:
+    from .scores.criteria import CRITERIA
+    from .units.structure import UNIT_TYPES
+
+    bad = [t for t in sc.space if t not in UNIT_TYPES]
+    if bad or not sc.space:
+        raise PrunetuneError(f"search.space must list unit types from {sorted(UNIT_TYPES)}, got {sc.space}")
+    for key in ("criteria", "warmup_criteria"):
+        bad = [c for c in getattr(sc, key) if c not in CRITERIA]
+        if bad or not getattr(sc, key):
+            raise PrunetuneError(f"search.{key} must list criteria from {sorted(CRITERIA)}, got {getattr(sc, key)}")
+    if sc.budget <= 0:
+        raise PrunetuneError(f"search.budget must be > 0 (a fraction <= 1 or a parameter count), got {sc.budget}")
+    if sc.k <= 0 or (sc.k >= 1 and sc.k != int(sc.k)):
+        raise PrunetuneError(f"search.k must be a whole number of units or a fraction in (0, 1), got {sc.k}")
+    if not 0 < sc.data_fraction <= 1:
+        raise PrunetuneError(f"search.data_fraction must lie in (0, 1], got {sc.data_fraction}")
+    if sorted(sc.bands) != list(sc.bands) or any(not 0 < b < 1 for b in sc.bands):
+        raise PrunetuneError(f"search.bands must be increasing fractions in (0, 1), got {sc.bands}")
+    for key in ("lora_r", "adapter_size", "warmup_samples", "warmup_round_steps"):
+        if getattr(sc, key) < 1:
+            raise PrunetuneError(f"search.{key} must be >= 1, got {getattr(sc, key)}")
 
 
 def from_dict(data: dict[str, Any] | None) -> RunConfig:

@@ -50,13 +50,22 @@ def load_model(path: str, num_labels: int | None = None, causal_lm: bool = False
         kwargs["num_labels"] = num_labels
         if num_labels == 1:
             kwargs["problem_type"] = "regression"
+        kwargs["ignore_mismatched_sizes"] = True  # a checkpoint's head for another label count is re-initialised
     cls = AutoModelForCausalLM if causal_lm else AutoModelForSequenceClassification
     if not os.path.exists(path) and "/" not in path:
         raise PrunetuneError(f"model '{path}' is neither a local folder nor a hub id")
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    if os.path.isdir(path):  # local weights: no download progress worth showing (keeps errors to one line)
+        hf_logging.disable_progress_bar()
     try:
         model = cls.from_pretrained(path, **kwargs)
     except Exception as exc:  # noqa: BLE001
         raise PrunetuneError(f"cannot load model from '{path}': {_first_line(exc)}") from None
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     if pad_token_id is not None and model.config.pad_token_id is None:
         model.config.pad_token_id = pad_token_id
     return model

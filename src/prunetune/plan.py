@@ -57,6 +57,13 @@ class PruningPlan:
             "peft_ranks_kept": f"{ranks}/{sum(self.peft_orig_ranks.values())}",
         }
 
+    @classmethod
+    def unpruned(cls, arch, model_type: str = "", peft_kind: str = "searched") -> "PruningPlan":
+        """A plan that keeps everything (exports of unpruned bases go through the same format)."""
+        return cls(arch.family, model_type, arch.num_layers, arch.num_units, arch.heads_per_unit, arch.head_dim,
+                   arch.intermediate_size, [list(range(arch.num_units)) for _ in arch.layers],
+                   [list(range(arch.intermediate_size)) for _ in arch.layers], peft_kind=peft_kind)
+
     # ---- io ----------------------------------------------------------------------------------------
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)

@@ -63,13 +63,15 @@ def load(path: str | Path, verify: bool = True) -> Loaded:
 
         tokenizer = AutoTokenizer.from_pretrained(path)
     adapters = None
-    if info["peft"] == "lora":
+    parts = info["peft"].split("+")
+    hf = model
+    if "lora" in parts:  # LoRA first: adapters hook the LoRA-wrapped modules, as in training
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, path / "adapter").eval()
-    elif info["peft"] == "adapter":
+    if "adapter" in parts:
         adapters = AdapterSet(info["hidden_size"], info["adapter_sizes"])
         adapters.load_state_dict(load_file(str(path / "adapters.safetensors")))
-        adapters.attach(model)
-        model.prunetune_adapters = adapters  # keep them alive with the model (and moved by .to())
+        adapters.attach(hf)
+        hf.prunetune_adapters = adapters  # keep them alive with the model (and moved by .to())
     return Loaded(model, tokenizer, plan, info, adapters)

@@ -7,6 +7,7 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 from ..arch.families import uniform_config_update
+from ..errors import PrunetuneError
 from ..io import atomic_dir
 from ..plan import PruningPlan
 from .manifest import write_manifest
@@ -20,7 +21,7 @@ def save_export(out: str | Path, hf_model, plan: PruningPlan, tokenizer=None, pe
     """
     out = Path(out)
     if merge and adapters is not None:
-        raise ValueError("--merge needs LoRA: serial bottleneck adapters are non-linear and cannot be merged")
+        raise PrunetuneError("--merge needs a LoRA-only model: bottleneck adapters are non-linear and cannot be merged")
     with atomic_dir(out) as tmp:
         if peft_model is not None:
             clone = copy.deepcopy(peft_model)
@@ -37,7 +38,8 @@ def save_export(out: str | Path, hf_model, plan: PruningPlan, tokenizer=None, pe
         plan.save(tmp / "prunetune_plan.json")
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        kind = "merged" if merge else plan.peft_kind
+        parts = (["lora"] if peft_model is not None and not merge else []) + (["adapter"] if adapters is not None else [])
+        kind = "+".join(parts) or ("merged" if merge else "none")
         if peft_model is not None and not merge:
             peft_model.save_pretrained(tmp / "adapter")
         if adapters is not None:

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import math
 import random
+import time
+from pathlib import Path
 from dataclasses import dataclass
 
 import numpy as np
@@ -12,9 +14,9 @@ from ..arch import Arch, get_arch
 from ..config import RunConfig
 from ..data import encode, load_task, make_collate
 from ..models import check_tokenizer_matches, load_model, load_tokenizer, resolve_model_path
-from ..train import evaluate, make_loader
-from ..units.adapters import AdapterSet
-from ..units.lora import attach_lora, lora_config, set_head_trainable
+from ..train import PeakMemory, TrainState, evaluate, make_loader
+from ..surgery.base import apply_plan
+from ..units.structure import PeftStructure
 
 
 def seed_everything(seed: int) -> None:
@@ -56,24 +58,28 @@ def prepare(cfg: RunConfig) -> Context:
                    make_loader(dev_ds, collate, cfg.train.eval_batch_size, False, cfg.train.seed), device)
 
 
-def build_model(ctx: Context):
-    """Fresh base model with PEFT attached at every candidate position (seeded: identical across runs)."""
+def default_structure(arch: Arch, cfg: RunConfig) -> PeftStructure:
+    """PEFT at every candidate position: LoRA on cfg.peft.targets, or adapters after attention and FFN."""
+    p = cfg.peft
+    if p.kind == "lora":
+        return PeftStructure(lora={n: p.r for n in arch.peft_targets(p.targets)}, lora_alpha=p.alpha,
+                             lora_r_base=p.r, lora_dropout=p.dropout)
+    return PeftStructure(adapters={n: p.adapter_size for n in adapter_positions(arch)})
+
+
+def build_model(ctx: Context, structure: PeftStructure | None = None, plan=None):
+    """Fresh seeded base model (physically pruned first when a plan is given) with a PEFT structure attached
+    (default: everywhere). Returns (forward model, HF model, arch, AdapterSet | None)."""
     cfg = ctx.cfg
     seed_everything(cfg.train.seed)
     hf = load_model(ctx.model_path, ctx.task.num_labels, dtype=cfg.model.dtype, gguf_file=cfg.model.gguf_file,
                     pad_token_id=ctx.tokenizer.pad_token_id)
     check_tokenizer_matches(ctx.tokenizer, hf)
     arch = get_arch(hf)
-    for p in hf.parameters():
-        p.requires_grad_(False)
-    if cfg.peft.kind == "lora":
-        names = arch.peft_targets(cfg.peft.targets)
-        model = attach_lora(hf, arch, lora_config(arch, names, cfg.peft.r, cfg.peft.alpha, cfg.peft.dropout))
-        return model, hf, arch, None
-    adapters = AdapterSet(arch.hidden_size, {n: cfg.peft.adapter_size for n in adapter_positions(arch)})
-    adapters.attach(hf)
-    set_head_trainable(hf, arch)
-    return hf, hf, arch, adapters
+    if plan is not None:
+        apply_plan(hf, arch, plan)
+    model, adapters = (structure or default_structure(arch, cfg)).build(hf, arch)
+    return model, hf, arch, adapters
 
 
 def adapter_positions(arch: Arch) -> list[str]:
@@ -114,3 +120,49 @@ def summarize_evals(evals: list[dict], metric: str) -> dict:
 def mean_step(times: list[float], skip: int = 2) -> float:
     t = times[skip:] if len(times) > skip + 2 else times
     return float(sum(t) / max(1, len(t)))
+
+
+def task_info(ctx: Context) -> dict:
+    t = ctx.task
+    return {"name": t.name, "num_labels": t.num_labels, "metric": t.metric, "label_names": t.label_names,
+            "text_fields": t.text_fields, "label_field": ctx.cfg.data.label_field}
+
+
+def eval_seconds(ctx: Context, model) -> float:
+    t0 = time.perf_counter()
+    evaluate(model, ctx.dev_loader, ctx.task, ctx.device)
+    return time.perf_counter() - t0
+
+
+def train_fixed(ctx: Context, structure: PeftStructure | None = None, plan=None, export_dir: Path | None = None,
+                desc: str = "train") -> dict:
+    """Train one fixed PEFT structure (default: everywhere) on the (optionally pruned) base for the full
+    schedule, evaluating each epoch. Used for the vanilla baseline and for PrunePEFT's retrain."""
+    model, hf, arch, adapters = build_model(ctx, structure, plan)
+    extras = {"adapters": adapters} if adapters is not None else {}
+    state = TrainState(model, hf, extras, ctx.cfg.train, ctx.train_loader, ctx.total_steps, ctx.device, desc=desc)
+    evals: list[dict] = []
+    t0 = time.perf_counter()
+    with PeakMemory(ctx.device) as mem:
+        state.run(ctx.total_steps, on_epoch_end=epoch_evaluator(ctx, state, evals))
+    wall = time.perf_counter() - t0
+    if not evals or evals[-1]["step"] != state.step:
+        evals.append({"epoch": round(state.epoch, 2), "step": state.step,
+                      **evaluate(state.model, ctx.dev_loader, ctx.task, ctx.device)})
+    result = {
+        "evals": evals, **summarize_evals(evals, ctx.task.metric), "steps": state.step,
+        "step_seconds": mean_step(state.step_times), "train_seconds": wall, "peak_mb": state.memory.peak_mb,
+        "cuda_peak_mb": mem.peak_mb,
+        "trainable_params": state.trainable_count(), "trainable_params_no_head": state.trainable_count(False),
+        "base_params": base_param_counts(hf, arch), "eval_seconds": eval_seconds(ctx, state.model),
+        "loss_curve": state.history, "_model": state.model,
+    }
+    if export_dir is not None:
+        from ..export import save_export
+        from ..plan import PruningPlan
+
+        plan = plan or PruningPlan.unpruned(arch, hf.config.model_type)
+        save_export(export_dir, hf, plan, ctx.tokenizer, peft_model=model if model is not hf else None,
+                    adapters=adapters, task_info=task_info(ctx))
+        result["export"] = str(export_dir)
+    return result

@@ -15,8 +15,8 @@ from ..scores import ImportanceTracker, StructureMasks
 from ..surgery import prune_adapter_model, prune_lora_model
 from ..train import PeakMemory, TrainState, evaluate
 from ..train.memory import StepMemory
-from .common import (Context, base_param_counts, build_model, epoch_evaluator, mean_step, prepare,
-                     summarize_evals)
+from .common import (Context, base_param_counts, build_model, epoch_evaluator, eval_seconds, mean_step, prepare,
+                     summarize_evals, task_info, train_fixed)
 
 
 def estimation_steps(cfg: RunConfig, total: int, train_rows: int) -> int:
@@ -30,25 +30,7 @@ def estimation_steps(cfg: RunConfig, total: int, train_rows: int) -> int:
 
 def train_vanilla(ctx: Context) -> dict:
     """The baseline: PEFT at every position, same hyperparameters and seed, no pruning."""
-    model, hf, arch, adapters = build_model(ctx)
-    extras = {"adapters": adapters} if adapters is not None else {}
-    state = TrainState(model, hf, extras, ctx.cfg.train, ctx.train_loader, ctx.total_steps, ctx.device, desc="vanilla")
-    evals: list[dict] = []
-    t0 = time.perf_counter()
-    with PeakMemory(ctx.device) as mem:
-        state.run(ctx.total_steps, on_epoch_end=epoch_evaluator(ctx, state, evals))
-    wall = time.perf_counter() - t0
-    if not evals or evals[-1]["step"] != state.step:
-        evals.append({"epoch": round(state.epoch, 2), "step": state.step,
-                      **evaluate(state.model, ctx.dev_loader, ctx.task, ctx.device)})
-    return {
-        "evals": evals, **summarize_evals(evals, ctx.task.metric),
-        "step_seconds": mean_step(state.step_times), "train_seconds": wall, "peak_mb": state.memory.peak_mb,
-        "cuda_peak_mb": mem.peak_mb,
-        "trainable_params": state.trainable_count(), "trainable_params_no_head": state.trainable_count(False),
-        "base_params": base_param_counts(hf, arch), "eval_seconds": _eval_seconds(ctx, state.model),
-        "loss_curve": state.history, "_model": state.model,
-    }
+    return train_fixed(ctx, desc="vanilla")
 
 
 def train_light(ctx: Context, export_dir: Path | None = None) -> dict:
@@ -136,28 +118,16 @@ def train_light(ctx: Context, export_dir: Path | None = None) -> dict:
         "base_params_before": params_before, "base_params": params_after,
         "base_kept_pct": 100.0 * params_after["body"] / params_before["body"],
         "block_kept_pct": 100.0 * params_after["blocks"] / max(1, params_before["blocks"]),
-        "eval_seconds": _eval_seconds(ctx, state.model), "loss_curve": state.history, "mask_curve": mask_curve,
+        "eval_seconds": eval_seconds(ctx, state.model), "loss_curve": state.history, "mask_curve": mask_curve,
     }
     if export_dir is not None:
         from ..export import save_export
 
         save_export(export_dir, hf, plan, ctx.tokenizer, peft_model=model if adapters is None else None,
-                    adapters=adapters, task_info=_task_info(ctx))
+                    adapters=adapters, task_info=task_info(ctx))
         result["export"] = str(export_dir)
     result["_plan"], result["_model"] = plan, state.model
     return result
-
-
-def _task_info(ctx: Context) -> dict:
-    t = ctx.task
-    return {"name": t.name, "num_labels": t.num_labels, "metric": t.metric, "label_names": t.label_names,
-            "text_fields": t.text_fields}
-
-
-def _eval_seconds(ctx: Context, model) -> float:
-    t0 = time.perf_counter()
-    evaluate(model, ctx.dev_loader, ctx.task, ctx.device)
-    return time.perf_counter() - t0
 
 
 def run(cfg: RunConfig, export: bool = True) -> dict:
@@ -166,7 +136,7 @@ def run(cfg: RunConfig, export: bool = True) -> dict:
     ctx = prepare(cfg)
     print(f"prunetune light: {ctx.model_path} on {ctx.task.name} — {len(ctx.train_loader.dataset)} train / "
           f"{len(ctx.dev_loader.dataset)} dev rows, {ctx.total_steps} steps on {ctx.device}", flush=True)
-    results: dict = {"config": cfg.to_dict(), "task": _task_info(ctx)}
+    results: dict = {"config": cfg.to_dict(), "task": task_info(ctx)}
     if cfg.baseline:
         print("[1/2] vanilla PEFT baseline (same hyperparameters)", flush=True)
         results["vanilla"] = train_vanilla(ctx)

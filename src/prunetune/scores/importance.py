@@ -38,19 +38,24 @@ def reference(a, ga, b, gb) -> torch.Tensor:
 def norm_ratio(delta: torch.Tensor, base: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
     """Mean over non-padding tokens of ||delta||_2 / ||base||_2."""
     ratio = delta.detach().float().norm(dim=-1) / base.detach().float().norm(dim=-1).clamp_min(1e-12)
-    if token_mask is not None and token_mask.shape == ratio.shape:
-        m = token_mask.to(ratio.dtype)
-        return (ratio * m).sum() / m.sum().clamp_min(1.0)
-    return ratio.mean()
+    return masked_mean(ratio, token_mask)
 
 
 class ImportanceTracker:
     """Accumulates module and rank importance for the LoRA layers (or adapters) of a model."""
 
-    def __init__(self, hf_model, adapters: AdapterSet | None = None, rank_score: str = "taylor"):
+    def __init__(self, hf_model, adapters: AdapterSet | None = None, rank_score: str = "taylor",
+                 groups: dict[str, list[str]] | None = None):
+        """groups: unit name -> the LoRA modules / adapter positions it consists of (PrunePEFT units);
+        when given, gradient statistics per unit are accumulated too (see `unit_stats`)."""
         self.hf_model = hf_model
         self.adapters = adapters
         self.rank_fn = RANK_SCORES[rank_score]
+        self.groups = groups or {}
+        self.act_sum: dict[str, torch.Tensor] = {}
+        self.grad_sum: dict[str, torch.Tensor] = {}
+        self.taylor_sum: dict[str, torch.Tensor] = {}
+        self._lora = None  # module name -> LoRA layer, looked up once
         self.token_mask: torch.Tensor | None = None
         self.module_sum: dict[str, torch.Tensor] = {}
         self.module_n: dict[str, int] = {}
@@ -69,7 +74,7 @@ class ImportanceTracker:
             self._handles.append(layer.base_layer.register_forward_hook(
                 lambda _m, _i, out, n=name: self._base_out.__setitem__(n, out.detach())))
             self._handles.append(layer.lora_B[ADAPTER].register_forward_hook(
-                lambda _m, _i, out, n=name, s=layer.scaling[ADAPTER]: self._add_module(n, out * s, self._base_out.pop(n))))
+                lambda _m, _i, out, n=name, l=layer: self._add_module(n, out * l.scaling[ADAPTER], self._base_out.pop(n))))
         return self
 
     def stop(self) -> None:
@@ -86,6 +91,9 @@ class ImportanceTracker:
             r = norm_ratio(delta, base, self.token_mask)
             self.module_sum[name] = self.module_sum.get(name, 0.0) + r
             self.module_n[name] = self.module_n.get(name, 0) + 1
+            if self.groups:  # activation criterion: mean |unit output| over non-padding tokens
+                self.act_sum[name] = self.act_sum.get(name, 0.0) + masked_mean(delta.detach().float().abs().mean(-1),
+                                                                               self.token_mask)
 
     # -- rank importance (after backward, before the optimizer step) --------------------------------
     @torch.no_grad()
@@ -94,7 +102,22 @@ class ImportanceTracker:
         for name, a, ga, b, gb in self._rank_tensors():
             s = self.rank_fn(a, ga, b, gb).abs()
             self.rank_sum[name] = self.rank_sum.get(name, 0.0) + s
+        for unit, positions in self.groups.items():
+            pairs = [(p, p.grad) for pos in positions for p in self._params(pos) if p.grad is not None]
+            if not pairs:
+                continue
+            n = sum(p.numel() for p, _ in pairs)
+            self.grad_sum[unit] = self.grad_sum.get(unit, 0.0) + sum(g.abs().sum() for _, g in pairs) / n
+            self.taylor_sum[unit] = self.taylor_sum.get(unit, 0.0) + sum((p * g).sum() for p, g in pairs).abs()
         self.rank_n += 1
+
+    def _params(self, position: str) -> list[torch.nn.Parameter]:
+        if self.adapters is not None and position in self.adapters.names():
+            return list(self.adapters.get(position).parameters())
+        if self._lora is None:
+            self._lora = lora_layers(self.hf_model)
+        layer = self._lora.get(position)
+        return [] if layer is None else [layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight]
 
     def _rank_tensors(self):
         if self.adapters is not None:
@@ -123,6 +146,41 @@ class ImportanceTracker:
             all_reduce_sum_(t)  # gradients are already averaged by DDP; summing then / world keeps the mean
             ranks[name] = (t / max(self.rank_n, 1) / world_size()).cpu()
         return modules, ranks
+
+
+    def unit_stats(self) -> dict[str, dict[str, float]]:
+        """Per unit (group): norm_ratio and activation (means over forwards, averaged over the unit's
+        positions), gradient (mean over steps of mean |g|) and taylor (mean over steps of |sum w*g|)."""
+        modules, _ = self.finalize()
+        act = {n: _mean_reduced(v, self.module_n[n]) for n, v in self.act_sum.items()}
+        steps = max(self.rank_n, 1) * world_size()
+        out: dict[str, dict[str, float]] = {"norm_ratio": {}, "activation": {}, "gradient": {}, "taylor": {}}
+        for unit, positions in self.groups.items():
+            out["norm_ratio"][unit] = _avg([modules.get(p) for p in positions])
+            out["activation"][unit] = _avg([act.get(p) for p in positions])
+            for key, acc in (("gradient", self.grad_sum), ("taylor", self.taylor_sum)):
+                t = torch.as_tensor(acc.get(unit, 0.0), dtype=torch.float32).clone()
+                out[key][unit] = float(all_reduce_sum_(t) / steps)
+        return out
+
+
+def masked_mean(values: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
+    # OPT runs its FFN on flattened (batch*seq, hidden) tokens: same tokens, row-major, so reshape the mask
+    if token_mask is not None and token_mask.numel() == values.numel():
+        m = token_mask.reshape(values.shape).to(values.device, values.dtype)
+        return (values * m).sum() / m.sum().clamp_min(1.0)
+    return values.mean()
+
+
+def _mean_reduced(total, count: int) -> float:
+    t = torch.stack([torch.as_tensor(total, dtype=torch.float32).cpu(), torch.tensor(float(count))])
+    all_reduce_sum_(t)
+    return float(t[0] / t[1].clamp_min(1))
+
+
+def _avg(values) -> float:
+    values = [v for v in values if v is not None]
+    return float(sum(values) / len(values)) if values else 0.0
 
 
 def _device(x):

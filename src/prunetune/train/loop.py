@@ -37,9 +37,10 @@ class TrainState:
 
     def __init__(self, model: nn.Module, hf: nn.Module, extras: dict[str, nn.Module], cfg: TrainConfig,
                  loader: DataLoader, total_steps: int, device: torch.device, mask_lr: float | None = None,
-                 desc: str = "train"):
+                 desc: str = "train", constant_lr: bool = False):
         self.cfg, self.loader, self.total_steps, self.device = cfg, loader, total_steps, device
         self.mask_lr = mask_lr or cfg.lr
+        self.constant_lr = constant_lr  # search rounds: warm-up then flat (their number is not known ahead)
         self.warmup = int(round(cfg.warmup_ratio * total_steps))
         self.step = 0
         self.epoch = 0.0
@@ -135,7 +136,8 @@ class TrainState:
             params = [p for g in self.optimizer.param_groups for p in g["params"]]
             if self.cfg.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm)
-            f = lr_factor(self.step, self.total_steps, self.warmup)
+            f = min(1.0, (self.step + 1) / max(1, self.warmup)) if self.constant_lr else \
+                lr_factor(self.step, self.total_steps, self.warmup)
             for g in self.optimizer.param_groups:
                 g["lr"] = g["base_lr"] * f
             if self.scaler:

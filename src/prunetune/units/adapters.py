@@ -1,4 +1,10 @@
-"""Serial bottleneck adapters (Houlsby-style), attached with forward hooks: h <- h + up(act(down(h)))."""
+"""Bottleneck adapters attached with forward hooks.
+
+A position is named by module names from the architecture layer:
+- "M": serial (Houlsby) adapter on the output of module M: h <- h + up(act(down(h)));
+- "U=>D": parallel adapter (He et al.): reads the input of module U, adds its output to the output of D
+  (U = FFN up projection, D = FFN down projection: an adapter beside the whole FFN).
+"""
 from __future__ import annotations
 
 import torch
@@ -44,7 +50,7 @@ class AdapterSet(nn.Module):
 
     def __init__(self, hidden: int, sizes: dict[str, int]):
         super().__init__()
-        self.adapters = nn.ModuleDict({_key(n): BottleneckAdapter(hidden, s) for n, s in sizes.items()})
+        self.adapters = nn.ModuleDict({_key(n): BottleneckAdapter(hidden, sizes[n]) for n in sorted(sizes)})
         self._handles: list = []
 
     def names(self) -> list[str]:
@@ -62,14 +68,33 @@ class AdapterSet(nn.Module):
     def attach(self, hf_model) -> "AdapterSet":
         self.detach()
         for key, adapter in self.adapters.items():
-            module = hf_model.get_submodule(_name(key))
-            self._handles.append(module.register_forward_hook(lambda _m, _i, out, a=adapter: _apply(a, out)))
+            name = _name(key)
+            if PARALLEL in name:
+                src, dst = name.split(PARALLEL)
+                slot: dict = {}
+                self._handles.append(hf_model.get_submodule(src).register_forward_pre_hook(
+                    lambda _m, args, s=slot: s.__setitem__("x", args[0])))
+                self._handles.append(hf_model.get_submodule(dst).register_forward_hook(
+                    lambda _m, _i, out, a=adapter, s=slot: _add_parallel(a, s.pop("x"), out)))
+            else:
+                module = hf_model.get_submodule(name)
+                self._handles.append(module.register_forward_hook(lambda _m, _i, out, a=adapter: _apply(a, out)))
         return self
 
     def detach(self) -> None:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+
+
+PARALLEL = "=>"
+
+
+def _add_parallel(adapter: BottleneckAdapter, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    d = adapter.delta(x)
+    if adapter.observer is not None:
+        adapter.observer(d, out)
+    return out + d
 
 
 def _apply(adapter: BottleneckAdapter, out):

@@ -1,0 +1,78 @@
+"""PrunePEFT pruning criteria, pluggable by name. One convention: LOWER score = prune first.
+
+Static criteria read the unit's weights; dynamic ones read statistics that `ImportanceTracker`
+accumulated over the round's training steps (per unit, never across units).
+"""
+from __future__ import annotations
+
+import torch
+
+CRITERIA: dict[str, callable] = {}
+DYNAMIC = {"gradient", "taylor", "activation", "norm_ratio"}  # need training statistics
+
+
+def criterion(name: str):
+    def deco(fn):
+        CRITERIA[name] = fn
+        return fn
+
+    return deco
+
+
+def _flat(params: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([p.detach().float().reshape(-1) for p in params]) if params else torch.zeros(1)
+
+
+@criterion("zeros")
+def zeros(params, stats, unit, ctx) -> float:
+    """-(fraction of exact zeros): units full of zeros go first."""
+    return -float((_flat(params) == 0).float().mean())
+
+
+@criterion("threshold")
+def threshold(params, stats, unit, ctx) -> float:
+    """-(fraction of weights with |w| < t)."""
+    return -float((_flat(params).abs() < ctx.get("threshold", 1e-3)).float().mean())
+
+
+@criterion("magnitude")
+def magnitude(params, stats, unit, ctx) -> float:
+    """mean w^2."""
+    return float(_flat(params).pow(2).mean())
+
+
+@criterion("gradient")
+def gradient(params, stats, unit, ctx) -> float:
+    """mean over steps of mean |g|."""
+    return stats["gradient"][unit]
+
+
+@criterion("taylor")
+def taylor(params, stats, unit, ctx) -> float:
+    """mean over steps of |sum(w * g)| over the unit."""
+    return stats["taylor"][unit]
+
+
+@criterion("activation")
+def activation(params, stats, unit, ctx) -> float:
+    """mean |unit output| over training batches."""
+    return stats["activation"][unit]
+
+
+@criterion("norm_ratio")
+def norm_ratio(params, stats, unit, ctx) -> float:
+    """Light-PEFT's ||delta(x)|| / ||base(x)||."""
+    return stats["norm_ratio"][unit]
+
+
+@criterion("random")
+def random_(params, stats, unit, ctx) -> float:
+    """Ablation: a seeded uniform draw."""
+    return float(torch.rand(1, generator=ctx["generator"]))
+
+
+def score_units(name: str, units: dict[str, list[torch.Tensor]], stats: dict | None, ctx: dict) -> dict[str, float]:
+    """Scores of every unit under criterion `name` (units: unit name -> its parameters)."""
+    if name not in CRITERIA:
+        raise KeyError(f"unknown criterion '{name}' (known: {', '.join(sorted(CRITERIA))})")
+    return {u: CRITERIA[name](params, stats, u, ctx) for u, params in sorted(units.items())}

@@ -1,0 +1,119 @@
+"""PrunePEFT supernet: every candidate unit of the search space at every layer, individually removable."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..arch import Arch
+from ..errors import PrunetuneError
+from .lora import ADAPTER, lora_layers
+from .structure import UNIT_TYPES, PeftStructure, unit_positions
+
+
+@dataclass(frozen=True)
+class Unit:
+    name: str  # "<type>@<layer>"
+    type: str
+    layer: int
+    positions: tuple[str, ...]  # LoRA module names or adapter positions
+
+    @property
+    def kind(self) -> str:
+        return UNIT_TYPES[self.type]["kind"]
+
+
+class Supernet:
+    """Builds the full structure on a frozen HF model; `remove()` switches a unit off for good
+    (adapters are unhooked; LoRA modules get scaling 0 and frozen weights)."""
+
+    def __init__(self, hf, arch: Arch, space: list[str], lora_r: int = 8, lora_alpha: float = 16.0,
+                 lora_dropout: float = 0.05, adapter_size: int = 16, ranks: dict[str, int] | None = None):
+        unknown = [t for t in space if t not in UNIT_TYPES]
+        if unknown or not space:
+            raise PrunetuneError(f"unknown unit type(s) {unknown} in search space (known: {', '.join(UNIT_TYPES)})")
+        self.hf, self.arch = hf, arch
+        self.units = [Unit(f"{t}@{layer}", t, layer, tuple(unit_positions(arch, t, layer)))
+                      for t in space for layer in range(arch.num_layers)]
+        owner: dict[str, str] = {}
+        for u in self.units:
+            for pos in u.positions:
+                if pos in owner:
+                    raise PrunetuneError(f"search space units overlap: {owner[pos]} and {u.name} both use {pos}")
+                owner[pos] = u.name
+        size = {t: (ranks or {}).get(t) for t in space}
+        structure = PeftStructure(
+            lora={p: size[u.type] or lora_r for u in self.units if u.kind == "lora" for p in u.positions},
+            adapters={p: size[u.type] or adapter_size for u in self.units if u.kind == "adapter" for p in u.positions},
+            lora_alpha=lora_alpha, lora_r_base=lora_r, lora_dropout=lora_dropout,
+        )
+        self.base_structure = structure
+        self.model, self.adapters = structure.build(hf, arch)
+        self._lora = lora_layers(hf)
+        self.alive: list[str] = [u.name for u in self.units]
+        self.by_name = {u.name: u for u in self.units}
+
+    def unit_params(self, name: str) -> list[torch.nn.Parameter]:
+        u = self.by_name[name]
+        if u.kind == "adapter":
+            return [p for pos in u.positions for p in self.adapters.get(pos).parameters()]
+        return [w for pos in u.positions for w in (self._lora[pos].lora_A[ADAPTER].weight, self._lora[pos].lora_B[ADAPTER].weight)]
+
+    def unit_size(self, name: str) -> int:
+        return sum(p.numel() for p in self.unit_params(name))
+
+    def trainable(self) -> int:
+        """Trainable PEFT parameters of the alive units (task head excluded)."""
+        return sum(self.unit_size(n) for n in self.alive)
+
+    def groups(self) -> dict[str, list[str]]:
+        return {n: list(self.by_name[n].positions) for n in self.alive}
+
+    @torch.no_grad()
+    def remove(self, names: list[str]) -> None:
+        for name in names:
+            u = self.by_name[name]
+            if u.kind == "adapter":
+                for pos in u.positions:
+                    self.adapters.remove(pos)
+            else:
+                for pos in u.positions:
+                    layer = self._lora[pos]
+                    layer.scaling[ADAPTER] = 0.0
+                    for w in (layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight):
+                        w.requires_grad_(False)
+                        w.grad = None
+            self.alive.remove(name)
+        if self.adapters is not None:
+            self.adapters.attach(self.hf)
+
+    @torch.no_grad()
+    def reinit(self, seed: int) -> None:
+        """Re-initialise the alive units (the `reinit` option between rounds)."""
+        g = torch.Generator().manual_seed(seed)
+        for name in self.alive:
+            u = self.by_name[name]
+            if u.kind == "adapter":
+                for pos in u.positions:
+                    ad = self.adapters.get(pos)
+                    ad.down.weight.copy_(torch.randn(ad.down.weight.shape, generator=g) * 0.02)
+                    ad.up.weight.zero_()
+                    ad.up.bias.zero_()
+                    ad.down.bias.zero_()
+            else:
+                for pos in u.positions:
+                    a = self._lora[pos].lora_A[ADAPTER].weight
+                    bound = (6 / a.shape[1]) ** 0.5 / 5 ** 0.5  # kaiming-uniform(a=sqrt(5)) as peft does
+                    a.copy_((torch.rand(a.shape, generator=g) * 2 - 1) * bound)
+                    self._lora[pos].lora_B[ADAPTER].weight.zero_()
+
+    def structure(self) -> PeftStructure:
+        """The alive units as a PeftStructure (what the retrain builds)."""
+        base = self.base_structure
+        alive_pos = {p for n in self.alive for p in self.by_name[n].positions}
+        return PeftStructure(
+            lora={p: r for p, r in base.lora.items() if p in alive_pos},
+            adapters={p: s for p, s in base.adapters.items() if p in alive_pos},
+            lora_alpha=base.lora_alpha, lora_r_base=base.lora_r_base, lora_dropout=base.lora_dropout,
+            units=list(self.alive),
+        )
