@@ -245,9 +245,17 @@ def test_adapter_masked_equals_pruned(family):
     b = batch()
     ref = _logits(hf, b)
     masks.detach()
+    removed = [adapters.get(n) for n in adapters.names() if n not in plan.peft_ranks]
+    assert removed
     ops = prune_adapter_model(hf, arch, plan, adapters, masks.head_values(), masks.ffn_values())
     torch.testing.assert_close(_logits(hf, b), ref, atol=ATOL, rtol=0)
     assert adapters.sizes() == {n: len(k) for n, k in plan.peft_ranks.items()}
+    # removed adapters are really gone from the forward: making them non-zero changes nothing
+    with torch.no_grad():
+        for ad in removed:
+            ad.up.bias.fill_(3.0)
+    torch.testing.assert_close(_logits(hf, b), ref, atol=ATOL, rtol=0)
+    assert sum(len(m._forward_hooks) for m in hf.modules()) == len(plan.peft_ranks)
     for name, kept in plan.peft_ranks.items():
         ad = adapters.get(name)
         assert ad.down.weight.shape == (len(kept), arch.hidden_size)

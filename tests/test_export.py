@@ -204,7 +204,7 @@ def test_adapter_export_reloads_identically(family, tmp_path):
     loaded = prunetune.load(tmp_path / "m")
     assert loaded.adapters is not None and loaded.adapters.sizes() == adapters.sizes()
     torch.testing.assert_close(_logits(loaded.model, b), ref, atol=ATOL, rtol=0)
-    with pytest.raises(ValueError, match="merge"):
+    with pytest.raises(PrunetuneError, match="merge"):
         prunetune.save_export(tmp_path / "x", hf, plan, adapters=adapters, merge=True)
 
 

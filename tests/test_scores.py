@@ -57,6 +57,7 @@ def test_module_importance_is_lora_norm_ratio(family):
         tracker.token_mask = b["attention_mask"]
         with torch.no_grad():
             pm(**b)
+        tracker.after_backward()  # one optimizer step per batch (no grads: only the step counter moves)
         assert not tracker._base_out  # nothing kept between forwards
     tracker.stop()
     for h in handles:

@@ -85,7 +85,8 @@ def cmd_eval(args) -> int:
     task_name = args.task or loaded.info.get("task", {}).get("name") or "sst2"
     train_file = args.train_file or (args.dev_file if not args.data_dir else None)  # only the dev split is used
     data = {"task": task_name, "data_dir": args.data_dir, "train_file": train_file, "dev_file": args.dev_file,
-            "max_eval_samples": args.max_eval_samples}
+            "max_eval_samples": args.max_eval_samples,
+            "max_length": loaded.info.get("task", {}).get("max_length")}  # truncate as in training
     if task_name == "custom" or loaded.info.get("task", {}).get("name") == "custom":
         info = loaded.info.get("task", {})
         data.update(text_fields=info.get("text_fields"), num_labels=info.get("num_labels"),

@@ -13,6 +13,8 @@ import torch
 from ..arch import Arch, get_arch
 from ..config import RunConfig
 from ..data import encode, load_task, make_collate
+from ..dist import device as dist_device
+from ..dist import init_from_env, is_main, log
 from ..models import check_tokenizer_matches, load_model, load_tokenizer, resolve_model_path
 from ..train import PeakMemory, TrainState, evaluate, make_loader
 from ..surgery.base import apply_plan
@@ -52,7 +54,8 @@ def prepare(cfg: RunConfig) -> Context:
     collate = make_collate(tok)
     train_ds = encode(train_rows, tok, cfg.data.max_length)
     dev_ds = encode(dev_rows, tok, cfg.data.max_length)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    init_from_env()
+    device = dist_device()
     return Context(cfg, task, tok, path,
                    make_loader(train_ds, collate, cfg.train.batch_size, True, cfg.train.seed),
                    make_loader(dev_ds, collate, cfg.train.eval_batch_size, False, cfg.train.seed), device)
@@ -100,12 +103,11 @@ def base_param_counts(hf, arch: Arch) -> dict[str, int]:
     return {"body": body, "blocks": blocks}
 
 
-def epoch_evaluator(ctx: Context, state, log: list):
+def epoch_evaluator(ctx: Context, state, evals: list):
     def on_epoch_end(epoch: int) -> None:
         metrics = evaluate(state.model, ctx.dev_loader, ctx.task, ctx.device)
-        log.append({"epoch": epoch, "step": state.step, **metrics})
-        main = metrics.get(ctx.task.metric)
-        print(f"  epoch {epoch}: dev {ctx.task.metric} = {main:.4f}", flush=True)
+        evals.append({"epoch": epoch, "step": state.step, **metrics})
+        log(f"  epoch {epoch}: dev {ctx.task.metric} = {metrics.get(ctx.task.metric):.4f}")
 
     return on_epoch_end
 
@@ -125,7 +127,8 @@ def mean_step(times: list[float], skip: int = 2) -> float:
 def task_info(ctx: Context) -> dict:
     t = ctx.task
     return {"name": t.name, "num_labels": t.num_labels, "metric": t.metric, "label_names": t.label_names,
-            "text_fields": t.text_fields, "label_field": ctx.cfg.data.label_field}
+            "text_fields": t.text_fields, "label_field": ctx.cfg.data.label_field,
+            "max_length": ctx.cfg.data.max_length}
 
 
 def eval_seconds(ctx: Context, model) -> float:
@@ -157,7 +160,7 @@ def train_fixed(ctx: Context, structure: PeftStructure | None = None, plan=None,
         "base_params": base_param_counts(hf, arch), "eval_seconds": eval_seconds(ctx, state.model),
         "loss_curve": state.history, "_model": state.model,
     }
-    if export_dir is not None:
+    if export_dir is not None and is_main():
         from ..export import save_export
         from ..plan import PruningPlan
 

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from ..config import RunConfig
+from ..dist import is_main, log
 from ..io import atomic_write_text
 from ..plan import make_plan
 from ..scores import ImportanceTracker, StructureMasks
@@ -120,7 +121,7 @@ def train_light(ctx: Context, export_dir: Path | None = None) -> dict:
         "block_kept_pct": 100.0 * params_after["blocks"] / max(1, params_before["blocks"]),
         "eval_seconds": eval_seconds(ctx, state.model), "loss_curve": state.history, "mask_curve": mask_curve,
     }
-    if export_dir is not None:
+    if export_dir is not None and is_main():
         from ..export import save_export
 
         save_export(export_dir, hf, plan, ctx.tokenizer, peft_model=model if adapters is None else None,
@@ -134,23 +135,25 @@ def run(cfg: RunConfig, export: bool = True) -> dict:
     """The full Light-PEFT job (plus the vanilla baseline when cfg.baseline); writes results to cfg.output_dir."""
     out = Path(cfg.output_dir)
     ctx = prepare(cfg)
-    print(f"prunetune light: {ctx.model_path} on {ctx.task.name} — {len(ctx.train_loader.dataset)} train / "
-          f"{len(ctx.dev_loader.dataset)} dev rows, {ctx.total_steps} steps on {ctx.device}", flush=True)
+    log(f"prunetune light: {ctx.model_path} on {ctx.task.name} — {len(ctx.train_loader.dataset)} train / "
+          f"{len(ctx.dev_loader.dataset)} dev rows, {ctx.total_steps} steps on {ctx.device}")
     results: dict = {"config": cfg.to_dict(), "task": task_info(ctx)}
     if cfg.baseline:
-        print("[1/2] vanilla PEFT baseline (same hyperparameters)", flush=True)
+        log("[1/2] vanilla PEFT baseline (same hyperparameters)")
         results["vanilla"] = train_vanilla(ctx)
         results["vanilla"].pop("_model")
-    print(f"[{2 if cfg.baseline else 1}/{2 if cfg.baseline else 1}] Light-PEFT", flush=True)
+    log(f"[{2 if cfg.baseline else 1}/{2 if cfg.baseline else 1}] Light-PEFT")
     light = train_light(ctx, out / "model" if export else None)
     plan = light.pop("_plan")
     light.pop("_model")
     results["light_peft"] = light
+    if not is_main():
+        return results
     out.mkdir(parents=True, exist_ok=True)
     plan.save(out / "plan.json")
     atomic_write_text(out / "results.json", json.dumps(results, indent=1, default=str))
     from ..report import summary_table, write_report
 
     write_report(out, results, plan)
-    print(summary_table(results), flush=True)
+    log(summary_table(results))
     return results

@@ -18,6 +18,7 @@ import torch
 
 from ..config import RunConfig
 from ..data import stratified_subset
+from ..dist import is_main, log
 from ..io import atomic_write_text
 from ..models import load_model
 from ..arch import get_arch
@@ -137,7 +138,7 @@ def warmup(ctx: Context) -> dict:
     if path.is_file():
         try:
             cached = json.loads(path.read_text())
-            print(f"warm-up mapping reused from {path}", flush=True)
+            log(f"warm-up mapping reused from {path}")
             return dict(cached, cached=True)
         except json.JSONDecodeError:
             pass  # a corrupt cache entry is recomputed
@@ -156,15 +157,21 @@ def warmup(ctx: Context) -> dict:
         blocks.update(r.blocks)
     mapping = assign_criteria(counts, sorted(blocks))
     out = {"mapping": mapping, "counts": counts, "steps": steps, "seconds": time.perf_counter() - t0}
-    atomic_write_text(path, json.dumps(out, indent=1))
+    if is_main():
+        atomic_write_text(path, json.dumps(out, indent=1))
     return dict(out, cached=False)
+
+
+def search_loader(ctx: Context):
+    """The rounds' data: all of it, or a label-stratified fraction in low-fidelity mode."""
+    sc = ctx.cfg.search
+    return _loader(ctx, sc.data_fraction, ctx.cfg.train.seed) if sc.data_fraction < 1 else ctx.train_loader
 
 
 def search(ctx: Context) -> tuple[SearchResult, dict | None]:
     sc = ctx.cfg.search
     wu = warmup(ctx) if sc.warmup else None
-    loader = _loader(ctx, sc.data_fraction, ctx.cfg.train.seed) if sc.data_fraction < 1 else ctx.train_loader
-    result = iterative_prune(ctx, loader, wu["mapping"] if wu else None, sc.criteria, sc.round_steps,
+    result = iterative_prune(ctx, search_loader(ctx), wu["mapping"] if wu else None, sc.criteria, sc.round_steps,
                              with_masks=sc.prune_foundation)
     return result, wu
 
@@ -181,11 +188,10 @@ def lora_config_dict(result: SearchResult) -> dict | None:
 def run(cfg: RunConfig, export: bool = True) -> dict:
     out = Path(cfg.output_dir)
     ctx = prepare(cfg)
-    print(f"prunetune search: {ctx.model_path} on {ctx.task.name} — space {cfg.search.space}, "
-          f"budget {cfg.search.budget}, {ctx.total_steps} retrain steps on {ctx.device}", flush=True)
+    log(f"prunetune search: {ctx.model_path} on {ctx.task.name} — space {cfg.search.space}, "
+          f"budget {cfg.search.budget}, {ctx.total_steps} retrain steps on {ctx.device}")
     found, wu = search(ctx)
-    print(f"found {len(found.structure.units)} units ({found.budget_params:,} budget): {found.structure.units}",
-          flush=True)
+    log(f"found {len(found.structure.units)} units ({found.budget_params:,} budget): {found.structure.units}")
     retrain = train_fixed(ctx, found.structure, found.plan, out / "model" if export else None, desc="retrain")
     retrain.pop("_model")
     metric = ctx.task.metric
@@ -202,15 +208,17 @@ def run(cfg: RunConfig, export: bool = True) -> dict:
     }
     results["search_cost"]["ratio_steps"] = found.steps / max(1, retrain["steps"])
     results["search_cost"]["ratio_seconds"] = found.seconds / max(1e-9, retrain["train_seconds"])
+    if not is_main():
+        return results
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "found_structure.json", json.dumps(found.structure.to_dict(), indent=1))
     if results["lora_config"]:
         atomic_write_text(out / "lora_config.json", json.dumps(results["lora_config"], indent=1))
     atomic_write_text(out / "results.json", json.dumps(results, indent=1, default=str))
     sc = results["search_cost"]
-    print(f"search: {found.steps} steps / {found.seconds:.1f}s; retrain: {retrain['steps']} steps / "
+    log(f"search: {found.steps} steps / {found.seconds:.1f}s; retrain: {retrain['steps']} steps / "
           f"{retrain['train_seconds']:.1f}s; search cost = {sc['ratio_steps']:.2f}x retrain (steps), "
           f"{sc['ratio_seconds']:.2f}x (time)")
-    print(f"dev {metric}: final {retrain['final'][metric]:.4f}, best {retrain['best'][metric]:.4f}; "
+    log(f"dev {metric}: final {retrain['final'][metric]:.4f}, best {retrain['best'][metric]:.4f}; "
           f"trainable params {retrain['trainable_params_no_head']:,} (no head)")
     return results

@@ -10,7 +10,7 @@ import torch
 
 from ..units.adapters import AdapterSet
 from ..units.lora import ADAPTER, lora_layers
-from .dist import all_reduce_sum_, world_size
+from ..dist import all_reduce_sum_, world_size
 
 RANK_SCORES = {}
 
@@ -57,7 +57,7 @@ class ImportanceTracker:
         self.taylor_sum: dict[str, torch.Tensor] = {}
         self._lora = None  # module name -> LoRA layer, looked up once
         self.token_mask: torch.Tensor | None = None
-        self.module_sum: dict[str, torch.Tensor] = {}
+        self.module_sum: dict[str, dict[int, torch.Tensor]] = {}  # module -> step -> [sum of ratios, tokens]
         self.module_n: dict[str, int] = {}
         self.rank_sum: dict[str, torch.Tensor] = {}
         self.rank_n = 0
@@ -88,8 +88,13 @@ class ImportanceTracker:
 
     def _add_module(self, name: str, delta: torch.Tensor, base: torch.Tensor) -> None:
         with torch.no_grad():
-            r = norm_ratio(delta, base, self.token_mask)
-            self.module_sum[name] = self.module_sum.get(name, 0.0) + r
+            # per optimizer step: sum of per-token ratios and token count, so that the step mean (and its
+            # all-reduce under DDP) equals the single-process mean over the same global batch
+            ratio = delta.detach().float().norm(dim=-1) / base.detach().float().norm(dim=-1).clamp_min(1e-12)
+            m = token_weights(ratio, self.token_mask)
+            acc = torch.stack([(ratio * m).sum(), m.sum()])
+            steps = self.module_sum.setdefault(name, {})
+            steps[self.rank_n] = steps[self.rank_n] + acc if self.rank_n in steps else acc
             self.module_n[name] = self.module_n.get(name, 0) + 1
             if self.groups:  # activation criterion: mean |unit output| over non-padding tokens
                 self.act_sum[name] = self.act_sum.get(name, 0.0) + masked_mean(delta.detach().float().abs().mean(-1),
@@ -136,17 +141,14 @@ class ImportanceTracker:
         """(module importance, rank importance): means over window steps, summed across DDP ranks."""
         modules = {}
         for name in sorted(self.module_sum):
-            t = torch.stack([torch.as_tensor(self.module_sum[name], dtype=torch.float32),
-                             torch.tensor(float(self.module_n[name]))]).to(_device(self.module_sum[name]))
-            all_reduce_sum_(t)
-            modules[name] = float(t[0] / t[1].clamp_min(1))
+            per_step = all_reduce_sum_(torch.stack([v for _k, v in sorted(self.module_sum[name].items())]))
+            modules[name] = float((per_step[:, 0] / per_step[:, 1].clamp_min(1)).mean())
         ranks = {}
         for name in sorted(self.rank_sum):
             t = self.rank_sum[name].float().clone()
             all_reduce_sum_(t)  # gradients are already averaged by DDP; summing then / world keeps the mean
             ranks[name] = (t / max(self.rank_n, 1) / world_size()).cpu()
         return modules, ranks
-
 
     def unit_stats(self) -> dict[str, dict[str, float]]:
         """Per unit (group): norm_ratio and activation (means over forwards, averaged over the unit's
@@ -164,12 +166,17 @@ class ImportanceTracker:
         return out
 
 
-def masked_mean(values: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
-    # OPT runs its FFN on flattened (batch*seq, hidden) tokens: same tokens, row-major, so reshape the mask
+def token_weights(values: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
+    """1 for real tokens, 0 for padding; all ones when the mask does not fit. OPT runs its FFN on flattened
+    (batch*seq, hidden) tokens: same tokens, row-major, so the mask is reshaped."""
     if token_mask is not None and token_mask.numel() == values.numel():
-        m = token_mask.reshape(values.shape).to(values.device, values.dtype)
-        return (values * m).sum() / m.sum().clamp_min(1.0)
-    return values.mean()
+        return token_mask.reshape(values.shape).to(values.device, values.dtype)
+    return torch.ones_like(values)
+
+
+def masked_mean(values: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
+    m = token_weights(values, token_mask)
+    return (values * m).sum() / m.sum().clamp_min(1.0)
 
 
 def _mean_reduced(total, count: int) -> float:
@@ -181,7 +188,3 @@ def _mean_reduced(total, count: int) -> float:
 def _avg(values) -> float:
     values = [v for v in values if v is not None]
     return float(sum(values) / len(values)) if values else 0.0
-
-
-def _device(x):
-    return x.device if isinstance(x, torch.Tensor) else torch.device("cpu")

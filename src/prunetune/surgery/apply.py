@@ -38,4 +38,6 @@ def prune_adapter_model(hf_model, arch: Arch, plan: PruningPlan, adapters: Adapt
         fold_masks(hf_model, arch, head_masks, ffn_masks)
     apply_plan(hf_model, arch, plan)
     ops = slice_adapters(adapters, plan.peft_ranks)
+    if adapters._handles:  # re-hook: the hooks of removed adapters would otherwise keep running them
+        adapters.attach(hf_model)
     return {f"adapters.{n.replace('.', '__')}.{p}": o for n, pops in ops.items() for p, o in pops.items()}

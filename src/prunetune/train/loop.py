@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from ..config import TrainConfig
 from ..data.metrics import compute_metrics
+from ..dist import GlobalBatchSampler, average_gradients, is_main
 from ..surgery.peft import apply_ops
 from .memory import StepMemory
 
@@ -21,8 +22,11 @@ AMP = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def make_loader(dataset, collate, batch_size: int, shuffle: bool, seed: int) -> DataLoader:
-    g = torch.Generator().manual_seed(seed)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, collate_fn=collate, generator=g)
+    """Training loaders (shuffle=True) yield this rank's shard of seeded global batches of `batch_size`;
+    evaluation loaders are plain sequential batches."""
+    if not shuffle:
+        return DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)
+    return DataLoader(dataset, batch_sampler=GlobalBatchSampler(len(dataset), batch_size, seed), collate_fn=collate)
 
 
 def lr_factor(step: int, total: int, warmup: int) -> float:
@@ -104,8 +108,9 @@ class TrainState:
     def _batch_iter(self) -> Iterator[dict]:
         epoch = 0
         while True:
-            if hasattr(self.loader.generator, "manual_seed"):
-                self.loader.generator.manual_seed(self.cfg.seed + epoch)
+            sampler = getattr(self.loader, "batch_sampler", None)
+            if hasattr(sampler, "set_epoch"):
+                sampler.set_epoch(epoch)
             for i, batch in enumerate(self.loader):
                 self.epoch = epoch + (i + 1) / len(self.loader)
                 yield batch
@@ -115,7 +120,8 @@ class TrainState:
             before_forward: Callable[[dict], None] | None = None, after_backward: Callable[[int], None] | None = None,
             on_epoch_end: Callable[[int], None] | None = None, desc: str | None = None) -> None:
         self.model.train()
-        bar = tqdm(total=n_steps, desc=desc or self.desc, leave=False, dynamic_ncols=True)
+        bar = tqdm(total=n_steps, desc=desc or self.desc, leave=False, dynamic_ncols=True,
+                   **({} if is_main() else {"disable": True}))
         for i in range(n_steps):
             t0 = time.perf_counter()
             loss_value = 0.0
@@ -129,6 +135,7 @@ class TrainState:
                         loss = loss + extra_loss() / self.cfg.grad_accum
                 (self.scaler.scale(loss) if self.scaler else loss).backward()
                 loss_value += float(loss.detach())
+            average_gradients([p for g in self.optimizer.param_groups for p in g["params"]])
             if self.scaler:
                 self.scaler.unscale_(self.optimizer)
             if after_backward:  # unscaled, fully accumulated, not yet clipped gradients

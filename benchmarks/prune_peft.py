@@ -1,0 +1,143 @@
+"""PrunePEFT vs fixed PEFT configurations at equal budget, on the real MiniLM, per task, in one run.
+
+    python benchmarks/prune_peft.py --tasks rte,cola,sst2 --data-root ../shared/data
+
+Compares, with identical retrain hyperparameters and seed:
+  lora-everywhere    LoRA on q+v of every layer (the search space's LoRA unit at every layer)
+  adapters-everywhere serial bottleneck adapter after every FFN (the space's adapter unit at every layer)
+  random-prune       the supernet pruned to the budget with the `random` criterion (no warm-up)
+  prunepeft          the supernet pruned to the budget with the hybrid criteria (warm-up mapping, cached)
+Budget = the smaller of the two fixed configurations' PEFT parameters. Search cost is reported next to the
+retrain cost (steps and seconds), with and without the one-off warm-up.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+from prunetune.arch import get_arch  # noqa: E402
+from prunetune.config import from_dict  # noqa: E402
+from prunetune.methods.common import prepare, train_fixed  # noqa: E402
+from prunetune.methods.prune_peft import iterative_prune, search, search_loader  # noqa: E402
+from prunetune.units.structure import PeftStructure, unit_positions  # noqa: E402
+
+GLUE_DIRS = {"sst2": "SST-2", "rte": "RTE", "cola": "CoLA", "stsb": "STS-B"}
+
+
+def fixed(arch, unit_type: str, sc) -> PeftStructure:
+    pos = [p for layer in range(arch.num_layers) for p in unit_positions(arch, unit_type, layer)]
+    if unit_type.startswith("lora"):
+        return PeftStructure(lora={p: sc.lora_r for p in pos}, lora_alpha=sc.lora_alpha, lora_r_base=sc.lora_r)
+    return PeftStructure(adapters={p: sc.adapter_size for p in pos})
+
+
+def peft_params(ctx, structure: PeftStructure) -> int:
+    """PEFT parameters of a structure, counted on a freshly built model (task head excluded)."""
+    from prunetune.models import load_model
+
+    hf = load_model(ctx.model_path, ctx.task.num_labels)
+    _model, adapters = structure.build(hf, get_arch(hf))
+    n = sum(p.numel() for name, p in hf.named_parameters() if "lora_" in name)
+    return n + (sum(p.numel() for p in adapters.parameters()) if adapters is not None else 0)
+
+
+def bench_task(task: str, args) -> dict:
+    base = {
+        "model": {"name_or_path": args.model},
+        "data": {"task": task, "data_dir": str(Path(args.data_root) / GLUE_DIRS[task]),
+                 "max_train_samples": args.train_samples, "max_eval_samples": args.eval_samples,
+                 "max_length": args.max_length},
+        "train": {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed},
+        "search": {"space": ["lora_qv", "adapter_ffn"], "k": args.k, "data_fraction": args.data_fraction,
+                   "warmup_cache": args.cache},
+        "output_dir": str(Path(args.out) / task),
+    }
+    ctx = prepare(from_dict(base))
+    from prunetune.models import load_model
+
+    arch = get_arch(load_model(ctx.model_path, ctx.task.num_labels))
+    sc = ctx.cfg.search
+    configs = {"lora-everywhere": fixed(arch, "lora_qv", sc), "adapters-everywhere": fixed(arch, "adapter_ffn", sc)}
+    budget = min(peft_params(ctx, s) for s in configs.values())
+    ctx.cfg.search.budget = float(budget)
+    print(f"== {task}: {len(ctx.train_loader.dataset)} train / {len(ctx.dev_loader.dataset)} dev, "
+          f"{ctx.total_steps} retrain steps, budget {budget:,} PEFT params", flush=True)
+
+    found, wu = search(ctx)
+    rnd = iterative_prune(ctx, search_loader(ctx), None, ["random"], sc.round_steps, desc="random")
+    configs["random-prune"] = rnd.structure
+    configs["prunepeft"] = found.structure
+    metric = ctx.task.metric
+    rows = []
+    for name, structure in configs.items():
+        print(f"-- {name}: {len(structure.lora)} LoRA modules, {len(structure.adapters)} adapters", flush=True)
+        r = train_fixed(ctx, structure, desc=name)
+        r.pop("_model")
+        rows.append({"task": task, "metric": metric, "config": name, "final": r["final"][metric],
+                     "best": r["best"][metric], "trainable_no_head": r["trainable_params_no_head"],
+                     "retrain_steps": r["steps"], "retrain_seconds": r["train_seconds"],
+                     "units": structure.units or None})
+    retrain = next(r for r in rows if r["config"] == "prunepeft")
+    cost = {"search_steps": found.steps, "search_seconds": found.seconds,
+            "warmup_steps": wu.get("steps", 0) if wu else 0, "warmup_seconds": wu.get("seconds", 0.0) if wu else 0.0,
+            "warmup_cached": bool(wu and wu.get("cached")),
+            "ratio_steps": found.steps / retrain["retrain_steps"],
+            "ratio_seconds": found.seconds / retrain["retrain_seconds"],
+            "ratio_seconds_with_warmup": (found.seconds + (wu or {}).get("seconds", 0.0)) / retrain["retrain_seconds"],
+            "found_units": found.structure.units, "mapping": (wu or {}).get("mapping")}
+    print(json.dumps({"rows": rows, "cost": cost}, indent=1), flush=True)
+    return {"task": task, "rows": rows, "cost": cost}
+
+
+def table(results: list[dict]) -> str:
+    lines = ["| task | config | dev final | dev best | trainable PEFT params (no head) |", "|---|---|---|---|---|"]
+    for res in results:
+        for r in res["rows"]:
+            lines.append(f"| {r['task']} ({r['metric']}) | {r['config']} | {r['final']:.4f} | {r['best']:.4f} | "
+                         f"{r['trainable_no_head']:,} |")
+    lines += ["", "| task | search steps / retrain steps | search s / retrain s | incl. warm-up | found units |",
+              "|---|---|---|---|---|"]
+    for res in results:
+        c = res["cost"]
+        warm = "cached" if c["warmup_cached"] else f"{c['ratio_seconds_with_warmup']:.2f}x"
+        lines.append(f"| {res['task']} | {c['search_steps']} / {next(r for r in res['rows'] if r['config'] == 'prunepeft')['retrain_steps']}"
+                     f" = {c['ratio_steps']:.2f}x | {c['ratio_seconds']:.2f}x | {warm} | {', '.join(c['found_units'])} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tasks", default="rte,cola,sst2")
+    p.add_argument("--data-root", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"))
+    p.add_argument("--model", default="minilm")
+    p.add_argument("--train-samples", type=int, default=2000)
+    p.add_argument("--eval-samples", type=int, default=None)
+    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--epochs", type=float, default=3)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--k", type=float, default=2)
+    p.add_argument("--data-fraction", type=float, default=0.1)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--cache", default="runs/bench_prune/cache")
+    p.add_argument("--out", default="runs/bench_prune")
+    p.add_argument("--json")
+    args = p.parse_args(argv)
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}", flush=True)
+    results = [bench_task(t.strip(), args) for t in args.tasks.split(",") if t.strip()]
+    print("\n" + table(results))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,302 @@
+"""PrunePEFT criteria and hybrid scoring: hand-computed criteria, per-unit training statistics (no
+accumulation across units), spindle bands, random tie-breaking, the Irwin-Hall calibration, the
+block-size / criteria-count bias test of the combination, and the warm-up criteria assignment."""
+from __future__ import annotations
+
+import pytest
+import torch
+from models import batch, tiny
+
+from prunetune.arch import get_arch
+from prunetune.scores import ImportanceTracker
+from prunetune.scores.criteria import CRITERIA, DYNAMIC, score_units
+from prunetune.scores.hybrid import (assign_criteria, band, block_of, combine, irwin_hall_mean_cdf, lowest,
+                                     percentiles)
+from prunetune.units.lora import ADAPTER
+from prunetune.units.supernet import Supernet
+
+
+def _t(*values) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float32)
+
+
+# ------------------------------------------------------------------------------------------- criteria
+def test_static_criteria_hand_computed():
+    units = {"a": [_t(0.0, 1.0, 0.0, 2.0), _t(0.0, 0.0)],  # 4 of 6 exactly zero
+             "b": [_t(0.1, -0.4), _t(0.6, -2.0)],
+             "c": [_t(1e-4, -5e-4, 2e-3, 0.0)]}
+    assert score_units("zeros", units, None, {}) == pytest.approx({"a": -4 / 6, "b": 0.0, "c": -0.25})
+    # threshold: -(fraction |w| < t); t from ctx, default 1e-3
+    assert score_units("threshold", units, None, {"threshold": 0.5}) == pytest.approx(
+        {"a": -4 / 6, "b": -0.5, "c": -1.0})
+    assert score_units("threshold", units, None, {}) == pytest.approx({"a": -4 / 6, "b": 0.0, "c": -0.75})
+    # magnitude: mean w^2 over all the unit's parameters
+    assert score_units("magnitude", units, None, {}) == pytest.approx(
+        {"a": 5 / 6, "b": (0.01 + 0.16 + 0.36 + 4) / 4, "c": (1e-8 + 25e-8 + 4e-6) / 4})
+
+
+def test_direction_lower_is_pruned_first():
+    units = {"dead": [torch.zeros(4, 3), torch.zeros(5)], "live": [torch.full((4, 3), 0.5), torch.ones(5)]}
+    for name in ("zeros", "threshold", "magnitude"):
+        s = score_units(name, units, None, {})
+        assert s["dead"] < s["live"], name
+        assert lowest(s, 1) == ["dead"], name
+
+
+@pytest.mark.parametrize("name", sorted(DYNAMIC))
+def test_dynamic_criteria_read_their_statistic(name):
+    stats = {key: {"u1": 0.3, "u2": 0.1, "u3": 0.2} for key in DYNAMIC}
+    stats[name] = {"u1": 7.0, "u2": -1.0, "u3": 0.5}
+    units = {u: [torch.ones(2)] for u in ("u1", "u2", "u3")}
+    assert score_units(name, units, stats, {}) == stats[name]
+
+
+def test_random_criterion_is_seeded():
+    units = {f"u{i}": [torch.ones(3)] for i in range(8)}
+
+    def draw(seed):
+        return score_units("random", units, None, {"generator": torch.Generator().manual_seed(seed)})
+
+    a, b, c = draw(3), draw(3), draw(4)
+    assert a == b and a != c
+    assert all(0.0 <= v < 1.0 for v in a.values()) and len(set(a.values())) == 8
+
+
+def test_unknown_criterion():
+    with pytest.raises(KeyError, match="unknown criterion"):
+        score_units("nope", {"u": [torch.ones(1)]}, None, {})
+    assert {"zeros", "threshold", "magnitude", "gradient", "taylor", "activation", "random",
+            "norm_ratio"} <= set(CRITERIA)
+
+
+# ------------------------------------------------------------------------- per-unit training statistics
+def _masked_act(delta: torch.Tensor, mask: torch.Tensor) -> float:
+    per_token = delta.detach().float().abs().mean(-1)
+    m = mask.reshape(per_token.shape).float()
+    return float((per_token * m).sum() / m.sum())
+
+
+def test_tracker_unit_stats_are_per_unit_means_over_steps():
+    hf = tiny("bert")
+    arch = get_arch(hf)
+    net = Supernet(hf, arch, ["lora_qv", "adapter_ffn", "parallel_ffn"], lora_r=4, lora_dropout=0.0,
+                   adapter_size=4)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():  # non-zero B / up so every unit has an output and every parameter a gradient
+        for u in net.units:
+            for p in net.unit_params(u.name):
+                p.add_(torch.randn(p.shape, generator=g) * 0.2)
+        dead = net.adapters.get(net.by_name["adapter_ffn@1"].positions[0])
+        dead.up.weight.zero_()
+        dead.up.bias.zero_()
+    dead.up.weight.requires_grad_(False)
+    dead.up.bias.requires_grad_(False)
+    net.remove(["lora_qv@1"])  # removed: scaling 0, frozen
+    groups = {u.name: list(u.positions) for u in net.units}  # the removed unit too: it must read 0
+    assert set(net.groups()) == set(groups) - {"lora_qv@1"}
+
+    # record each unit's output (what the tracker sees) and parameters / gradients at every step
+    outputs: dict[str, list] = {}
+    handles = []
+    for u in net.units:
+        for pos in u.positions:
+            if u.kind == "adapter":
+                mod, scale = net.adapters.get(pos).up, lambda: 1.0
+            else:
+                layer = net._lora[pos]
+                mod, scale = layer.lora_B[ADAPTER], (lambda l=layer: l.scaling[ADAPTER])
+            outputs[pos] = []
+            handles.append(mod.register_forward_hook(
+                lambda _m, _i, out, p=pos, s=scale: outputs[p].append(out.detach() * s())))
+
+    tracker = ImportanceTracker(hf, net.adapters, groups=groups).start()
+    params = [p for n in net.alive for p in net.unit_params(n) if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=0.5)
+    hf.train()
+    masks, grads_seen, taylor_seen = [], {u.name: [] for u in net.units}, {u.name: [] for u in net.units}
+    for step in range(2):
+        b = batch(seed=10 + step, bsz=4, seq=7)
+        b["attention_mask"][1, -2:] = 0
+        masks.append(b["attention_mask"])
+        tracker.token_mask = b["attention_mask"]
+        loss = net.model(**b, labels=torch.tensor([0, 1, 1, 0])).loss
+        loss.backward()
+        for u in net.units:
+            ps = [p for p in net.unit_params(u.name) if p.grad is not None]
+            if u.name in ("lora_qv@1",):
+                assert not ps  # frozen: no gradient at all
+                continue
+            if u.name != "adapter_ffn@1":
+                assert len(ps) == len(net.unit_params(u.name))
+            n = sum(p.numel() for p in ps)
+            grads_seen[u.name].append(float(sum(p.grad.abs().sum() for p in ps)) / n)
+            taylor_seen[u.name].append(abs(float(sum((p.detach() * p.grad).sum() for p in ps))))
+        tracker.after_backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    tracker.stop()
+    for h in handles:
+        h.remove()
+    stats = tracker.unit_stats()
+    assert set(stats) >= {"gradient", "taylor", "activation", "norm_ratio"}
+
+    for u in net.units:
+        if u.name == "lora_qv@1":
+            continue
+        assert stats["gradient"][u.name] == pytest.approx(sum(grads_seen[u.name]) / 2, rel=1e-5), u.name
+        assert stats["taylor"][u.name] == pytest.approx(sum(taylor_seen[u.name]) / 2, rel=1e-5), u.name
+        # activation: mean over forwards of mean |unit output| over non-padding tokens, averaged over positions
+        per_pos = [sum(_masked_act(d, m) for d, m in zip(outputs[pos], masks)) / 2 for pos in u.positions]
+        assert stats["activation"][u.name] == pytest.approx(sum(per_pos) / len(per_pos), rel=1e-5), u.name
+    live = ["lora_qv@0", "adapter_ffn@0", "parallel_ffn@0", "parallel_ffn@1"]
+    assert all(stats["activation"][u] > 0 for u in live)
+    assert len({round(stats["activation"][u], 9) for u in live}) == len(live)  # per unit, not shared
+    # a unit whose output is zero, and a removed unit, score 0 (nothing accumulated from other units)
+    assert stats["activation"]["adapter_ffn@1"] == 0.0
+    assert stats["activation"]["lora_qv@1"] == 0.0
+    assert stats["gradient"]["lora_qv@1"] == 0.0 and stats["taylor"]["lora_qv@1"] == 0.0
+    # the activation of a later unit is not the running sum of the earlier ones (reference-code defect)
+    assert stats["activation"]["parallel_ffn@1"] != pytest.approx(
+        stats["activation"]["parallel_ffn@0"] + stats["activation"]["parallel_ffn@1"])
+    # taylor is |sum w*g| per step, not signed and not |sum over steps|
+    assert all(v >= 0 for v in stats["taylor"].values())
+
+
+# ---------------------------------------------------------------------------------------------- hybrid
+def test_spindle_bands():
+    assert [band(i, 6) for i in range(6)] == [0, 0, 1, 2, 2, 3]
+    bands24 = [band(i, 24) for i in range(24)]
+    # layer l lies in the band of l / L: 0-20% -> 0..4, 20-50% -> 5..11, 50-80% -> 12..19, 80-100% -> 20..23
+    assert bands24 == [0] * 5 + [1] * 7 + [2] * 8 + [3] * 4
+    # same rule as the reference code (layer index < 20% / 50% / 80% of the layer count)
+    for n in (5, 6, 12, 24, 48):
+        b = [band(i, n) for i in range(n)]
+        assert b == sorted(b) and set(b) == {0, 1, 2, 3}, (n, b)
+        assert all((i < 0.2 * n) == (b[i] == 0) and (i >= 0.8 * n) == (b[i] == 3) for i in range(n))
+    assert [band(i, 2) for i in range(2)] == [0, 2]
+    assert block_of("lora_qv", 23, 24) == "lora_qv/b3" and block_of("adapter_ffn", 0, 24) == "adapter_ffn/b0"
+    assert block_of("lora_qv", 1, 2, edges=[0.7]) == "lora_qv/b0"
+
+
+def test_percentiles_distinct_scores():
+    pct = percentiles({"a": 3.0, "b": -1.0, "c": 10.0, "d": 0.5}, torch.Generator().manual_seed(0))
+    assert pct == pytest.approx({"b": 0.125, "d": 0.375, "a": 0.625, "c": 0.875})
+
+
+def test_percentiles_break_ties_at_random():
+    names = [f"u{i:02d}" for i in range(20)]
+    tied = {n: 1.0 for n in names}
+
+    def order(seed):
+        pct = percentiles(tied, torch.Generator().manual_seed(seed))
+        assert sorted(pct.values()) == pytest.approx([(r + 0.5) / 20 for r in range(20)])
+        return sorted(names, key=pct.get)
+
+    orders = [order(s) for s in range(4)]
+    assert all(sorted(o) == names for o in orders)  # permutations
+    assert all(o != names for o in orders)  # not index (name) order
+    assert len({tuple(o) for o in orders}) == 4  # seed dependent
+    assert order(2) == orders[2]  # and reproducible
+    # a partial tie keeps the strict order around it
+    pct = percentiles({"a": 0.0, "b": 1.0, "c": 1.0, "d": 2.0}, torch.Generator().manual_seed(1))
+    assert pct["a"] == 0.125 and pct["d"] == 0.875 and {pct["b"], pct["c"]} == {0.375, 0.625}
+
+
+def test_irwin_hall_mean_cdf():
+    for m in range(1, 9):
+        assert irwin_hall_mean_cdf(0.5, m) == pytest.approx(0.5, abs=1e-9)
+        assert irwin_hall_mean_cdf(0.0, m) == 0.0 and irwin_hall_mean_cdf(1.0, m) == 1.0
+        assert irwin_hall_mean_cdf(-0.2, m) == 0.0 and irwin_hall_mean_cdf(1.3, m) == 1.0
+        xs = [i / 200 for i in range(201)]
+        ys = [irwin_hall_mean_cdf(x, m) for x in xs]
+        assert all(b >= a - 1e-12 for a, b in zip(ys, ys[1:]))  # monotone
+        assert all(irwin_hall_mean_cdf(x, m) == pytest.approx(1 - irwin_hall_mean_cdf(1 - x, m), abs=1e-9)
+                   for x in xs)  # symmetric
+    for x in (0.0, 0.1, 0.37, 0.5, 0.9, 1.0):
+        assert irwin_hall_mean_cdf(x, 1) == pytest.approx(x)  # m = 1: identity
+    # m = 2: P((U1+U2)/2 <= 0.25) = P(U1+U2 <= 0.5) = 0.5^2 / 2
+    assert irwin_hall_mean_cdf(0.25, 2) == pytest.approx(0.125)
+    # m = 3: P(U1+U2+U3 <= 1) = 1/6
+    assert irwin_hall_mean_cdf(1 / 3, 3) == pytest.approx(1 / 6)
+    # Monte Carlo for m = 4
+    g = torch.Generator().manual_seed(0)
+    means = torch.rand(200_000, 4, generator=g).mean(1)
+    for x in (0.3, 0.42, 0.6):
+        assert irwin_hall_mean_cdf(x, 4) == pytest.approx(float((means <= x).float().mean()), abs=5e-3)
+
+
+def test_combine_single_criterion_is_its_percentile():
+    scores = {"magnitude": {"a": 0.3, "b": 0.1, "c": 0.2, "d": 0.9}}
+    unit_block = {u: "X" for u in "abcd"}
+    h = combine(scores, unit_block, {"X": ["magnitude"]})
+    assert h == pytest.approx({"b": 0.125, "c": 0.375, "a": 0.625, "d": 0.875})
+    assert lowest(h, 2) == ["b", "c"]
+    assert lowest({"z": 0.1, "a": 0.1, "m": 0.0}, 2) == ["m", "a"]  # ties: by name
+    with pytest.raises(ValueError, match="unknown combination"):
+        combine(scores, unit_block, {"X": ["magnitude"]}, method="softmax")
+
+
+def test_combine_scale_free_and_consistent_signal():
+    """Percentile ranks: rescaling one criterion changes nothing; a unit lowest under every criterion of its
+    block goes first whatever the raw scales."""
+    units = [f"u{i}" for i in range(10)]
+    unit_block = {u: ("A" if i < 5 else "B") for i, u in enumerate(units)}
+    base = {"magnitude": {u: float(i) for i, u in enumerate(units)},
+            "taylor": {u: float((3 * i) % 10) for i, u in enumerate(units)}}
+    scaled = {"magnitude": {u: 1e6 * v for u, v in base["magnitude"].items()}, "taylor": base["taylor"]}
+    crits = {"A": ["magnitude", "taylor"], "B": ["taylor"]}
+    h1 = combine(base, unit_block, crits, generator=torch.Generator().manual_seed(0))
+    h2 = combine(scaled, unit_block, crits, generator=torch.Generator().manual_seed(0))
+    assert h1 == pytest.approx(h2)
+    assert lowest(h1, 1) == ["u0"]  # lowest under both magnitude and taylor
+    assert all(0.0 <= v <= 1.0 for v in h1.values())
+
+
+def _removal_shares(method: str, trials: int = 400, k: int = 6) -> dict[str, float]:
+    """Blocks of different sizes and different numbers of criteria; i.i.d. random scores; remove the lowest
+    k every trial. Returns each block's share of removals divided by its share of units (1 = unbiased)."""
+    blocks = {"A": (12, ["taylor"]), "B": (24, ["taylor", "gradient", "magnitude", "activation"]),
+              "C": (6, ["gradient", "magnitude"])}
+    unit_block = {f"{b}{i:02d}": b for b, (n, _) in blocks.items() for i in range(n)}
+    block_criteria = {b: c for b, (_, c) in blocks.items()}
+    units = sorted(unit_block)
+    g_scores, g_ties = torch.Generator().manual_seed(11), torch.Generator().manual_seed(12)
+    removed = {b: 0 for b in blocks}
+    for _ in range(trials):
+        scores = {c: dict(zip(units, torch.rand(len(units), generator=g_scores).tolist()))
+                  for c in ("taylor", "gradient", "magnitude", "activation")}
+        for u in lowest(combine(scores, unit_block, block_criteria, method, g_ties), k):
+            removed[unit_block[u]] += 1
+    total_units = len(units)
+    return {b: (removed[b] / (trials * k)) / (n / total_units) for b, (n, _) in blocks.items()}
+
+
+def test_calibrated_combination_is_unbiased_across_blocks():
+    shares = _removal_shares("calibrated")
+    for b, ratio in shares.items():
+        assert abs(ratio - 1) <= 0.15, (b, shares)
+
+
+def test_eq1_combination_is_biased_documented_contrast():
+    """Eq. 1 (kept as an option) averages softmax probabilities over the block's criteria: blocks with one
+    criterion have high-variance scores and are over-pruned, blocks with many criteria under-pruned."""
+    shares = _removal_shares("eq1")
+    calibrated = _removal_shares("calibrated")
+    worst = max(abs(r - 1) for r in shares.values())
+    assert worst > 0.3, shares
+    assert worst > 2 * max(abs(r - 1) for r in calibrated.values())
+    assert shares["A"] > 1.3 and shares["B"] < 0.8, shares
+
+
+def test_assign_criteria():
+    counts = {"zeros": {"A": 3, "B": 1}, "taylor": {"A": 3, "C": 2}, "gradient": {"B": 2, "C": 1},
+              "magnitude": {"B": 1, "C": 1}, "activation": {}}
+    mapping = assign_criteria(counts, ["A", "B", "C"])
+    assert mapping == {
+        "A": ["taylor", "zeros"],  # tie at 3: both kept
+        "B": ["gradient", "magnitude"],  # gradient most frequent; magnitude prunes B (and C) most
+        "C": ["magnitude", "taylor"],  # taylor most frequent; magnitude added
+    }
+    # a criterion is added to the block it prunes most even where another criterion is more frequent
+    mapping = assign_criteria({"zeros": {"A": 5, "B": 4}, "taylor": {"A": 1}}, ["A", "B"])
+    assert mapping == {"A": ["taylor", "zeros"], "B": ["zeros"]}
