@@ -103,6 +103,10 @@ def test_values_are_applied_and_coerced(tmp_path):
     assert cfg.prune.heads == 0.5 and cfg.prune.ffn == 0.0
     assert isinstance(cfg.train.epochs, float) and cfg.train.epochs == 2.0 and isinstance(cfg.train.lr, float)
     assert cfg.peft.targets == ["q", "v"] and cfg.baseline is True
+    cfg = from_dict({"train": {"batch_size": 16.0, "max_steps": 4.0}})  # integral floats (YAML "16.0") -> int
+    assert cfg.train.batch_size == 16 and type(cfg.train.batch_size) is int and type(cfg.train.max_steps) is int
+    if hasattr(RunConfig(), "search"):  # float-annotated key with an int default keeps fractions
+        assert from_dict({"search": {"k": 0.5}}).search.k == 0.5
     p = tmp_path / "c.yaml"
     p.write_text("prune:\n  heads: 0.25\ntrain:\n  batch_size: 4\n")
     cfg = load_config(p, {"train.batch_size": 16, "estimate.optimizer_state": "reset"})

@@ -246,3 +246,25 @@ def test_corrupt_manifest_is_refused(tmp_path):
     (out / "prunetune.json").write_text("{broken")
     with pytest.raises(PrunetuneError, match="corrupt"):
         prunetune.load(out)
+
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_non_uniform_heads_export(family, tmp_path):
+    """A hand-made plan with different head counts per layer still reloads exactly (not plain-loadable)."""
+    from prunetune.plan import PruningPlan
+
+    pm, hf, arch, names = tiny_lora(family, R, ALPHA, seed=17)
+    heads = [[0, 2], [1]] if family == "llama" else [[1, 2, 3], [0]]
+    plan = PruningPlan(arch.family, hf.config.model_type, arch.num_layers, arch.num_units, arch.heads_per_unit,
+                       arch.head_dim, arch.intermediate_size, heads,
+                       [list(range(0, arch.intermediate_size, 2)), list(range(arch.intermediate_size - 3))],
+                       peft_ranks={n: [0, 3] for n in names[::2]}, peft_orig_ranks={n: R for n in names})
+    new, _ = prune_lora_model(pm, arch, plan, R, ALPHA, 0.0)
+    b = batch()
+    ref = _logits(new, b)
+    prunetune.save_export(tmp_path / "m", new.base_model.model, plan, peft_model=new)
+    assert _manifest(tmp_path / "m")["plain_from_pretrained"] is False
+    loaded = prunetune.load(tmp_path / "m")
+    torch.testing.assert_close(_logits(loaded.model, b), ref, atol=ATOL, rtol=0)
+    o = loaded.model.base_model.model.get_submodule(arch.layers[1].o)
+    assert getattr(o, "base_layer", o).in_features == len(heads[1]) * arch.heads_per_unit * arch.head_dim

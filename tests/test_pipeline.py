@@ -253,6 +253,7 @@ def test_cli_light_run(bert_dir, sst2_dir, tmp_path, capsys):
 def test_regression_stsb(bert_dir, tmp_path, capsys):
     data = write_stsb(tmp_path / "stsb")
     out = tmp_path / "run"
+    # the checkpoint has a 2-label head: a regression run re-initialises it (1 output).
     # max_length 12 truncates most pairs: `eval` must evaluate the export the way the run did
     results = light(bert_dir, {"task": "stsb", "data_dir": str(data), "max_length": 12}, out)
     assert results["task"]["num_labels"] == 1 and results["task"]["metric"] == "pearson"

@@ -25,6 +25,8 @@ def _overrides(args) -> dict:
             o[key] = value
     if getattr(args, "baseline", None) is not None:
         o["baseline"] = args.baseline
+    if getattr(args, "resume", False):
+        o["train.resume"] = True
     for item in getattr(args, "set", None) or []:
         if "=" not in item:
             raise PrunetuneError(f"--set expects key=value, got '{item}'")
@@ -54,6 +56,7 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-train-samples", dest="max_train_samples", type=int)
     p.add_argument("--max-eval-samples", dest="max_eval_samples", type=int)
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any config key, e.g. prune.heads=0.5")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoints in --output-dir")
 
 
 def cmd_light(args) -> int:

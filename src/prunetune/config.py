@@ -84,6 +84,8 @@ class TrainConfig:
     mixed_precision: str = "no"  # no | bf16 | fp16
     eval_each_epoch: bool = True
     log_every: int = 10
+    save_every: int = 50  # checkpoint every N optimizer steps (and at the end of each phase); 0 = phase ends only
+    resume: bool = False  # continue from output_dir/checkpoints when present
 
 
 @dataclass
@@ -176,6 +178,8 @@ def _coerce(name: str, value: Any, default: Any, annotation: str = ""):
             raise PrunetuneError(f"config key '{name}' must be a finite number, got {value!r}")
         if isinstance(default, float):
             return float(value)
+        if annotation.startswith("float"):  # float field with an int default (search.k = 4): keep as given
+            return value
         if isinstance(value, float) and not value.is_integer():
             raise PrunetuneError(f"config key '{name}' must be a whole number, got {value!r}")
         return int(value)

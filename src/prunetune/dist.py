@@ -75,9 +75,10 @@ class GlobalBatchSampler(Sampler):
     def __init__(self, n: int, batch_size: int, seed: int, shuffle: bool = True):
         self.n, self.batch_size, self.seed, self.shuffle = n, batch_size, seed, shuffle
         self.epoch = 0
+        self.skip = 0  # batches of the current epoch already consumed (resume)
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        self.epoch, self.skip = epoch, skip
 
     def _batches(self):
         order = (torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch))
@@ -90,8 +91,9 @@ class GlobalBatchSampler(Sampler):
 
     def __iter__(self):
         world, r = world_size(), rank()
-        for batch in self._batches():
-            yield torch.tensor_split(batch, world)[r].tolist()
+        for i, batch in enumerate(self._batches()):
+            if i >= self.skip:
+                yield torch.tensor_split(batch, world)[r].tolist()
 
     def __len__(self) -> int:
         return sum(1 for _ in self._batches())

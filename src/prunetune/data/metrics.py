@@ -11,6 +11,14 @@ from ..errors import PrunetuneError
 from .tasks import Task
 
 
+LOWER_IS_BETTER = {"loss", "perplexity"}
+
+
+def greater_is_better(metric: str) -> bool:
+    """Whether a larger value of `metric` is better (False for loss / perplexity)."""
+    return metric not in LOWER_IS_BETTER
+
+
 def _safe(x: float) -> float:
     x = float(x)
     return x if np.isfinite(x) else 0.0

@@ -24,10 +24,18 @@ class Task:
     num_labels: int  # 1 = regression
     metric: str  # main metric key in compute_metrics' output
     label_names: list[str] | None = None
+    causal_lm: bool = False  # causal-LM fine-tuning (data/causal.py): token labels, loss / perplexity
 
     @property
     def is_regression(self) -> bool:
         return self.num_labels == 1
+
+    @property
+    def greater_is_better(self) -> bool:
+        """Direction of the main metric (perplexity / loss: lower is better)."""
+        from .metrics import greater_is_better
+
+        return greater_is_better(self.metric)
 
 
 def _class_label(names: list[str]) -> Callable[[Any], int]:
@@ -334,10 +342,14 @@ def load_task(cfg: DataConfig) -> tuple[Task, list[Row], list[Row]]:
         task, train, dev = _load_known(key, cfg)
     elif key == "custom":
         task, train, dev = _load_custom(cfg)
+    elif key == "causallm":
+        from .causal import load_causal
+
+        task, train, dev = load_causal(cfg)
     elif name:
         task, train, dev = _load_hub(name, cfg)
     else:
-        raise PrunetuneError(f"data.task is empty (use one of {', '.join(KNOWN_TASKS)}, custom, or a hub name)")
+        raise PrunetuneError(f"data.task is empty (use one of {', '.join(KNOWN_TASKS)}, custom, causal_lm, or a hub name)")
     for key_, n in (("max_train_samples", cfg.max_train_samples), ("max_eval_samples", cfg.max_eval_samples)):
         if n is not None and n < 1:
             raise PrunetuneError(f"data.{key_} must be >= 1, got {n}")
@@ -366,9 +378,14 @@ class EncodedDataset(torch.utils.data.Dataset):
 
 
 def encode(rows: list[Row], tokenizer, max_length: int) -> EncodedDataset:
-    """Tokenize all rows at once (truncation, no padding); labels stay int (classes) or float (regression)."""
+    """Tokenize all rows at once (truncation, no padding); labels stay int (classes) or float (regression).
+    Causal-LM rows (prompt/response, see data/causal.py) get token labels with the prompt masked to -100."""
     if not rows:
         return EncodedDataset([])
+    from .causal import encode_causal, is_causal_rows
+
+    if is_causal_rows(rows):
+        return encode_causal(rows, tokenizer, max_length)
     texts = [r["text"] for r in rows]
     pairs = [r.get("text_pair") for r in rows]
     if all(p is None for p in pairs):
@@ -385,14 +402,18 @@ def encode(rows: list[Row], tokenizer, max_length: int) -> EncodedDataset:
 
 
 def make_collate(tokenizer) -> Callable[[list[dict]], dict[str, torch.Tensor]]:
-    """Collate fn padding each batch to its longest example; labels long (classes) or float (regression)."""
+    """Collate fn padding each batch to its longest example; labels long (classes) or float (regression);
+    token labels (causal LM) are right-padded with -100."""
     if getattr(tokenizer, "pad_token", None) is None:
         raise PrunetuneError("the tokenizer has no pad token; set one first (e.g. tokenizer.pad_token = tokenizer.eos_token)")
+    from .causal import collate_causal
     warned = getattr(tokenizer, "deprecation_warnings", None)
     if isinstance(warned, dict):  # silence "use __call__ instead of pad" advice: inputs are pre-tokenized
         warned["Asking-to-pad-a-fast-tokenizer"] = True
 
     def collate(features: list[dict]) -> dict[str, torch.Tensor]:
+        if features and isinstance(features[0].get("labels"), list):
+            return collate_causal(features, tokenizer.pad_token_id)
         labels = [f["labels"] for f in features if "labels" in f]
         batch = tokenizer.pad([{k: v for k, v in f.items() if k != "labels"} for f in features], return_tensors="pt")
         batch = dict(batch)

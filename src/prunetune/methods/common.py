@@ -17,6 +17,7 @@ from ..dist import device as dist_device
 from ..dist import init_from_env, is_main, log
 from ..models import check_tokenizer_matches, load_model, load_tokenizer, resolve_model_path
 from ..train import PeakMemory, TrainState, evaluate, make_loader
+from ..train.checkpoint import load_checkpoint, save_checkpoint
 from ..surgery.base import apply_plan
 from ..units.structure import PeftStructure
 
@@ -49,8 +50,8 @@ class Context:
 
 def prepare(cfg: RunConfig) -> Context:
     task, train_rows, dev_rows = load_task(cfg.data)
-    path = resolve_model_path(cfg.model.name_or_path)
-    tok = load_tokenizer(path, cfg.model.gguf_file)
+    path = resolve_model_path(cfg.model.name_or_path, cfg.model.gguf_file)  # GGUF: converted once, cached
+    tok = load_tokenizer(path)
     collate = make_collate(tok)
     train_ds = encode(train_rows, tok, cfg.data.max_length)
     dev_ds = encode(dev_rows, tok, cfg.data.max_length)
@@ -75,8 +76,8 @@ def build_model(ctx: Context, structure: PeftStructure | None = None, plan=None)
     (default: everywhere). Returns (forward model, HF model, arch, AdapterSet | None)."""
     cfg = ctx.cfg
     seed_everything(cfg.train.seed)
-    hf = load_model(ctx.model_path, ctx.task.num_labels, dtype=cfg.model.dtype, gguf_file=cfg.model.gguf_file,
-                    pad_token_id=ctx.tokenizer.pad_token_id)
+    hf = load_model(ctx.model_path, ctx.task.num_labels, causal_lm=getattr(ctx.task, "causal_lm", False),
+                    dtype=cfg.model.dtype, pad_token_id=ctx.tokenizer.pad_token_id)
     check_tokenizer_matches(ctx.tokenizer, hf)
     arch = get_arch(hf)
     if plan is not None:
@@ -112,10 +113,15 @@ def epoch_evaluator(ctx: Context, state, evals: list):
     return on_epoch_end
 
 
-def summarize_evals(evals: list[dict], metric: str) -> dict:
+def summarize_evals(evals: list[dict], metric: str, greater_is_better: bool | None = None) -> dict:
+    """Final and best epoch; best = max, or min for lower-is-better metrics (default: from the metric name)."""
     if not evals:
         return {}
-    best = max(evals, key=lambda e: e[metric])
+    if greater_is_better is None:
+        from ..data.metrics import greater_is_better as _direction
+
+        greater_is_better = _direction(metric)
+    best = (max if greater_is_better else min)(evals, key=lambda e: e[metric])
     return {"final": evals[-1], "best": best}
 
 
@@ -137,17 +143,35 @@ def eval_seconds(ctx: Context, model) -> float:
     return time.perf_counter() - t0
 
 
+def checkpoint_root(ctx: Context) -> Path:
+    return Path(ctx.cfg.output_dir) / "checkpoints"
+
+
 def train_fixed(ctx: Context, structure: PeftStructure | None = None, plan=None, export_dir: Path | None = None,
-                desc: str = "train") -> dict:
+                desc: str = "train", checkpoint_dir: Path | None = None) -> dict:
     """Train one fixed PEFT structure (default: everywhere) on the (optionally pruned) base for the full
-    schedule, evaluating each epoch. Used for the vanilla baseline and for PrunePEFT's retrain."""
+    schedule, evaluating each epoch. Used for the vanilla baseline and for PrunePEFT's retrain.
+    With checkpoint_dir, progress is saved there and train.resume continues from it."""
+    cfg = ctx.cfg
+    ck = load_checkpoint(checkpoint_dir, cfg.to_dict()) if checkpoint_dir and cfg.train.resume else None
+    if ck is not None and ck["phase"] == "done" and export_dir is None:
+        return dict(ck["result"], _model=None)
     model, hf, arch, adapters = build_model(ctx, structure, plan)
     extras = {"adapters": adapters} if adapters is not None else {}
-    state = TrainState(model, hf, extras, ctx.cfg.train, ctx.train_loader, ctx.total_steps, ctx.device, desc=desc)
-    evals: list[dict] = []
+    state = TrainState(model, hf, extras, cfg.train, ctx.train_loader, ctx.total_steps, ctx.device, desc=desc)
+    evals: list[dict] = list(ck["evals"]) if ck else []
+    if ck is not None:
+        state.load_state_dict(ck)
+
+    def save(phase: str = "train", **extra):
+        if checkpoint_dir is not None and is_main():
+            save_checkpoint(checkpoint_dir, {"phase": phase, **state.state_dict(), "evals": evals, **extra},
+                            cfg.to_dict())
+
     t0 = time.perf_counter()
     with PeakMemory(ctx.device) as mem:
-        state.run(ctx.total_steps, on_epoch_end=epoch_evaluator(ctx, state, evals))
+        state.run(ctx.total_steps - state.step, on_epoch_end=epoch_evaluator(ctx, state, evals)
+                  if cfg.train.eval_each_epoch else None, on_checkpoint=save)
     wall = time.perf_counter() - t0
     if not evals or evals[-1]["step"] != state.step:
         evals.append({"epoch": round(state.epoch, 2), "step": state.step,
@@ -168,4 +192,5 @@ def train_fixed(ctx: Context, structure: PeftStructure | None = None, plan=None,
         save_export(export_dir, hf, plan, ctx.tokenizer, peft_model=model if model is not hf else None,
                     adapters=adapters, task_info=task_info(ctx))
         result["export"] = str(export_dir)
+    save("done", result={k: v for k, v in result.items() if k != "_model"})
     return result

@@ -8,16 +8,19 @@ import json
 import time
 from pathlib import Path
 
+import torch
+
 from ..config import RunConfig
 from ..dist import is_main, log
 from ..io import atomic_write_text
-from ..plan import make_plan
+from ..plan import PruningPlan, make_plan
 from ..scores import ImportanceTracker, StructureMasks
 from ..surgery import prune_adapter_model, prune_lora_model
 from ..train import PeakMemory, TrainState, evaluate
+from ..train.checkpoint import load_checkpoint, save_checkpoint
 from ..train.memory import StepMemory
-from .common import (Context, base_param_counts, build_model, epoch_evaluator, eval_seconds, mean_step, prepare,
-                     summarize_evals, task_info, train_fixed)
+from .common import (Context, base_param_counts, build_model, checkpoint_root, epoch_evaluator, eval_seconds,
+                     mean_step, prepare, summarize_evals, task_info, train_fixed)
 
 
 def estimation_steps(cfg: RunConfig, total: int, train_rows: int) -> int:
@@ -31,63 +34,80 @@ def estimation_steps(cfg: RunConfig, total: int, train_rows: int) -> int:
 
 def train_vanilla(ctx: Context) -> dict:
     """The baseline: PEFT at every position, same hyperparameters and seed, no pruning."""
-    return train_fixed(ctx, desc="vanilla")
+    return train_fixed(ctx, desc="vanilla", checkpoint_dir=checkpoint_root(ctx) / "vanilla")
 
 
 def train_light(ctx: Context, export_dir: Path | None = None) -> dict:
+    """Estimate for t' steps, prune, fine-tune. Resumes from output_dir/checkpoints/light with train.resume."""
     cfg = ctx.cfg
+    ckpt_dir = checkpoint_root(ctx) / "light"
+    ck = load_checkpoint(ckpt_dir, cfg.to_dict()) if cfg.train.resume else None
     model, hf, arch, adapters = build_model(ctx)
     params_before = base_param_counts(hf, arch)
     masks = StructureMasks(arch).attach(hf)
-    extras = {"masks": masks}
-    if adapters is not None:
-        extras["adapters"] = adapters
+    extras = {"masks": masks, **({"adapters": adapters} if adapters is not None else {})}
     total = ctx.total_steps
     est = estimation_steps(cfg, total, len(ctx.train_loader.dataset))
     window_start = est - max(1, int(round(cfg.estimate.window * est)))
     state = TrainState(model, hf, extras, cfg.train, ctx.train_loader, total, ctx.device,
                        mask_lr=cfg.estimate.mask_lr, desc="light-peft")
     tracker = ImportanceTracker(hf, adapters, cfg.estimate.rank_score)
-    evals: list[dict] = []
-    on_epoch_end = epoch_evaluator(ctx, state, evals)
-    mask_curve: list[dict] = []
+    evals: list[dict] = list(ck["evals"]) if ck else []
+    mask_curve: list[dict] = list(ck["mask_curve"]) if ck else []
+    on_epoch_end = epoch_evaluator(ctx, state, evals) if cfg.train.eval_each_epoch else None
+    info: dict = dict(ck["info"]) if ck else {}  # estimation-phase figures that outlive a restart
 
-    def l1():
-        h, f = masks.l1()
-        return cfg.estimate.lambda_heads * h + cfg.estimate.lambda_ffn * f
+    def save(phase: str, **extra):
+        if is_main():
+            save_checkpoint(ckpt_dir, {"phase": phase, **state.state_dict(), "evals": evals, "mask_curve": mask_curve,
+                                       "info": info, **extra}, cfg.to_dict())
 
-    def before_forward(batch):
-        tracker.token_mask = batch.get("attention_mask")
-        if state.step == window_start and not tracker._handles:
-            tracker.start()
+    t0 = time.perf_counter() - info.get("elapsed", 0.0)
+    if ck is None or ck["phase"] == "estimate":
+        if ck is not None:
+            state.load_state_dict(ck)
+            tracker.load_state_dict(ck["tracker"])
 
-    def after_backward(step):
-        if step >= window_start:
-            tracker.after_backward()
-        if step % max(1, cfg.train.log_every) == 0 or step == est - 1:
-            mask_curve.append({"step": step, "heads_mean": float(sum(float(m.detach().mean()) for m in masks.heads) / len(masks.heads)),
-                               "ffn_mean": float(sum(float(m.detach().mean()) for m in masks.ffn) / len(masks.ffn))})
+        def l1():
+            h, f = masks.l1()
+            return cfg.estimate.lambda_heads * h + cfg.estimate.lambda_ffn * f
 
-    t0 = time.perf_counter()
-    with PeakMemory(ctx.device) as mem_est:
-        state.run(est, extra_loss=l1, before_forward=before_forward, after_backward=after_backward,
-                  on_epoch_end=on_epoch_end, desc="estimate")
-    tracker.stop()
-    module_imp, rank_imp = tracker.finalize()
-    est_seconds = time.perf_counter() - t0
+        def before_forward(batch):
+            tracker.token_mask = batch.get("attention_mask")
+            if state.step >= window_start and not tracker._handles:
+                tracker.start()
+
+        def after_backward(step):
+            if step >= window_start:
+                tracker.after_backward()
+            if step % max(1, cfg.train.log_every) == 0 or step == est - 1:
+                mask_curve.append({"step": step, "heads_mean": _mean(masks.heads), "ffn_mean": _mean(masks.ffn)})
+
+        with PeakMemory(ctx.device) as mem_est:
+            state.run(est - state.step, extra_loss=l1, before_forward=before_forward, after_backward=after_backward,
+                      on_epoch_end=on_epoch_end, desc="estimate",
+                      on_checkpoint=lambda: save("estimate", tracker=tracker.state_dict()))
+        tracker.stop()
+        module_imp, rank_imp = tracker.finalize()
+        head_vals, ffn_vals = masks.head_values(), masks.ffn_values()
+        p = cfg.prune
+        plan = make_plan(arch, head_vals, ffn_vals, module_imp, rank_imp, p.heads, p.ffn, p.modules, p.ranks,
+                         p.ffn_scope, p.ffn_floor, cfg.peft.kind, hf.config.model_type,
+                         meta={"estimation_steps": est, "window_start": window_start, "total_steps": total,
+                               "module_importance": module_imp,
+                               "rank_importance": {k: v.tolist() for k, v in rank_imp.items()},
+                               "head_masks": [m.tolist() for m in head_vals],
+                               "ffn_mask_summary": [[float(m.min()), float(m.mean()), float(m.max())] for m in ffn_vals]})
+        info.update(estimation_seconds=time.perf_counter() - t0, estimation_peak_mb=state.memory.peak_mb,
+                    cuda_estimation_peak_mb=mem_est.peak_mb)
+        fold_values = ([m.tolist() for m in head_vals], [m.tolist() for m in ffn_vals]) if p.fold_masks else None
+    else:
+        plan = PruningPlan.from_dict(ck["plan"])
+        fold_values = ck.get("fold_values")
 
     t1 = time.perf_counter()
-    head_vals, ffn_vals = masks.head_values(), masks.ffn_values()
-    p = cfg.prune
-    plan = make_plan(arch, head_vals, ffn_vals, module_imp, rank_imp, p.heads, p.ffn, p.modules, p.ranks,
-                     p.ffn_scope, p.ffn_floor, cfg.peft.kind, hf.config.model_type,
-                     meta={"estimation_steps": est, "window_start": window_start, "total_steps": total,
-                           "module_importance": module_imp,
-                           "rank_importance": {k: v.tolist() for k, v in rank_imp.items()},
-                           "head_masks": [m.tolist() for m in head_vals],
-                           "ffn_mask_summary": [[float(m.min()), float(m.mean()), float(m.max())] for m in ffn_vals]})
     masks.detach()
-    fold = (head_vals, ffn_vals) if p.fold_masks else (None, None)
+    fold = [[torch.tensor(v) for v in vals] for vals in fold_values] if fold_values else (None, None)
     if adapters is None:
         model, ops = prune_lora_model(model, arch, plan, cfg.peft.r, cfg.peft.alpha, cfg.peft.dropout, *fold)
         hf = model.base_model.model
@@ -96,12 +116,20 @@ def train_light(ctx: Context, export_dir: Path | None = None) -> dict:
         ops = prune_adapter_model(hf, arch, plan, adapters, *fold)
         extras = {"adapters": adapters}
     state.set_model(model, hf, extras, ops, reset=cfg.estimate.optimizer_state == "reset")
-    surgery_seconds = time.perf_counter() - t1
-    est_step_times = list(state.step_times)
+    state.memory = StepMemory()
+    info.setdefault("surgery_seconds", time.perf_counter() - t1)
+    plan_dict = json.loads(plan.to_json())
+    if ck is not None and ck["phase"] == "finetune":
+        state.load_state_dict(ck)
+    else:
+        save("finetune", plan=plan_dict, fold_values=fold_values)
 
-    est_memory, state.memory = state.memory, StepMemory()
+    def save_finetune():
+        info["elapsed"] = time.perf_counter() - t0
+        save("finetune", plan=plan_dict, fold_values=fold_values)
+
     with PeakMemory(ctx.device) as mem_ft:
-        state.run(total - est, on_epoch_end=on_epoch_end, desc="fine-tune")
+        state.run(total - state.step, on_epoch_end=on_epoch_end, desc="fine-tune", on_checkpoint=save_finetune)
     wall = time.perf_counter() - t0
     if not evals or evals[-1]["step"] != state.step:
         evals.append({"epoch": round(state.epoch, 2), "step": state.step,
@@ -110,16 +138,16 @@ def train_light(ctx: Context, export_dir: Path | None = None) -> dict:
     result = {
         "evals": evals, **summarize_evals(evals, ctx.task.metric),
         "plan": plan.summary(), "estimation_steps": est, "total_steps": total,
-        "step_seconds": mean_step(state.step_times[len(est_step_times):]),
-        "estimation_step_seconds": mean_step(est_step_times),
-        "estimation_seconds": est_seconds, "surgery_seconds": surgery_seconds, "train_seconds": wall,
-        "peak_mb": state.memory.peak_mb, "estimation_peak_mb": est_memory.peak_mb,
-        "cuda_peak_mb": mem_ft.peak_mb, "cuda_estimation_peak_mb": mem_est.peak_mb,
+        "step_seconds": mean_step(state.step_times[est:]), "estimation_step_seconds": mean_step(state.step_times[:est]),
+        "estimation_seconds": info["estimation_seconds"], "surgery_seconds": info["surgery_seconds"],
+        "train_seconds": wall, "peak_mb": state.memory.peak_mb, "estimation_peak_mb": info["estimation_peak_mb"],
+        "cuda_peak_mb": mem_ft.peak_mb, "cuda_estimation_peak_mb": info["cuda_estimation_peak_mb"],
         "trainable_params": state.trainable_count(), "trainable_params_no_head": state.trainable_count(False),
         "base_params_before": params_before, "base_params": params_after,
         "base_kept_pct": 100.0 * params_after["body"] / params_before["body"],
         "block_kept_pct": 100.0 * params_after["blocks"] / max(1, params_before["blocks"]),
         "eval_seconds": eval_seconds(ctx, state.model), "loss_curve": state.history, "mask_curve": mask_curve,
+        "resumed": ck is not None,
     }
     if export_dir is not None and is_main():
         from ..export import save_export
@@ -129,6 +157,10 @@ def train_light(ctx: Context, export_dir: Path | None = None) -> dict:
         result["export"] = str(export_dir)
     result["_plan"], result["_model"] = plan, state.model
     return result
+
+
+def _mean(params) -> float:
+    return float(sum(float(m.detach().mean()) for m in params) / len(params))
 
 
 def run(cfg: RunConfig, export: bool = True) -> dict:
@@ -141,7 +173,7 @@ def run(cfg: RunConfig, export: bool = True) -> dict:
     if cfg.baseline:
         log("[1/2] vanilla PEFT baseline (same hyperparameters)")
         results["vanilla"] = train_vanilla(ctx)
-        results["vanilla"].pop("_model")
+        results["vanilla"].pop("_model", None)
     log(f"[{2 if cfg.baseline else 1}/{2 if cfg.baseline else 1}] Light-PEFT")
     light = train_light(ctx, out / "model" if export else None)
     plan = light.pop("_plan")

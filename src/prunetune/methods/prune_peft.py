@@ -29,7 +29,7 @@ from ..scores.hybrid import assign_criteria, block_of, combine
 from ..train import TrainState, make_loader
 from ..units.structure import PeftStructure
 from ..units.supernet import Supernet
-from .common import Context, prepare, seed_everything, task_info, train_fixed
+from .common import Context, checkpoint_root, prepare, seed_everything, task_info, train_fixed
 
 
 @dataclass
@@ -107,7 +107,7 @@ def iterative_prune(ctx: Context, loader, block_criteria: dict[str, list[str]] |
         net.remove(removed)
         if sc.reinit:
             net.reinit(cfg.train.seed + len(result.rounds))
-        state.set_model(net.model, hf, extras)
+        state.set_model(net.model, hf, extras, reset=sc.reinit)  # fresh weights: fresh AdamW moments too
         result.rounds.append({"round": len(result.rounds) + 1, "removed": removed,
                               "blocks_removed": [blocks[u] for u in removed], "trainable": net.trainable(),
                               "alive": len(net.alive), "step": state.step})
@@ -192,8 +192,9 @@ def run(cfg: RunConfig, export: bool = True) -> dict:
           f"budget {cfg.search.budget}, {ctx.total_steps} retrain steps on {ctx.device}")
     found, wu = search(ctx)
     log(f"found {len(found.structure.units)} units ({found.budget_params:,} budget): {found.structure.units}")
-    retrain = train_fixed(ctx, found.structure, found.plan, out / "model" if export else None, desc="retrain")
-    retrain.pop("_model")
+    retrain = train_fixed(ctx, found.structure, found.plan, out / "model" if export else None, desc="retrain",
+                          checkpoint_dir=checkpoint_root(ctx) / "retrain")
+    retrain.pop("_model", None)
     metric = ctx.task.metric
     results = {
         "config": cfg.to_dict(), "task": task_info(ctx),

@@ -136,6 +136,15 @@ class ImportanceTracker:
             if b.grad is not None and a.grad is not None:
                 yield name, a, a.grad, b, b.grad
 
+    # -- checkpoints -----------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        keys = ("module_sum", "module_n", "rank_sum", "rank_n", "act_sum", "grad_sum", "taylor_sum")
+        return {k: getattr(self, k) for k in keys}
+
+    def load_state_dict(self, state: dict) -> None:
+        for k, v in state.items():
+            setattr(self, k, v)
+
     # -- results ---------------------------------------------------------------------------------
     def finalize(self) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
         """(module importance, rank importance): means over window steps, summed across DDP ranks."""

@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import math
+import os
+import random
+import signal
 import time
 from contextlib import nullcontext
 from typing import Callable, Iterator
@@ -14,6 +17,7 @@ from tqdm.auto import tqdm
 
 from ..config import TrainConfig
 from ..data.metrics import compute_metrics
+from ..errors import PrunetuneError
 from ..dist import GlobalBatchSampler, average_gradients, is_main
 from ..surgery.peft import apply_ops
 from .memory import StepMemory
@@ -24,9 +28,13 @@ AMP = {"bf16": torch.bfloat16, "fp16": torch.float16}
 def make_loader(dataset, collate, batch_size: int, shuffle: bool, seed: int) -> DataLoader:
     """Training loaders (shuffle=True) yield this rank's shard of seeded global batches of `batch_size`;
     evaluation loaders are plain sequential batches."""
+    # Each loader owns a generator: creating an iterator then draws its base seed from it, not from the global
+    # RNG, so dropout masks do not depend on how often loaders were iterated (exact resume).
+    g = torch.Generator().manual_seed(seed)
     if not shuffle:
-        return DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)
-    return DataLoader(dataset, batch_sampler=GlobalBatchSampler(len(dataset), batch_size, seed), collate_fn=collate)
+        return DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate, generator=g)
+    return DataLoader(dataset, batch_sampler=GlobalBatchSampler(len(dataset), batch_size, seed), collate_fn=collate,
+                      generator=g)
 
 
 def lr_factor(step: int, total: int, warmup: int) -> float:
@@ -105,20 +113,65 @@ class TrainState:
         return n
 
     # ---- the loop ----------------------------------------------------------------------------------
-    def _batch_iter(self) -> Iterator[dict]:
-        epoch = 0
+    def _batch_iter(self, consumed: int = 0) -> Iterator[dict]:
+        """Endless batches, a fresh seeded order per epoch; starts after `consumed` batches (resume)."""
+        n = len(self.loader)
+        epoch, skip = divmod(consumed, n)
         while True:
             sampler = getattr(self.loader, "batch_sampler", None)
             if hasattr(sampler, "set_epoch"):
-                sampler.set_epoch(epoch)
-            for i, batch in enumerate(self.loader):
-                self.epoch = epoch + (i + 1) / len(self.loader)
+                sampler.set_epoch(epoch, skip)
+            for i, batch in enumerate(self.loader, start=skip):
+                self.epoch = epoch + (i + 1) / n
                 yield batch
-            epoch += 1
+            epoch, skip = epoch + 1, 0
+
+    # ---- checkpoints -------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Everything needed to continue bit-for-bit: trainable tensors and AdamW state by name, step,
+        RNG states and logs."""
+        named = self.named_trainable()
+        names = {id(p): n for n, p in named.items()}
+        return {
+            "step": self.step,
+            "params": {n: p.detach().cpu().clone() for n, p in named.items()},
+            "optimizer": {names[id(p)]: {k: (v.cpu().clone() if torch.is_tensor(v) else v) for k, v in st.items()}
+                          for p, st in self.optimizer.state.items() if id(p) in names},
+            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+            "history": self.history, "step_times": self.step_times,
+        }
+
+    @torch.no_grad()
+    def load_state_dict(self, payload: dict) -> None:
+        named = self.named_trainable()
+        missing = sorted(set(named) - set(payload["params"]))
+        if missing:
+            raise PrunetuneError(f"checkpoint does not match this model: no values for {missing[:3]}")
+        for n, p in named.items():
+            if payload["params"][n].shape != p.shape:
+                raise PrunetuneError(f"checkpoint does not match this model: {n} has shape "
+                                     f"{tuple(payload['params'][n].shape)}, expected {tuple(p.shape)}")
+            p.copy_(payload["params"][n])
+        for n, st in payload["optimizer"].items():
+            if n in named:
+                self.optimizer.state[named[n]] = {k: (v.to(self.device) if torch.is_tensor(v) and v.ndim else v)
+                                                  for k, v in st.items()}
+        rng = payload["rng"]
+        torch.set_rng_state(rng["torch"])
+        np.random.set_state(rng["numpy"])
+        random.setstate(rng["python"])
+        if rng.get("cuda") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        self.step = payload["step"]
+        self.history, self.step_times = list(payload["history"]), list(payload["step_times"])
+        self._batches = self._batch_iter(self.step * self.cfg.grad_accum)
 
     def run(self, n_steps: int, extra_loss: Callable[[], torch.Tensor] | None = None,
             before_forward: Callable[[dict], None] | None = None, after_backward: Callable[[int], None] | None = None,
-            on_epoch_end: Callable[[int], None] | None = None, desc: str | None = None) -> None:
+            on_epoch_end: Callable[[int], None] | None = None, desc: str | None = None,
+            on_checkpoint: Callable[[], None] | None = None) -> None:
+        """n_steps optimizer steps. on_checkpoint() is called every cfg.save_every steps and after the last."""
         self.model.train()
         bar = tqdm(total=n_steps, desc=desc or self.desc, leave=False, dynamic_ncols=True,
                    **({} if is_main() else {"disable": True}))
@@ -166,7 +219,17 @@ class TrainState:
             if on_epoch_end and self.step % self.steps_per_epoch == 0:
                 on_epoch_end(self.step // self.steps_per_epoch)
                 self.model.train()
+            if on_checkpoint and ((self.cfg.save_every and self.step % self.cfg.save_every == 0) or i == n_steps - 1):
+                on_checkpoint()
+                _debug_kill(desc or self.desc, self.step)
         bar.close()
+
+
+def _debug_kill(phase: str, step: int) -> None:
+    """Test hook: PRUNETUNE_DEBUG_KILL_AT=<phase>:<step> (e.g. fine-tune:14) SIGKILLs the process right after
+    that checkpoint, the way an OOM killer or a pre-empted node would."""
+    if os.environ.get("PRUNETUNE_DEBUG_KILL_AT") == f"{phase}:{step}":
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _is_head(name: str, hf) -> bool:
@@ -188,5 +251,9 @@ def predict(model: nn.Module, loader: DataLoader, device: torch.device) -> tuple
 
 
 def evaluate(model: nn.Module, loader: DataLoader, task, device: torch.device) -> dict[str, float]:
+    if getattr(task, "causal_lm", False):  # token-level dev loss / perplexity (no logits gathered)
+        from ..data.causal import evaluate_causal
+
+        return evaluate_causal(model, loader, device)
     preds, labels = predict(model, loader, device)
     return compute_metrics(task, preds, labels)

@@ -1,0 +1,560 @@
+"""PrunePEFT: the supernet of PEFT units (all families), unit removal, parallel-adapter math, export round
+trips of searched structures, and end-to-end searches on a tiny saved BERT (warm-up + cache, budget, costs,
+lora_config.json, combined foundation pruning, reinit, low fidelity, random criterion, CLI errors)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import make_tokenizer
+from models import batch, tiny
+
+import prunetune
+from prunetune.arch import get_arch
+from prunetune.cli import main
+from prunetune.config import from_dict
+from prunetune.errors import PrunetuneError
+from prunetune.methods import prune_peft
+from prunetune.methods.common import prepare
+from prunetune.plan import PruningPlan
+from prunetune.units.lora import ADAPTER, lora_layers
+from prunetune.units.structure import PeftStructure, unit_positions
+from prunetune.units.supernet import Supernet
+
+FAMILIES = ["bert", "gpt2", "opt", "llama"]
+SPACES = [["lora_qv", "adapter_ffn", "adapter_attn", "parallel_ffn"],
+          ["lora_qv", "lora_ffn", "adapter_attn", "parallel_ffn"]]  # lora_ffn and adapter_ffn share `down`
+
+
+def _hooks(model) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def _perturb(net: Supernet, seed: int = 3, std: float = 0.2) -> None:
+    """Non-zero values in every unit (LoRA B and adapter up start at zero: the supernet starts as identity)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for u in net.units:
+            for p in net.unit_params(u.name):
+                p.add_(torch.randn(p.shape, generator=g) * std)
+
+
+def _supernet(family: str, space, **kw) -> Supernet:
+    hf = tiny(family)
+    kw.setdefault("lora_dropout", 0.0)
+    return Supernet(hf, get_arch(hf), space, **kw)
+
+
+@torch.no_grad()
+def _logits(model, b=None) -> torch.Tensor:
+    model.eval()
+    return model(**(b or batch())).logits
+
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: one intra-op thread is faster and immune to CPU oversubscription; restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+# ------------------------------------------------------------------------------------------- supernet
+@pytest.mark.parametrize("space", SPACES, ids=["adapters", "lora_ffn"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_supernet_units_sizes_and_identity_start(family, space):
+    base = _logits(tiny(family))
+    net = _supernet(family, space, lora_r=4, adapter_size=6)
+    arch = net.arch
+    assert len(net.units) == len(space) * arch.num_layers == len(net.alive)
+    assert {u.name for u in net.units} == {f"{t}@{l}" for t in space for l in range(arch.num_layers)}
+    # trainable() = sum of unit sizes = every trainable PEFT parameter of the model
+    sizes = {u.name: net.unit_size(u.name) for u in net.units}
+    assert net.trainable() == sum(sizes.values())
+    peft_params = sum(p.numel() for n, p in net.hf.named_parameters() if p.requires_grad and "lora_" in n)
+    peft_params += sum(p.numel() for p in net.adapters.parameters() if p.requires_grad)
+    assert net.trainable() == peft_params
+    h = arch.hidden_size
+    for u in net.units:
+        if u.kind == "adapter":
+            assert sizes[u.name] == 2 * h * 6 + 6 + h  # down (h x 6 + 6) + up (6 x h + h)
+    if family == "bert":  # q, v: 32 -> 32; FFN up 32 -> 48, down 48 -> 32; r = 4
+        assert sizes["lora_qv@0"] == 2 * (4 * 32 + 32 * 4)
+        if "lora_ffn" in space:
+            assert sizes["lora_ffn@1"] == (4 * 32 + 48 * 4) + (4 * 48 + 32 * 4)
+    if family == "llama" and "lora_ffn" in space:
+        assert len(net.by_name["lora_ffn@0"].positions) == 3  # up, gate, down
+    if family == "gpt2":
+        assert len(net.by_name["lora_qv@0"].positions) == 1  # fused c_attn
+    # LoRA B and adapter up start at zero: the supernet computes the base model
+    torch.testing.assert_close(_logits(net.model), base, atol=1e-6, rtol=0)
+    _perturb(net)
+    assert not torch.allclose(_logits(net.model), base, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_overlapping_unit_types_raise(family):
+    arch = get_arch(tiny(family))
+    # a serial adapter after the FFN sits on the LoRA `down` module; after attention on LoRA `o`
+    assert set(unit_positions(arch, "adapter_ffn", 0)) <= set(unit_positions(arch, "lora_ffn", 0))
+    assert set(unit_positions(arch, "adapter_attn", 0)) <= set(unit_positions(arch, "lora_ko", 0))
+    for space in (["lora_ffn", "adapter_ffn"], ["adapter_attn", "lora_ko"], ["lora_qv", "lora_qv"]):
+        with pytest.raises(PrunetuneError, match="overlap"):
+            _supernet(family, space)
+    if family == "gpt2":  # fused qkv: q, k and v are one module
+        with pytest.raises(PrunetuneError, match="overlap"):
+            _supernet(family, ["lora_qv", "lora_ko"])
+    else:
+        assert len(_supernet(family, ["lora_qv", "lora_ko"]).units) == 4
+    # parallel FFN adapters sit on their own position: they coexist with LoRA on the FFN and serial adapters
+    assert len(_supernet(family, ["lora_ffn", "parallel_ffn", "adapter_attn"]).units) == 6
+    assert len(_supernet(family, ["adapter_ffn", "parallel_ffn"]).units) == 4
+    for space in ([], ["lora_qv", "bogus"]):
+        with pytest.raises(PrunetuneError, match="unknown unit type"):
+            _supernet(family, space)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_remove_lora_unit_zeroes_its_delta_and_freezes_it(family):
+    space = SPACES[1]
+    net, ref = _supernet(family, space), _supernet(family, space)
+    _perturb(net)
+    _perturb(ref)
+    before = _logits(net.model)
+    full = net.trainable()
+    victim = "lora_qv@0" if family != "llama" else "lora_ffn@1"
+    net.remove([victim])
+    with torch.no_grad():
+        for pos in ref.by_name[victim].positions:
+            ref._lora[pos].lora_B[ADAPTER].weight.zero_()
+    after = _logits(net.model)
+    torch.testing.assert_close(after, _logits(ref.model), atol=1e-6, rtol=1e-5)
+    assert not torch.allclose(after, before, atol=1e-4)  # the unit mattered
+    assert all(not p.requires_grad for p in net.unit_params(victim))
+    assert victim not in net.alive and net.trainable() == full - net.unit_size(victim)
+    assert victim not in net.groups()
+    st = net.structure()
+    assert not set(net.by_name[victim].positions) & set(st.lora)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_remove_adapter_unit_unhooks_it(family):
+    space = SPACES[0]
+    net, ref = _supernet(family, space), _supernet(family, space)
+    _perturb(net)
+    _perturb(ref)
+    hooks = _hooks(net.hf)
+    net.remove(["adapter_attn@1"])
+    assert _hooks(net.hf) == hooks - 1
+    net.remove(["parallel_ffn@0"])  # a parallel adapter holds a pre-hook (input of up) and a hook (down)
+    assert _hooks(net.hf) == hooks - 3
+    with torch.no_grad():
+        for name in ("adapter_attn@1", "parallel_ffn@0"):
+            ad = ref.adapters.get(ref.by_name[name].positions[0])
+            ad.up.weight.zero_()
+            ad.up.bias.zero_()
+    torch.testing.assert_close(_logits(net.model), _logits(ref.model), atol=1e-6, rtol=1e-5)
+    gone = {net.by_name[n].positions[0] for n in ("adapter_attn@1", "parallel_ffn@0")}
+    assert not gone & set(net.adapters.names())
+    # structure(): only the alive units
+    st = net.structure()
+    assert st.units == net.alive == [u.name for u in net.units if u.name not in ("adapter_attn@1", "parallel_ffn@0")]
+    alive = [net.by_name[n] for n in net.alive]
+    assert set(st.adapters) == {p for u in alive if u.kind == "adapter" for p in u.positions}
+    assert set(st.lora) == {p for u in alive if u.kind == "lora" for p in u.positions}
+    assert net.trainable() == sum(net.unit_size(n) for n in net.alive)
+
+
+def test_reinit_restores_identity_and_is_seeded():
+    net = _supernet("bert", SPACES[1])
+    base = _logits(tiny("bert"))
+    a_before = net._lora[net.by_name["lora_qv@0"].positions[0]].lora_A[ADAPTER].weight.detach().clone()
+    _perturb(net)
+    net.reinit(5)
+    torch.testing.assert_close(_logits(net.model), base, atol=1e-6, rtol=0)  # B = 0, up = 0 again
+    a = net._lora[net.by_name["lora_qv@0"].positions[0]].lora_A[ADAPTER].weight.detach().clone()
+    assert a.abs().sum() > 0 and not torch.equal(a, a_before)
+    down = net.adapters.get(net.by_name["parallel_ffn@1"].positions[0]).down.weight.detach().clone()
+    assert down.abs().sum() > 0
+    _perturb(net, seed=9)
+    net.reinit(5)
+    assert torch.equal(net._lora[net.by_name["lora_qv@0"].positions[0]].lora_A[ADAPTER].weight, a)
+    assert torch.equal(net.adapters.get(net.by_name["parallel_ffn@1"].positions[0]).down.weight, down)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_parallel_adapter_math(family):
+    """Parallel adapter: output of the FFN down module + up(act(down(input of the FFN up module)))."""
+    net = _supernet(family, ["parallel_ffn"])
+    _perturb(net)
+    layer = net.arch.layers[1]
+    up_mod, down_mod = net.hf.get_submodule(layer.up), net.hf.get_submodule(layer.down)
+    seen = {}
+    h1 = up_mod.register_forward_pre_hook(lambda _m, args: seen.__setitem__("x", args[0].detach()))
+    h2 = down_mod.register_forward_pre_hook(lambda _m, args: seen.__setitem__("down_in", args[0].detach()))
+    h3 = down_mod.register_forward_hook(lambda _m, _i, out: seen.__setitem__("out", out.detach()))  # after ours
+    _logits(net.model)
+    for h in (h1, h2, h3):
+        h.remove()
+    adapter = net.adapters.get(net.by_name["parallel_ffn@1"].positions[0])
+    with torch.no_grad():
+        expected = down_mod.forward(seen["down_in"]) + adapter.up(adapter.act(adapter.down(seen["x"])))
+        serial = down_mod.forward(seen["down_in"])
+        serial = serial + adapter.up(adapter.act(adapter.down(serial)))
+    torch.testing.assert_close(seen["out"], expected, atol=1e-6, rtol=1e-5)
+    assert not torch.allclose(seen["out"], serial, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_found_structure_export_round_trip(family, tmp_path):
+    space = ["lora_qv", "lora_ffn", "adapter_attn", "parallel_ffn"]
+    net = _supernet(family, space, ranks={"lora_ffn": 4})
+    net.remove(["lora_qv@1", "adapter_attn@0", "lora_ffn@0"])
+    st = PeftStructure.from_dict(json.loads(json.dumps(net.structure().to_dict())))
+    assert st.lora and st.adapters
+    assert {r for p, r in st.lora.items() if p in net.by_name["lora_ffn@1"].positions} == {4}
+
+    hf = tiny(family)
+    arch = get_arch(hf)
+    model, adapters = st.build(hf, arch)
+    assert {n: l.r[ADAPTER] for n, l in lora_layers(hf).items()} == st.lora
+    assert adapters.sizes() == st.adapters
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for layer in lora_layers(hf).values():
+            w = layer.lora_B[ADAPTER].weight
+            w.copy_(torch.randn(w.shape, generator=g) * 0.3)
+        for p in adapters.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.3)
+    b = batch(seed=4)
+    expected = _logits(model, b)
+    assert not torch.allclose(expected, _logits(tiny(family), b), atol=1e-4)
+    out = prunetune.save_export(tmp_path / "exp", hf, PruningPlan.unpruned(arch, hf.config.model_type),
+                                peft_model=model, adapters=adapters)
+    loaded = prunetune.load(out)
+    assert loaded.info["peft"] == "lora+adapter"
+    assert loaded.adapters.sizes() == st.adapters
+    assert {n: l.r[ADAPTER] for n, l in lora_layers(loaded.model.base_model.model).items()} == st.lora
+    torch.testing.assert_close(_logits(loaded.model, b), expected, atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ end to end
+POS = ["the movie was good and the actors were great", "a charming and often affecting journey",
+       "one of the best films of the year", "a great and wonderful story", "i loved this film , it is great"]
+NEG = ["the plot is bad , boring and too long", "it is not a film i would watch again",
+       "a dull and terrible mess", "i hated this movie , it is bad", "the worst film of the year"]
+METRICS = {"accuracy", "f1", "matthews"}
+
+
+@pytest.fixture(scope="module")
+def bert_dir(tmp_path_factory) -> Path:
+    from transformers import BertConfig, BertForSequenceClassification
+
+    path = tmp_path_factory.mktemp("bert")
+    tok = make_tokenizer(POS + NEG)
+    torch.manual_seed(0)
+    BertForSequenceClassification(BertConfig(
+        vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+        max_position_embeddings=64, num_labels=2)).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def sst2_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("sst2")
+    for name, n in (("train.tsv", 64), ("dev.tsv", 32)):
+        rows = [f"{(POS if i % 2 else NEG)[(i // 2) % 5]}\t{i % 2}" for i in range(n)]
+        (folder / name).write_text("sentence\tlabel\n" + "\n".join(rows) + "\n")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+def _cfg(bert_dir, sst2_dir, out: Path, cache: Path | None = None, **search) -> dict:
+    s = {"space": ["lora_qv", "lora_ffn"], "warmup": True, "warmup_samples": 16, "warmup_round_steps": 1,
+         "warmup_cache": str(cache) if cache else None, "round_steps": 2, "budget": 0.5, "k": 2}
+    s.update(search)
+    return {"model": {"name_or_path": str(bert_dir)}, "data": {"data_dir": str(sst2_dir)}, "output_dir": str(out),
+            "train": {"epochs": 1, "batch_size": 8, "eval_batch_size": 16, "lr": 5e-3}, "search": s}
+
+
+def _run(cfg: dict, models: list | None = None, export: bool = True) -> dict:
+    """prune_peft.run, keeping the retrained in-memory model (run() drops it from the results)."""
+    original = prune_peft.train_fixed
+
+    def keep(*args, **kw):
+        res = original(*args, **kw)
+        if models is not None:
+            models.append(res["_model"])
+        return res
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(prune_peft, "train_fixed", keep)
+        return prune_peft.run(from_dict(cfg), export=export)
+
+
+def _cli_eval(capsys, export: Path, data: Path) -> dict:
+    capsys.readouterr()
+    assert main(["eval", str(export), "--data-dir", str(data)]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def _assert_metrics_equal(got: dict, want: dict) -> None:
+    a = {k: v for k, v in got.items() if k in METRICS}
+    b = {k: v for k, v in want.items() if k in METRICS}
+    assert a and a.keys() == b.keys()
+    for k in a:
+        assert a[k] == pytest.approx(b[k], abs=1e-9), (k, got, want)
+
+
+def _assert_export_matches_memory(export: Path, model, tokenizer) -> None:
+    enc = tokenizer(POS[:3] + NEG[:2], padding=True, return_tensors="pt")
+    loaded = prunetune.load(export)
+    torch.testing.assert_close(_logits(loaded.model, dict(enc)), _logits(model, dict(enc)), atol=1e-5, rtol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def lora_run(bert_dir, sst2_dir, cache_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "lora"
+    models: list = []
+    results = _run(_cfg(bert_dir, sst2_dir, out, cache_dir), models)
+    return out, results, models[0]
+
+
+def test_search_meets_budget_and_records_rounds(lora_run):
+    out, results, _ = lora_run
+    # 2 layers; q, v: 32 -> 32 at r = 8: 2 x 512 per lora_qv unit; FFN 32 -> 48 -> 32: 640 + 640 per lora_ffn
+    assert results["supernet_params"] == 2 * 1024 + 2 * 1280
+    assert results["budget_params"] == int(0.5 * results["supernet_params"])
+    rounds = results["rounds"]
+    assert rounds and [r["round"] for r in rounds] == list(range(1, len(rounds) + 1))
+    trainable = [results["supernet_params"]] + [r["trainable"] for r in rounds]
+    assert all(b < a for a, b in zip(trainable, trainable[1:]))
+    assert trainable[-1] <= results["budget_params"] < trainable[-2]  # stops as soon as the budget is met
+    assert all(1 <= len(r["removed"]) <= 2 and len(r["blocks_removed"]) == len(r["removed"]) for r in rounds)
+    assert [r["step"] for r in rounds] == [2 * (i + 1) for i in range(len(rounds))]  # round_steps = 2
+    removed = [u for r in rounds for u in r["removed"]]
+    st = results["structure"]
+    assert sorted(st["units"] + removed) == sorted(f"{t}@{l}" for t in ("lora_qv", "lora_ffn") for l in range(2))
+    assert rounds[-1]["alive"] == len(st["units"])
+    # the retrain trains exactly the found structure
+    assert results["retrain"]["trainable_params_no_head"] == trainable[-1]
+    assert json.loads((out / "found_structure.json").read_text()) == st
+    assert not st["adapters"] and st["lora"]
+
+
+def test_search_and_retrain_costs(lora_run):
+    _, results, _ = lora_run
+    sc, rc = results["search_cost"], results["retrain_cost"]
+    assert sc["steps"] == 2 * len(results["rounds"]) and sc["seconds"] > 0
+    assert rc["steps"] == 8 and rc["seconds"] > 0  # 64 rows / batch 8, one epoch
+    assert sc["ratio_steps"] == pytest.approx(sc["steps"] / rc["steps"])
+    assert sc["ratio_seconds"] == pytest.approx(sc["seconds"] / rc["seconds"])
+    wu = results["warmup"]
+    assert wu["cached"] is False and sc["warmup_steps"] == wu["steps"] > 0 and sc["warmup_seconds"] > 0
+    # one pruning pass per warm-up criterion; every block gets at least one criterion
+    assert set(wu["counts"]) == set(from_dict({}).search.warmup_criteria)
+    assert set(wu["mapping"]) == {"lora_qv/b0", "lora_qv/b2", "lora_ffn/b0", "lora_ffn/b2"}
+    assert all(wu["mapping"].values())
+    saved = json.loads((Path(results["config"]["output_dir"]) / "results.json").read_text())
+    assert saved["search_cost"] == sc and saved["rounds"] == results["rounds"]
+
+
+def test_lora_config_json_is_a_valid_peft_config(lora_run, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForSequenceClassification
+
+    out, results, _ = lora_run
+    data = json.loads((out / "lora_config.json").read_text())
+    assert data == results["lora_config"]
+    init = {f.name for f in dataclasses.fields(LoraConfig) if f.init}
+    cfg = LoraConfig(**{k: v for k, v in data.items() if k in init})
+    st = results["structure"]
+    assert set(cfg.target_modules) == set(st["lora"]) and cfg.r == 8 and cfg.lora_alpha == 16
+    # the same file as an adapter_config.json loads through peft's own reader
+    (tmp_path / "adapter_config.json").write_text(json.dumps(data))
+    again = LoraConfig.from_pretrained(str(tmp_path))
+    assert set(again.target_modules) == set(st["lora"]) and again.r == cfg.r
+    # and applied to the base model it places exactly the found LoRA modules
+    hf = AutoModelForSequenceClassification.from_pretrained(results["config"]["model"]["name_or_path"])
+    get_peft_model(hf, again)
+    assert {n: l.r[ADAPTER] for n, l in lora_layers(hf).items()} == st["lora"]
+
+
+def test_warmup_mapping_is_cached(lora_run, bert_dir, sst2_dir, cache_dir, tmp_path):
+    _, first, _ = lora_run
+    calls: list[str] = []
+    original = prune_peft.iterative_prune
+
+    def spy(*args, **kw):
+        calls.append(kw.get("desc", "search"))
+        return original(*args, **kw)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(prune_peft, "iterative_prune", spy)
+        again = _run(_cfg(bert_dir, sst2_dir, tmp_path / "again", cache_dir), export=False)
+    assert calls == ["search"]  # no warm-up pruning passes
+    wu = again["warmup"]
+    assert wu["cached"] is True and wu["mapping"] == first["warmup"]["mapping"]
+    assert again["search_cost"]["warmup_steps"] == 0 and again["search_cost"]["warmup_seconds"] == 0
+    assert again["structure"] == first["structure"]  # same seed, same mapping: same search
+    assert again["rounds"] == first["rounds"]
+    assert not (tmp_path / "again" / "model").exists()
+    # another search space is another cache entry
+    ctx = prepare(from_dict(_cfg(bert_dir, sst2_dir, tmp_path / "a", cache_dir)))
+    other = prepare(from_dict(_cfg(bert_dir, sst2_dir, tmp_path / "b", cache_dir, space=["lora_qv"])))
+    assert prune_peft._cache_file(other) != prune_peft._cache_file(ctx)
+    assert prune_peft._cache_file(ctx).is_file() and not prune_peft._cache_file(other).exists()
+
+
+def test_corrupt_warmup_cache_is_recomputed(bert_dir, sst2_dir, tmp_path):
+    ctx = prepare(from_dict(_cfg(bert_dir, sst2_dir, tmp_path / "o", tmp_path / "cache", space=["lora_qv"],
+                                 warmup_criteria=["magnitude", "random"])))
+    path = prune_peft._cache_file(ctx)
+    path.parent.mkdir(parents=True)
+    path.write_text("{not json")
+    wu = prune_peft.warmup(ctx)
+    assert wu["cached"] is False and wu["steps"] > 0 and set(wu["counts"]) == {"magnitude", "random"}
+    assert json.loads(path.read_text())["mapping"] == wu["mapping"]
+    assert prune_peft.warmup(ctx)["cached"] is True
+
+
+def test_units_to_remove_stops_at_the_budget():
+    net = _supernet("bert", ["lora_qv", "adapter_ffn"])
+    order = ["adapter_ffn@1", "lora_qv@0", "lora_qv@1", "adapter_ffn@0"]
+    size = {n: net.unit_size(n) for n in order}
+    assert size["lora_qv@0"] == 1024 and size["adapter_ffn@0"] == 1072 and net.trainable() == 4192
+    assert prune_peft._units_to_remove(order, net, 4, 3000) == order[:2]  # 4192 -> 3120 -> 2096 <= 3000
+    assert prune_peft._units_to_remove(order, net, 1, 3000) == order[:1]
+    assert prune_peft._units_to_remove(order, net, 10, 0) == order[:3]  # never the last unit
+    assert prune_peft._units_to_remove(order, net, 4, 5000) == []
+
+
+def test_absolute_budget_and_fractional_k(bert_dir, sst2_dir, tmp_path):
+    ctx = prepare(from_dict(_cfg(bert_dir, sst2_dir, tmp_path / "o", warmup=False, criteria=["magnitude"],
+                                 round_steps=1, budget=2500, k=0.5)))
+    found, wu = prune_peft.search(ctx)
+    assert wu is None and found.budget_params == 2500 and found.supernet_params == 4608
+    assert len(found.rounds[0]["removed"]) == 2  # k = 0.5 of 4 alive units
+    assert found.rounds[-1]["trainable"] <= 2500
+    assert found.structure.units and sum(1 for _ in found.structure.units) == found.rounds[-1]["alive"]
+
+
+def test_lora_export_reloads_with_identical_outputs(lora_run, sst2_dir, capsys):
+    out, results, model = lora_run
+    manifest = json.loads((out / "model" / "prunetune.json").read_text())
+    assert manifest["peft"] == "lora"
+    loaded = prunetune.load(out / "model")
+    assert {n: l.r[ADAPTER] for n, l in lora_layers(loaded.model.base_model.model).items()} == \
+        results["structure"]["lora"]
+    _assert_export_matches_memory(out / "model", model, loaded.tokenizer)
+    got = _cli_eval(capsys, out / "model", sst2_dir)
+    assert got["rows"] == 32
+    _assert_metrics_equal(got, results["retrain"]["final"])
+
+
+def test_combined_mode_prunes_heads_and_reloads(bert_dir, sst2_dir, tmp_path, capsys):
+    out = tmp_path / "combined"
+    models: list = []
+    cfg = _cfg(bert_dir, sst2_dir, out, space=["lora_qv", "adapter_ffn", "adapter_attn", "parallel_ffn"],
+               warmup=False, prune_foundation=True, reinit=True)
+    cfg["prune"] = {"heads": 1 / 3}
+    results = _run(cfg, models)
+    plan = results["plan"]
+    assert plan["heads_kept"] == "6/8"  # 4 heads x 2 layers, round(4/3) = 1 removed per layer
+    assert plan["neurons_kept"] == "64/96"
+    assert results["config"]["search"]["reinit"] is True and results["warmup"] is None
+    assert results["rounds"][-1]["trainable"] <= results["budget_params"]
+    assert results["lora_config"] is None and not (out / "lora_config.json").exists()
+    assert (out / "found_structure.json").is_file()
+    loaded = prunetune.load(out / "model")
+    assert loaded.plan.summary()["heads_kept"] == "6/8"
+    st = results["structure"]
+    assert loaded.info["peft"] == "+".join((["lora"] if st["lora"] else []) + (["adapter"] if st["adapters"] else []))
+    bert = (loaded.model.base_model.model if st["lora"] else loaded.model).bert
+    assert all(layer.attention.self.num_attention_heads == 3 for layer in bert.encoder.layer)
+    _assert_export_matches_memory(out / "model", models[0], loaded.tokenizer)
+    _assert_metrics_equal(_cli_eval(capsys, out / "model", sst2_dir), results["retrain"]["final"])
+
+
+def test_reinit_resets_optimizer_state_between_rounds(bert_dir, sst2_dir, tmp_path):
+    """reinit: surviving units restart from fresh weights, so their AdamW moments must restart too;
+    without reinit they carry over."""
+    from prunetune.train import TrainState
+
+    seen: dict[bool, list[int]] = {}
+
+    class Spy(TrainState):
+        def run(self, *args, **kw):
+            seen.setdefault(self._reinit, []).append(len(self.optimizer.state))
+            return super().run(*args, **kw)
+
+    for reinit in (False, True):
+        ctx = prepare(from_dict(_cfg(bert_dir, sst2_dir, tmp_path / str(reinit), space=["lora_qv", "adapter_ffn"],
+                                     warmup=False, round_steps=1, k=1, budget=0.3, reinit=reinit)))
+        with pytest.MonkeyPatch.context() as mp:
+            Spy._reinit = reinit
+            mp.setattr(prune_peft, "TrainState", Spy)
+            found, _ = prune_peft.search(ctx)
+        assert len(found.rounds) >= 2
+    assert seen[False][0] == 0 and all(n > 0 for n in seen[False][1:])
+    assert all(n == 0 for n in seen[True])
+
+
+def test_low_fidelity_random_criterion_search(bert_dir, sst2_dir, tmp_path):
+    rows: list[int] = []
+    original = prune_peft._loader
+
+    def spy(ctx, size, seed):
+        loader = original(ctx, size, seed)
+        rows.append(len(loader.dataset))
+        return loader
+
+    cfg = _cfg(bert_dir, sst2_dir, tmp_path / "lowfi", space=["lora_qv", "adapter_ffn"], warmup=False,
+               criteria=["random"], data_fraction=0.25, round_steps=None)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(prune_peft, "_loader", spy)
+        results = _run(cfg)
+    assert rows == [16]  # 25% of 64 rows, label-stratified
+    steps = [r["step"] for r in results["rounds"]]
+    assert steps == [2 * (i + 1) for i in range(len(steps))]  # one epoch of 16 rows at batch 8 per round
+    assert results["retrain_cost"]["steps"] == 8  # the retrain still sees all the data
+    assert results["rounds"][-1]["trainable"] <= results["budget_params"]
+    assert results["config"]["search"]["criteria"] == ["random"] and results["warmup"] is None
+    assert results["search_cost"]["ratio_steps"] == pytest.approx(steps[-1] / 8)
+    assert prunetune.load(tmp_path / "lowfi" / "model").info["peft"] in {"lora", "adapter", "lora+adapter"}
+
+
+# ------------------------------------------------------------------------------------------------- CLI
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("prunetune: error:"), lines[0]
+    return lines[0]
+
+
+def test_cli_search_bad_space(tmp_path, capsys):
+    out = tmp_path / "out"
+    capsys.readouterr()
+    assert main(["search", "--output-dir", str(out), "--set", "search.space=[lora_qv,bogus]"]) == 2
+    assert "search.space" in _one_error_line(capsys)
+    assert not out.exists()
+
+
+def test_cli_search_overlapping_space(bert_dir, sst2_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    capsys.readouterr()
+    assert main(["search", "--model", str(bert_dir), "--data-dir", str(sst2_dir), "--output-dir", str(out),
+                 "--set", "search.space=[lora_ffn,adapter_ffn]", "--set", "search.warmup=false"]) == 2
+    assert "overlap" in _one_error_line(capsys)
+    assert not out.exists()

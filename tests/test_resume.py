@@ -1,0 +1,72 @@
+"""A run SIGKILLed mid-estimation or mid-fine-tuning resumes with --resume and ends with the same plan and
+metrics as an uninterrupted run; corrupt or foreign checkpoints are refused."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+from test_pipeline import save_tiny_bert, write_sst2
+
+from prunetune.cli import main
+
+
+def _args(model, data, out, *extra):
+    return ["light", "--model", str(model), "--data-dir", str(data), "--output-dir", str(out), "--epochs", "3",
+            "--batch-size", "8", "--set", "train.save_every=2", "--set", "estimate.steps=6",
+            "--set", "estimate.mask_lr=0.05", "--set", "train.log_every=1", "--baseline", *extra]
+
+
+def _cli(args, env_extra=None):
+    env = dict(os.environ, TQDM_DISABLE="1", **(env_extra or {}))
+    return subprocess.run([sys.executable, "-m", "prunetune.cli", *args], env=env, capture_output=True, text=True,
+                          timeout=600)
+
+
+def _summary(out):
+    plan = json.loads((out / "plan.json").read_text())
+    res = json.loads((out / "results.json").read_text())
+    # plan, dev metrics per epoch, and the training-loss curves (bit-exact: same data order and dropout masks)
+    return ({k: plan[k] for k in ("kept_heads", "kept_neurons", "peft_ranks")},
+            [e["accuracy"] for e in res["light_peft"]["evals"]], [e["accuracy"] for e in res["vanilla"]["evals"]],
+            [h["loss"] for h in res["light_peft"]["loss_curve"]], [h["loss"] for h in res["vanilla"]["loss_curve"]])
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("resume")
+    model = save_tiny_bert(root / "model")
+    data = write_sst2(root / "data", n_train=64, n_dev=16)
+    assert main(_args(model, data, root / "ref")) == 0
+    return root, model, data, _summary(root / "ref")
+
+
+@pytest.mark.parametrize("kill_at", ["vanilla:4", "estimate:4", "fine-tune:14"])
+def test_sigkill_then_resume_matches_uninterrupted(setup, kill_at):
+    root, model, data, reference = setup
+    out = root / f"killed-{kill_at.replace(':', '-')}"
+    proc = _cli(_args(model, data, out), {"PRUNETUNE_DEBUG_KILL_AT": kill_at})
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert not (out / "results.json").exists()
+    proc = _cli(_args(model, data, out, "--resume"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert _summary(out) == reference
+
+
+def test_corrupt_and_foreign_checkpoints_are_refused(setup, capsys):
+    root, model, data, _ref = setup
+    out = root / "ref"
+    # another configuration: refused with one clear line
+    assert main(_args(model, data, out, "--resume", "--set", "prune.heads=0.5")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "different configuration" in err[0]
+    state = out / "checkpoints" / "light" / "state.pt"
+    data_bytes = bytearray(state.read_bytes())
+    data_bytes[len(data_bytes) // 2] ^= 0xFF
+    state.write_bytes(bytes(data_bytes))
+    assert main(_args(model, data, out, "--resume")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "checksum" in err[0]
