@@ -128,8 +128,9 @@ def cmd_export(args) -> int:
     hf = peft_model.base_model.model if peft_model is not None else loaded.model
     if args.merge and loaded.info["peft"] != "lora":  # adapters are non-linear: nothing to merge them into
         raise PrunetuneError(f"--merge needs a LoRA export; {src} holds '{loaded.info['peft']}'")
+    card = (src / "README.md").read_text() if (src / "README.md").is_file() else None
     save_export(args.out, hf, loaded.plan, loaded.tokenizer, peft_model=peft_model, adapters=loaded.adapters,
-                task_info=loaded.info.get("task"), merge=args.merge)
+                task_info=loaded.info.get("task"), merge=args.merge, card=card)
     print(f"wrote {args.out}" + (" (merged, standalone)" if args.merge else ""))
     return 0
 

@@ -86,6 +86,7 @@ class TrainConfig:
     log_every: int = 10
     save_every: int = 50  # checkpoint every N optimizer steps (and at the end of each phase); 0 = phase ends only
     resume: bool = False  # continue from output_dir/checkpoints when present
+    tensorboard_dir: str | None = None  # log loss / lr to TensorBoard here (when tensorboard is installed)
 
 
 @dataclass

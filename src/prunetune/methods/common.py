@@ -189,8 +189,11 @@ def train_fixed(ctx: Context, structure: PeftStructure | None = None, plan=None,
         from ..plan import PruningPlan
 
         plan = plan or PruningPlan.unpruned(arch, hf.config.model_type)
+        from ..report.card import model_card
+
         save_export(export_dir, hf, plan, ctx.tokenizer, peft_model=model if model is not hf else None,
-                    adapters=adapters, task_info=task_info(ctx))
+                    adapters=adapters, task_info=task_info(ctx),
+                    card=model_card(plan, task_info(ctx), result, method="PrunePEFT" if structure else "PEFT"))
         result["export"] = str(export_dir)
     save("done", result={k: v for k, v in result.items() if k != "_model"})
     return result

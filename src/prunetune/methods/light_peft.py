@@ -152,8 +152,10 @@ def train_light(ctx: Context, export_dir: Path | None = None) -> dict:
     if export_dir is not None and is_main():
         from ..export import save_export
 
+        from ..report.card import model_card
+
         save_export(export_dir, hf, plan, ctx.tokenizer, peft_model=model if adapters is None else None,
-                    adapters=adapters, task_info=task_info(ctx))
+                    adapters=adapters, task_info=task_info(ctx), card=model_card(plan, task_info(ctx), result))
         result["export"] = str(export_dir)
     result["_plan"], result["_model"] = plan, state.model
     return result

@@ -60,6 +60,7 @@ class TrainState:
         self.history: list[dict] = []
         self.desc = desc
         self.memory = StepMemory()  # reset by the caller per phase
+        self.writer = _tensorboard(cfg.tensorboard_dir)
         self._batches = self._batch_iter()
         self.steps_per_epoch = max(1, math.ceil(len(loader) / cfg.grad_accum))
         amp = AMP.get(cfg.mixed_precision)
@@ -216,6 +217,9 @@ class TrainState:
             if self.step % max(1, self.cfg.log_every) == 0:
                 bar.set_postfix(loss=f"{loss_value:.4f}")
                 self.history.append({"step": self.step, "loss": loss_value, "lr": self.cfg.lr * f})
+                if self.writer is not None:
+                    self.writer.add_scalar(f"{self.desc}/loss", loss_value, self.step)
+                    self.writer.add_scalar(f"{self.desc}/lr", self.cfg.lr * f, self.step)
             if on_epoch_end and self.step % self.steps_per_epoch == 0:
                 on_epoch_end(self.step // self.steps_per_epoch)
                 self.model.train()
@@ -223,6 +227,17 @@ class TrainState:
                 on_checkpoint()
                 _debug_kill(desc or self.desc, self.step)
         bar.close()
+
+
+def _tensorboard(log_dir: str | None):
+    """A SummaryWriter when a folder is configured and tensorboard is installed (rank 0 only)."""
+    if not log_dir or not is_main():
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(log_dir)
 
 
 def _debug_kill(phase: str, step: int) -> None:
