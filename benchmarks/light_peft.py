@@ -41,13 +41,33 @@ def latency_ms(model, batch: dict, repeats: int) -> float:
     return 1e3 * sorted(times)[len(times) // 2]
 
 
+def compare_row(task: str, ctx, van: dict, light: dict) -> dict:
+    """One task's vanilla-vs-Light-PEFT figures (both results carry `latency_ms`)."""
+    metric = ctx.task.metric
+    return {
+        "task": task, "metric": metric, "steps": ctx.total_steps,
+        "vanilla_final": van["final"][metric], "light_final": light["final"][metric],
+        "vanilla_best": van["best"][metric], "light_best": light["best"][metric],
+        "step_speedup": van["step_seconds"] / light["step_seconds"],
+        "e2e_speedup": van["train_seconds"] / light["train_seconds"],
+        "memory_ratio": light["peak_mb"] / van["peak_mb"],
+        "inference_speedup": van["latency_ms"] / light["latency_ms"],
+        "vanilla_step_ms": 1e3 * van["step_seconds"], "light_step_ms": 1e3 * light["step_seconds"],
+        "vanilla_peak_mb": van["peak_mb"], "light_peak_mb": light["peak_mb"],
+        "vanilla_latency_ms": van["latency_ms"], "light_latency_ms": light["latency_ms"],
+        "base_kept_pct": light["base_kept_pct"], "block_kept_pct": light["block_kept_pct"],
+        "trainable_vanilla": van["trainable_params_no_head"], "trainable_light": light["trainable_params_no_head"],
+        "plan": light["plan"], "vanilla_evals": van["evals"], "light_evals": light["evals"],
+    }
+
+
 def bench_task(task: str, args) -> dict:
     cfg = from_dict({
         "model": {"name_or_path": args.model},
         "data": {"task": task, "data_dir": str(Path(args.data_root) / GLUE_DIRS[task]),
                  "max_train_samples": args.train_samples, "max_eval_samples": args.eval_samples,
                  "max_length": args.max_length},
-        "prune": {"heads": args.heads, "ffn": args.ffn},
+        "prune": {"heads": args.heads, "ffn": args.ffn, "modules": args.modules, "ranks": args.ranks},
         "train": {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed},
         "output_dir": str(Path(args.out) / task),
     })
@@ -61,22 +81,7 @@ def bench_task(task: str, args) -> dict:
     light = train_light(ctx)
     light.pop("_plan")
     light["latency_ms"] = latency_ms(light.pop("_model"), batch, args.repeats)
-    metric = ctx.task.metric
-    row = {
-        "task": task, "metric": metric, "steps": ctx.total_steps,
-        "vanilla_final": van["final"][metric], "light_final": light["final"][metric],
-        "vanilla_best": van["best"][metric], "light_best": light["best"][metric],
-        "step_speedup": van["step_seconds"] / light["step_seconds"],
-        "e2e_speedup": van["train_seconds"] / light["train_seconds"],
-        "memory_ratio": light["peak_mb"] / van["peak_mb"],
-        "inference_speedup": van["latency_ms"] / light["latency_ms"],
-        "vanilla_step_ms": 1e3 * van["step_seconds"], "light_step_ms": 1e3 * light["step_seconds"],
-        "vanilla_peak_mb": van["peak_mb"], "light_peak_mb": light["peak_mb"],
-        "vanilla_latency_ms": van["latency_ms"], "light_latency_ms": light["latency_ms"],
-        "base_kept_pct": light["base_kept_pct"], "block_kept_pct": light["block_kept_pct"],
-        "trainable_vanilla": van["trainable_params_no_head"], "trainable_light": light["trainable_params_no_head"],
-        "plan": light["plan"],
-    }
+    row = compare_row(task, ctx, van, light)
     print(json.dumps(row, indent=1), flush=True)
     return row
 
@@ -109,6 +114,8 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--heads", type=float, default=1 / 3)
     p.add_argument("--ffn", type=float, default=1 / 3)
+    p.add_argument("--modules", type=float, default=0.75, help="fraction of LoRA modules removed")
+    p.add_argument("--ranks", type=float, default=0.5, help="fraction of the surviving ranks removed")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--out", default="runs/bench_light")

@@ -25,7 +25,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TQDM_DISABLE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from light_peft import GLUE_DIRS, latency_ms, table  # noqa: E402
+from light_peft import GLUE_DIRS, compare_row, latency_ms, table  # noqa: E402
 
 from prunetune.config import DataConfig, from_dict  # noqa: E402
 from prunetune.data import load_task  # noqa: E402
@@ -106,22 +106,7 @@ def bench_task(task: str, args) -> dict:
     if dev_rows is not None:
         light["answer_accuracy"] = answer_accuracy(light_model, ctx.tokenizer, dev_rows, args.max_length)
     del light_model
-    metric = ctx.task.metric
-    row = {
-        "task": task, "metric": metric, "steps": ctx.total_steps,
-        "vanilla_final": van["final"][metric], "light_final": light["final"][metric],
-        "vanilla_best": van["best"][metric], "light_best": light["best"][metric],
-        "step_speedup": van["step_seconds"] / light["step_seconds"],
-        "e2e_speedup": van["train_seconds"] / light["train_seconds"],
-        "memory_ratio": light["peak_mb"] / van["peak_mb"],
-        "inference_speedup": van["latency_ms"] / light["latency_ms"],
-        "vanilla_step_ms": 1e3 * van["step_seconds"], "light_step_ms": 1e3 * light["step_seconds"],
-        "vanilla_peak_mb": van["peak_mb"], "light_peak_mb": light["peak_mb"],
-        "vanilla_latency_ms": van["latency_ms"], "light_latency_ms": light["latency_ms"],
-        "base_kept_pct": light["base_kept_pct"], "block_kept_pct": light["block_kept_pct"],
-        "trainable_vanilla": van["trainable_params_no_head"], "trainable_light": light["trainable_params_no_head"],
-        "plan": light["plan"], "vanilla_evals": van["evals"], "light_evals": light["evals"],
-    }
+    row = compare_row(task, ctx, van, light)
     if dev_rows is not None:
         row["vanilla_answer_accuracy"], row["light_answer_accuracy"] = van["answer_accuracy"], light["answer_accuracy"]
     print(json.dumps(row, indent=1), flush=True)

@@ -355,6 +355,28 @@ def test_cli_unsupported_architecture(tmp_path, capsys, unsupported_dir, data_di
     assert not out.exists()
 
 
+def test_cli_tokenizer_model_mismatch(tmp_path, capsys, bert_dir, data_dir):
+    """A tokenizer with more tokens than the model embeds (another model's tokenizer) is refused up front."""
+    import shutil
+
+    from transformers import BertConfig, BertForSequenceClassification
+
+    small = tmp_path / "small-vocab"
+    torch.manual_seed(0)
+    BertForSequenceClassification(BertConfig(
+        vocab_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+        max_position_embeddings=64, num_labels=2)).save_pretrained(small)
+    for f in bert_dir.iterdir():
+        if "token" in f.name or f.name.startswith("special"):
+            shutil.copy(f, small / f.name)
+    capsys.readouterr()  # drop save_pretrained's progress bar
+    argv, out = _light(tmp_path, "--model", str(small), "--data-dir", str(data_dir), "--max-steps", "2")
+    assert main(argv) == 2
+    line = _one_error_line(capsys)
+    assert "tokenizer/model mismatch" in line and "embeds only 8" in line
+    assert not out.exists()
+
+
 def _corrupt_copy(src: Path, dst: Path, how: str) -> Path:
     import shutil
 
