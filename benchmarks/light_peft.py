@@ -9,6 +9,7 @@ hyperparameters; only Light-PEFT's estimation/pruning differs.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import sys
@@ -16,6 +17,7 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TQDM_DISABLE", "1")
@@ -61,8 +63,19 @@ def compare_row(task: str, ctx, van: dict, light: dict) -> dict:
     }
 
 
-def bench_task(task: str, args) -> dict:
-    cfg = from_dict({
+def parse_variant(spec: str) -> tuple[str, dict]:
+    """"NAME=section.key=value,section.key=value" -> (NAME, nested overrides); values are YAML scalars."""
+    name, _, rest = spec.partition("=")
+    over: dict = {}
+    for item in filter(None, rest.split(",")):
+        key, _, value = item.partition("=")
+        section, _, field = key.strip().partition(".")
+        over.setdefault(section, {})[field] = yaml.safe_load(value)
+    return name.strip(), over
+
+
+def bench_task(task: str, args) -> list[dict]:
+    base = {
         "model": {"name_or_path": args.model},
         "data": {"task": task, "data_dir": str(Path(args.data_root) / GLUE_DIRS[task]),
                  "max_train_samples": args.train_samples, "max_eval_samples": args.eval_samples,
@@ -70,20 +83,28 @@ def bench_task(task: str, args) -> dict:
         "prune": {"heads": args.heads, "ffn": args.ffn, "modules": args.modules, "ranks": args.ranks},
         "train": {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed},
         "output_dir": str(Path(args.out) / task),
-    })
-    ctx = prepare(cfg)
+    }
+    variants = [parse_variant(v) for v in args.variant] or [("light-peft", {})]
+    ctx = prepare(from_dict(base))
     print(f"== {task}: {len(ctx.train_loader.dataset)} train / {len(ctx.dev_loader.dataset)} dev, "
           f"{ctx.total_steps} steps, batch {args.batch_size}", flush=True)
     batch = next(iter(ctx.dev_loader))
     batch = {k: v for k, v in batch.items() if k != "labels"}
     van = train_vanilla(ctx)
     van["latency_ms"] = latency_ms(van.pop("_model"), batch, args.repeats)
-    light = train_light(ctx)
-    light.pop("_plan")
-    light["latency_ms"] = latency_ms(light.pop("_model"), batch, args.repeats)
-    row = compare_row(task, ctx, van, light)
-    print(json.dumps(row, indent=1), flush=True)
-    return row
+    rows = []
+    for name, over in variants:  # every variant against the one vanilla run (same seed, data order, schedule)
+        merged = copy.deepcopy(base)
+        for section, fields in over.items():
+            merged.setdefault(section, {}).update(fields)
+        ctx.cfg = from_dict(merged)  # validated like a user config
+        light = train_light(ctx)
+        light.pop("_plan")
+        light["latency_ms"] = latency_ms(light.pop("_model"), batch, args.repeats)
+        row = dict(compare_row(task, ctx, van, light), variant=name, overrides=over)
+        print(json.dumps(row, indent=1), flush=True)
+        rows.append(row)
+    return rows
 
 
 def table(rows: list[dict]) -> str:
@@ -91,8 +112,9 @@ def table(rows: list[dict]) -> str:
             "peak train memory ratio | inference speedup | body / block params kept | trainable (no head) |")
     lines = [head, "|" + "---|" * 8]
     for r in rows:
+        variant = f" {r['variant']}" if r.get("variant", "light-peft") != "light-peft" else ""
         lines.append(
-            f"| {r['task']} ({r['metric']}) | {r['vanilla_final']:.4f} -> {r['light_final']:.4f} / "
+            f"| {r['task']} ({r['metric']}){variant} | {r['vanilla_final']:.4f} -> {r['light_final']:.4f} / "
             f"{r['vanilla_best']:.4f} -> {r['light_best']:.4f} | {r['step_speedup']:.2f}x "
             f"({r['vanilla_step_ms']:.0f} -> {r['light_step_ms']:.0f} ms) | {r['e2e_speedup']:.2f}x | "
             f"{r['memory_ratio']:.2f} ({r['vanilla_peak_mb']:.0f} -> {r['light_peak_mb']:.0f} MB) | "
@@ -117,13 +139,16 @@ def main(argv=None) -> int:
     p.add_argument("--modules", type=float, default=0.75, help="fraction of LoRA modules removed")
     p.add_argument("--ranks", type=float, default=0.5, help="fraction of the surviving ranks removed")
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--variant", action="append", default=[],
+                   help="NAME=section.key=value,... : a Light-PEFT variant trained against the same vanilla run "
+                        "(repeatable; e.g. mask=estimate.structure_score=mask)")
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--out", default="runs/bench_light")
     p.add_argument("--json", help="also write the rows to this JSON file")
     args = p.parse_args(argv)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"device {'cuda' if torch.cuda.is_available() else 'cpu'}", flush=True)
-    rows = [bench_task(t.strip(), args) for t in args.tasks.split(",") if t.strip()]
+    rows = [row for t in args.tasks.split(",") if t.strip() for row in bench_task(t.strip(), args)]
     print("\n" + table(rows))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))

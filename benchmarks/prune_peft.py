@@ -49,16 +49,16 @@ def peft_params(ctx, structure: PeftStructure) -> int:
     return n + (sum(p.numel() for p in adapters.parameters()) if adapters is not None else 0)
 
 
-def bench_task(task: str, args) -> dict:
+def bench_task(task: str, args, seed: int) -> dict:
     base = {
         "model": {"name_or_path": args.model},
         "data": {"task": task, "data_dir": str(Path(args.data_root) / GLUE_DIRS[task]),
                  "max_train_samples": args.train_samples, "max_eval_samples": args.eval_samples,
                  "max_length": args.max_length},
-        "train": {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed},
+        "train": {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "seed": seed},
         "search": {"space": ["lora_qv", "adapter_ffn"], "k": args.k, "data_fraction": args.data_fraction,
                    "warmup_cache": args.cache},
-        "output_dir": str(Path(args.out) / task),
+        "output_dir": str(Path(args.out) / f"{task}-seed{seed}"),
     }
     ctx = prepare(from_dict(base))
     from prunetune.models import load_model
@@ -68,7 +68,7 @@ def bench_task(task: str, args) -> dict:
     configs = {"lora-everywhere": fixed(arch, "lora_qv", sc), "adapters-everywhere": fixed(arch, "adapter_ffn", sc)}
     budget = min(peft_params(ctx, s) for s in configs.values())
     ctx.cfg.search.budget = float(budget)
-    print(f"== {task}: {len(ctx.train_loader.dataset)} train / {len(ctx.dev_loader.dataset)} dev, "
+    print(f"== {task} (seed {seed}): {len(ctx.train_loader.dataset)} train / {len(ctx.dev_loader.dataset)} dev, "
           f"{ctx.total_steps} retrain steps, budget {budget:,} PEFT params", flush=True)
 
     found, wu = search(ctx)
@@ -81,7 +81,7 @@ def bench_task(task: str, args) -> dict:
         print(f"-- {name}: {len(structure.lora)} LoRA modules, {len(structure.adapters)} adapters", flush=True)
         r = train_fixed(ctx, structure, desc=name)
         r.pop("_model")
-        rows.append({"task": task, "metric": metric, "config": name, "final": r["final"][metric],
+        rows.append({"task": task, "seed": seed, "metric": metric, "config": name, "final": r["final"][metric],
                      "best": r["best"][metric], "trainable_no_head": r["trainable_params_no_head"],
                      "retrain_steps": r["steps"], "retrain_seconds": r["train_seconds"],
                      "units": structure.units or None})
@@ -94,7 +94,7 @@ def bench_task(task: str, args) -> dict:
             "ratio_seconds_with_warmup": (found.seconds + (wu or {}).get("seconds", 0.0)) / retrain["retrain_seconds"],
             "found_units": found.structure.units, "mapping": (wu or {}).get("mapping")}
     print(json.dumps({"rows": rows, "cost": cost}, indent=1), flush=True)
-    return {"task": task, "rows": rows, "cost": cost}
+    return {"task": task, "seed": seed, "rows": rows, "cost": cost}
 
 
 def table(results: list[dict]) -> str:
@@ -108,9 +108,33 @@ def table(results: list[dict]) -> str:
     for res in results:
         c = res["cost"]
         warm = "cached" if c["warmup_cached"] else f"{c['ratio_seconds_with_warmup']:.2f}x"
-        lines.append(f"| {res['task']} | {c['search_steps']} / {next(r for r in res['rows'] if r['config'] == 'prunepeft')['retrain_steps']}"
+        lines.append(f"| {res['task']} (seed {res['seed']}) | {c['search_steps']} / {next(r for r in res['rows'] if r['config'] == 'prunepeft')['retrain_steps']}"
                      f" = {c['ratio_steps']:.2f}x | {c['ratio_seconds']:.2f}x | {warm} | {', '.join(c['found_units'])} |")
     return "\n".join(lines)
+
+
+def seed_summary(results: list[dict]) -> str:
+    """Per task and configuration: mean +- std of the final dev metric over seeds, and in how many seeds
+    PrunePEFT matched or beat the best fixed configuration of that seed."""
+    lines = ["| task | config | dev final, mean +- std over seeds | trainable PEFT params (no head), mean | seeds |",
+             "|---|---|---|---|---|"]
+    for task in dict.fromkeys(r["task"] for r in results):
+        runs = [r for r in results if r["task"] == task]
+        for config in dict.fromkeys(row["config"] for r in runs for row in r["rows"]):
+            rows = [row for r in runs for row in r["rows"] if row["config"] == config]
+            vals = torch.tensor([row["final"] for row in rows], dtype=torch.float64)
+            std = float(vals.std()) if len(vals) > 1 else 0.0
+            params = sum(row["trainable_no_head"] for row in rows) / len(rows)
+            lines.append(f"| {task} ({rows[0]['metric']}) | {config} | {float(vals.mean()):.4f} +- {std:.4f} | "
+                         f"{params:,.0f} | {len(rows)} |")
+        wins = sum(_final(r, "prunepeft") >= max(_final(r, "lora-everywhere"), _final(r, "adapters-everywhere"))
+                   for r in runs)
+        lines.append(f"| {task} | prunepeft >= best fixed | {wins} of {len(runs)} seeds | | |")
+    return "\n".join(lines)
+
+
+def _final(result: dict, config: str) -> float:
+    return next(row["final"] for row in result["rows"] if row["config"] == config)
 
 
 def main(argv=None) -> int:
@@ -126,14 +150,16 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--k", type=float, default=2)
     p.add_argument("--data-fraction", type=float, default=0.1)
-    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--seeds", default="42", help="comma-separated; search and retrains are repeated per seed")
     p.add_argument("--cache", default="runs/bench_prune/cache")
     p.add_argument("--out", default="runs/bench_prune")
     p.add_argument("--json")
     args = p.parse_args(argv)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}", flush=True)
-    results = [bench_task(t.strip(), args) for t in args.tasks.split(",") if t.strip()]
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    results = [bench_task(t.strip(), args, seed) for t in args.tasks.split(",") if t.strip() for seed in seeds]
     print("\n" + table(results))
+    print("\n" + seed_summary(results))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
     return 0

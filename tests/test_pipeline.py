@@ -352,3 +352,30 @@ def test_llama_gqa_decoder(tmp_path, sst2_dir, capsys):
     attn = loaded.model.base_model.model.model.layers[0].self_attn
     assert out_features(attn.k_proj) == 2 * 8 and out_features(attn.q_proj) == 4 * 8  # KV groups x head_dim 8
     assert_metrics_close(cli_eval(capsys, out / "model", "--data-dir", str(sst2_dir)), lp["final"])
+
+
+def test_dead_units_are_pruned_first(tmp_path, sst2_dir, score="taylor"):
+    """Heads and neurons that cannot affect the output (their o / down input columns are zero) have zero
+    Taylor importance, so they are removed first. (The paper's mask ranking fails this test: under AdamW every
+    mask moves by about lr per step whatever its gradient's size, so a dead neuron pulled down by L1 alone ties
+    with live neurons whose gradient happened to point the same way.)"""
+    from transformers import AutoModelForSequenceClassification
+
+    model_dir = save_tiny_bert(tmp_path / "bert", seed=1)
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir)
+    dead_heads, dead_neurons = {0: 1, 1: 3}, {0: list(range(0, 20, 2)), 1: [5, 7, 40]}
+    with torch.no_grad():
+        for layer, head in dead_heads.items():
+            model.bert.encoder.layer[layer].attention.output.dense.weight[:, head * 8:(head + 1) * 8] = 0
+        for layer, neurons in dead_neurons.items():
+            model.bert.encoder.layer[layer].output.dense.weight[:, neurons] = 0
+    model.save_pretrained(model_dir)
+    light(model_dir, {"data_dir": str(sst2_dir)}, tmp_path / "run", train={"max_steps": 6},
+          estimate={"steps": 4, "structure_score": score}, peft={"targets": ["q", "v"]},
+          prune={"modules": 0.0, "ranks": 0.0})
+    plan = prunetune.PruningPlan.load(tmp_path / "run" / "plan.json")
+    assert plan.meta["structure_score"] == score
+    for layer, head in dead_heads.items():
+        assert head not in plan.kept_heads[layer] and len(plan.kept_heads[layer]) == 3
+    for layer, neurons in dead_neurons.items():
+        assert not set(neurons) & set(plan.kept_neurons[layer])

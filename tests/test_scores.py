@@ -143,6 +143,25 @@ def test_taylor_rank_importance_matches_both_forms(family):
     assert any(float(v.sum()) > 0 for v in ranks.values())
 
 
+def test_module_taylor_is_abs_sum_of_signed_rank_terms():
+    """Module score = mean over steps of |sum_i S_i| (signed rank terms summed first, then abs)."""
+    pm, hf, arch, names = tiny_lora("bert", seed=6)
+    tracker = ImportanceTracker(hf)
+    layers = lora_layers(hf)
+    expected = {n: 0.0 for n in names}
+    for seed in (1, 2, 3):
+        _grad_step(pm, batch(seed=seed))
+        tracker.after_backward()
+        for n in names:
+            B = layers[n].lora_B["default"].weight
+            expected[n] += float((B * B.grad).sum(0).sum().abs()) / 3
+    got = tracker.module_taylor()
+    assert set(got) == set(names)
+    for n in names:
+        assert got[n] == pytest.approx(expected[n], rel=1e-5, abs=1e-12)
+    assert any(v > 0 for v in got.values())
+
+
 def test_taylor_matches_removing_a_rank_to_first_order():
     """S_i approximates L(without rank i) - L: check on a rank whose B is scaled by a tiny epsilon."""
     pm, hf, arch, names = tiny_lora("bert", seed=4)
@@ -312,3 +331,52 @@ def test_head_mask_scales_exactly_its_unit():
     with torch.no_grad():
         o.weight[:, 2 * width:3 * width] = 0
         torch.testing.assert_close(hf(**b).logits, masked, atol=1e-6, rtol=0)
+
+
+def test_taylor_structure_scores_hand_computed():
+    """|m * (g - lambda*sign m)| per unit, averaged over accumulated steps; the L1 term's gradient is removed."""
+    arch = get_arch(tiny("llama"))
+    masks = StructureMasks(arch)
+    hv = [torch.tensor([1.0, -0.5, 2.0]), torch.tensor([0.5, 1.0, 1.0])]
+    masks.set_(hv, [torch.ones(40)] * 2)
+    lam = 0.1
+    grads = [[torch.tensor([0.3, 0.2, -0.1]), torch.tensor([0.0, -1.0, 0.5])],
+             [torch.tensor([0.1, 0.2, 0.3]), torch.tensor([2.0, 0.0, -0.5])]]
+    for step in grads:
+        for m, g in zip(masks.heads, step):
+            m.grad = g + lam * m.detach().sign()  # what backward gives with the L1 term in the loss
+        for m in masks.ffn:
+            m.grad = torch.full_like(m, lam)
+        masks.accumulate_taylor(lam, lam)
+    heads, ffn = masks.structure_scores("taylor")
+    # layer 0: step 1 |[1*.3, -.5*.2, 2*-.1]| = [.3,.1,.2]; step 2 |[.1, -.1, .6]| = [.1,.1,.6] -> mean [.2,.1,.4]
+    torch.testing.assert_close(heads[0], torch.tensor([0.2, 0.1, 0.4]))
+    torch.testing.assert_close(heads[1], torch.tensor([0.5, 0.5, 0.5]))
+    assert all(float(f.abs().max()) == 0.0 for f in ffn)  # only the L1 gradient: no task importance
+    assert all(torch.equal(a, b) for a, b in zip(masks.structure_scores("mask")[0], hv))
+    restored = StructureMasks(arch)
+    restored.load_score_state(masks.score_state())
+    torch.testing.assert_close(restored.taylor_values()[0][0], heads[0])
+
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_taylor_structure_score_is_first_order_loss_change(family):
+    """dL/dm at m=1 times m is the first-order change of zeroing the unit: check against really zeroing a
+    unit whose contribution was made small."""
+    hf = tiny(family, seed=3).double()  # float64: the loss change is far below float32 resolution
+    arch = get_arch(hf)
+    b = dict(batch(), labels=LABELS)
+    o = hf.get_submodule(arch.layers[0].o)
+    width = arch.heads_per_unit * arch.head_dim
+    with torch.no_grad():  # unit 1 of layer 0 now contributes little: first order is accurate
+        o.weight[:, width:2 * width] *= 1e-3
+    masks = StructureMasks(arch).attach(hf)
+    loss = hf(**b).loss
+    loss.backward()
+    masks.accumulate_taylor(0.0, 0.0)
+    score = float(masks.taylor_values()[0][0][1])
+    with torch.no_grad():
+        masks.heads[0][1] = 0.0
+        removed = hf(**b).loss
+    assert abs(float((removed - loss).detach())) == pytest.approx(score, rel=2e-2, abs=1e-9)
+    assert score > 0

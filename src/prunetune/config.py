@@ -54,7 +54,9 @@ class EstimateConfig:
     lambda_heads: float = 1e-4
     lambda_ffn: float = 1e-4
     mask_lr: float | None = None  # None = the training learning rate
+    module_score: str = "taylor"  # PEFT modules ranked by: taylor (|sum of rank Taylor terms|) | norm_ratio (paper)
     rank_score: str = "taylor"  # taylor | reference (|mean(A*gA)| + |mean(B*gB)|)
+    structure_score: str = "taylor"  # heads/neurons ranked by: taylor (mean |m*dL/dm|) | mask (paper: learned value)
     optimizer_state: str = "slice"  # slice | reset
 
 
@@ -135,6 +137,8 @@ _CHOICES = {
     "model.dtype": {"float32", "bfloat16", "float16"},
     "peft.kind": {"lora", "adapter"},
     "estimate.rank_score": {"taylor", "reference"},
+    "estimate.structure_score": {"mask", "taylor"},
+    "estimate.module_score": {"norm_ratio", "taylor"},
     "estimate.optimizer_state": {"slice", "reset"},
     "prune.ffn_scope": {"global", "layer"},
     "train.mixed_precision": {"no", "bf16", "fp16"},

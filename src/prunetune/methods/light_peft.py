@@ -67,6 +67,7 @@ def train_light(ctx: Context, export_dir: Path | None = None) -> dict:
         if ck is not None:
             state.load_state_dict(ck)
             tracker.load_state_dict(ck["tracker"])
+            masks.load_score_state(ck["mask_scores"])
 
         def l1():
             h, f = masks.l1()
@@ -80,23 +81,31 @@ def train_light(ctx: Context, export_dir: Path | None = None) -> dict:
         def after_backward(step):
             if step >= window_start:
                 tracker.after_backward()
+                masks.accumulate_taylor(cfg.estimate.lambda_heads, cfg.estimate.lambda_ffn)
             if step % max(1, cfg.train.log_every) == 0 or step == est - 1:
                 mask_curve.append({"step": step, "heads_mean": _mean(masks.heads), "ffn_mean": _mean(masks.ffn)})
 
         with PeakMemory(ctx.device) as mem_est:
             state.run(est - state.step, extra_loss=l1, before_forward=before_forward, after_backward=after_backward,
                       on_epoch_end=on_epoch_end, desc="estimate",
-                      on_checkpoint=lambda: save("estimate", tracker=tracker.state_dict()))
+                      on_checkpoint=lambda: save("estimate", tracker=tracker.state_dict(),
+                                                 mask_scores=masks.score_state()))
         tracker.stop()
         module_imp, rank_imp = tracker.finalize()
+        if cfg.estimate.module_score == "taylor":
+            module_imp = tracker.module_taylor()
         head_vals, ffn_vals = masks.head_values(), masks.ffn_values()
+        head_scores, ffn_scores = masks.structure_scores(cfg.estimate.structure_score)
         p = cfg.prune
-        plan = make_plan(arch, head_vals, ffn_vals, module_imp, rank_imp, p.heads, p.ffn, p.modules, p.ranks,
+        plan = make_plan(arch, head_scores, ffn_scores, module_imp, rank_imp, p.heads, p.ffn, p.modules, p.ranks,
                          p.ffn_scope, p.ffn_floor, cfg.peft.kind, hf.config.model_type,
                          meta={"estimation_steps": est, "window_start": window_start, "total_steps": total,
                                "module_importance": module_imp,
                                "rank_importance": {k: v.tolist() for k, v in rank_imp.items()},
+                               "structure_score": cfg.estimate.structure_score,
+                               "module_score": cfg.estimate.module_score,
                                "head_masks": [m.tolist() for m in head_vals],
+                               "head_taylor": [m.tolist() for m in masks.taylor_values()[0]],
                                "ffn_mask_summary": [[float(m.min()), float(m.mean()), float(m.max())] for m in ffn_vals]})
         info.update(estimation_seconds=time.perf_counter() - t0, estimation_peak_mb=state.memory.peak_mb,
                     cuda_estimation_peak_mb=mem_est.peak_mb)

@@ -90,11 +90,16 @@ def iterative_prune(ctx: Context, loader, block_criteria: dict[str, list[str]] |
         h, f = masks.l1()
         return cfg.estimate.lambda_heads * h + cfg.estimate.lambda_ffn * f
 
+    def after_backward(tracker):
+        tracker.after_backward()
+        if masks is not None:
+            masks.accumulate_taylor(cfg.estimate.lambda_heads, cfg.estimate.lambda_ffn)
+
     while net.trainable() > target and len(net.alive) > 1:
         tracker = ImportanceTracker(hf, net.adapters, groups=net.groups()).start()
         state.run(steps, extra_loss=l1 if masks is not None else None,
                   before_forward=lambda b: setattr(tracker, "token_mask", b.get("attention_mask")),
-                  after_backward=lambda _s: tracker.after_backward(), desc=f"{desc} round {len(result.rounds) + 1}")
+                  after_backward=lambda _s: after_backward(tracker), desc=f"{desc} round {len(result.rounds) + 1}")
         tracker.stop()
         needed = sorted({c for u in net.alive for c in mapping[blocks[u]]})
         stats = tracker.unit_stats() if DYNAMIC & set(needed) else None
@@ -115,8 +120,8 @@ def iterative_prune(ctx: Context, loader, block_criteria: dict[str, list[str]] |
     result.structure = net.structure()
     if masks is not None:
         p = cfg.prune
-        result.plan = make_plan(arch, masks.head_values(), masks.ffn_values(), {}, {}, p.heads, p.ffn, 0.0, 0.0,
-                                p.ffn_scope, p.ffn_floor, "searched", hf.config.model_type)
+        heads, ffn = masks.structure_scores(cfg.estimate.structure_score)
+        result.plan = make_plan(arch, heads, ffn, {}, {}, p.heads, p.ffn, 0.0, 0.0, p.ffn_scope, p.ffn_floor, "searched", hf.config.model_type)
         masks.detach()
     return result
 

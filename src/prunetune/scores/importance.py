@@ -60,6 +60,7 @@ class ImportanceTracker:
         self.module_sum: dict[str, dict[int, torch.Tensor]] = {}  # module -> step -> [sum of ratios, tokens]
         self.module_n: dict[str, int] = {}
         self.rank_sum: dict[str, torch.Tensor] = {}
+        self.module_taylor_sum: dict[str, torch.Tensor] = {}
         self.rank_n = 0
         self._handles: list = []
         self._base_out: dict[str, torch.Tensor] = {}
@@ -107,6 +108,8 @@ class ImportanceTracker:
         for name, a, ga, b, gb in self._rank_tensors():
             s = self.rank_fn(a, ga, b, gb).abs()
             self.rank_sum[name] = self.rank_sum.get(name, 0.0) + s
+            # whole module: |sum_i S_i|, the first-order loss change of removing every rank at once
+            self.module_taylor_sum[name] = self.module_taylor_sum.get(name, 0.0) + (b * gb).sum().abs()
         for unit, positions in self.groups.items():
             pairs = [(p, p.grad) for pos in positions for p in self._params(pos) if p.grad is not None]
             if not pairs:
@@ -138,7 +141,8 @@ class ImportanceTracker:
 
     # -- checkpoints -----------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        keys = ("module_sum", "module_n", "rank_sum", "rank_n", "act_sum", "grad_sum", "taylor_sum")
+        keys = ("module_sum", "module_n", "rank_sum", "rank_n", "act_sum", "grad_sum", "taylor_sum",
+                "module_taylor_sum")
         return {k: getattr(self, k) for k in keys}
 
     def load_state_dict(self, state: dict) -> None:
@@ -158,6 +162,12 @@ class ImportanceTracker:
             all_reduce_sum_(t)  # gradients are already averaged by DDP; summing then / world keeps the mean
             ranks[name] = (t / max(self.rank_n, 1) / world_size()).cpu()
         return modules, ranks
+
+    def module_taylor(self) -> dict[str, float]:
+        """Per PEFT module: mean over window steps of |sum_o,i B[o,i] dL/dB[o,i]| (adapters: the up projection)."""
+        steps = max(self.rank_n, 1) * world_size()
+        return {n: float(all_reduce_sum_(torch.as_tensor(v, dtype=torch.float32).clone()) / steps)
+                for n, v in sorted(self.module_taylor_sum.items())}
 
     def unit_stats(self) -> dict[str, dict[str, float]]:
         """Per unit (group): norm_ratio and activation (means over forwards, averaged over the unit's

@@ -3,6 +3,10 @@
 m_A[l] has one entry per head unit (per KV group on GQA) and scales that unit's slice of the input of the
 attention output projection; m_F[l] scales each FFN neuron at the input of the down projection. Masks are
 fp32 parameters initialised to 1.
+
+Besides the learned values, the masks can score their units by first-order Taylor importance (Michel et al.,
+2019): |m * dL/dm| is the first-order loss change of zeroing the unit, averaged over the estimation window.
+Gradients arrive already averaged across DDP ranks, so the accumulated scores are identical on every rank.
 """
 from __future__ import annotations
 
@@ -19,6 +23,8 @@ class StructureMasks(nn.Module):
         self.heads = nn.ParameterList([nn.Parameter(torch.ones(arch.num_units)) for _ in arch.layers])
         self.ffn = nn.ParameterList([nn.Parameter(torch.ones(arch.intermediate_size)) for _ in arch.layers])
         self._handles: list = []
+        self.taylor_sum: dict[str, list[torch.Tensor]] = {}
+        self.taylor_n = 0
 
     def attach(self, hf_model) -> "StructureMasks":
         """Hook the (possibly LoRA-wrapped) o and down projections, so PEFT inputs are masked too."""
@@ -46,6 +52,33 @@ class StructureMasks(nn.Module):
 
     def ffn_values(self) -> list[torch.Tensor]:
         return [m.detach().float().cpu() for m in self.ffn]
+
+    @torch.no_grad()
+    def accumulate_taylor(self, lambda_heads: float, lambda_ffn: float) -> None:
+        """After backward: add |m * dL_task/dm| per unit (the L1 term's gradient lambda*sign(m) is removed)."""
+        for kind, params, lam in (("heads", self.heads, lambda_heads), ("ffn", self.ffn, lambda_ffn)):
+            sums = self.taylor_sum.setdefault(kind, [torch.zeros_like(p) for p in params])
+            for acc, p in zip(sums, params):
+                if p.grad is not None:
+                    acc += (p * (p.grad - lam * p.sign())).abs()
+        self.taylor_n += 1
+
+    def taylor_values(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Mean Taylor importance per unit over the accumulated steps (heads, ffn)."""
+        n = max(self.taylor_n, 1)
+        out = [[t.detach().float().cpu() / n for t in self.taylor_sum.get(kind, [torch.zeros_like(p) for p in ps])]
+               for kind, ps in (("heads", self.heads), ("ffn", self.ffn))]
+        return out[0], out[1]
+
+    def structure_scores(self, kind: str) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """What heads and neurons are ranked by: "mask" (learned values) or "taylor" (accumulated importance)."""
+        return (self.head_values(), self.ffn_values()) if kind == "mask" else self.taylor_values()
+
+    def score_state(self) -> dict:
+        return {"taylor_sum": self.taylor_sum, "taylor_n": self.taylor_n}
+
+    def load_score_state(self, state: dict) -> None:
+        self.taylor_sum, self.taylor_n = state["taylor_sum"], state["taylor_n"]
 
     @torch.no_grad()
     def set_(self, heads: list[torch.Tensor] | None = None, ffn: list[torch.Tensor] | None = None) -> None:
