@@ -22,7 +22,7 @@ import yaml
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
-from prunetune.config import from_dict  # noqa: E402
+from prunetune.config import from_dict, set_dotted  # noqa: E402
 from prunetune.methods.common import prepare  # noqa: E402
 from prunetune.methods.light_peft import train_light, train_vanilla  # noqa: E402
 
@@ -64,13 +64,12 @@ def compare_row(task: str, ctx, van: dict, light: dict) -> dict:
 
 
 def parse_variant(spec: str) -> tuple[str, dict]:
-    """"NAME=section.key=value,section.key=value" -> (NAME, nested overrides); values are YAML scalars."""
+    """"NAME=section.key=value,section.key=value" -> (NAME, {dotted key: value}); values are YAML scalars."""
     name, _, rest = spec.partition("=")
-    over: dict = {}
+    over = {}
     for item in filter(None, rest.split(",")):
         key, _, value = item.partition("=")
-        section, _, field = key.strip().partition(".")
-        over.setdefault(section, {})[field] = yaml.safe_load(value)
+        over[key.strip()] = yaml.safe_load(value)
     return name.strip(), over
 
 
@@ -95,8 +94,8 @@ def bench_task(task: str, args) -> list[dict]:
     rows = []
     for name, over in variants:  # every variant against the one vanilla run (same seed, data order, schedule)
         merged = copy.deepcopy(base)
-        for section, fields in over.items():
-            merged.setdefault(section, {}).update(fields)
+        for dotted, value in over.items():
+            set_dotted(merged, dotted, value)
         ctx.cfg = from_dict(merged)  # validated like a user config
         light = train_light(ctx)
         light.pop("_plan")

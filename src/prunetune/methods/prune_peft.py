@@ -121,7 +121,8 @@ def iterative_prune(ctx: Context, loader, block_criteria: dict[str, list[str]] |
     if masks is not None:
         p = cfg.prune
         heads, ffn = masks.structure_scores(cfg.estimate.structure_score)
-        result.plan = make_plan(arch, heads, ffn, {}, {}, p.heads, p.ffn, 0.0, 0.0, p.ffn_scope, p.ffn_floor, "searched", hf.config.model_type)
+        result.plan = make_plan(arch, heads, ffn, {}, {}, p.heads, p.ffn, 0.0, 0.0, p.ffn_scope, p.ffn_floor,
+                                "searched", hf.config.model_type)
         masks.detach()
     return result
 

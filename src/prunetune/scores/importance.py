@@ -166,8 +166,7 @@ class ImportanceTracker:
     def module_taylor(self) -> dict[str, float]:
         """Per PEFT module: mean over window steps of |sum_o,i B[o,i] dL/dB[o,i]| (adapters: the up projection)."""
         steps = max(self.rank_n, 1) * world_size()
-        return {n: float(all_reduce_sum_(torch.as_tensor(v, dtype=torch.float32).clone()) / steps)
-                for n, v in sorted(self.module_taylor_sum.items())}
+        return {n: _reduced_over(v, steps) for n, v in sorted(self.module_taylor_sum.items())}
 
     def unit_stats(self) -> dict[str, dict[str, float]]:
         """Per unit (group): norm_ratio and activation (means over forwards, averaged over the unit's
@@ -180,8 +179,7 @@ class ImportanceTracker:
             out["norm_ratio"][unit] = _avg([modules.get(p) for p in positions])
             out["activation"][unit] = _avg([act.get(p) for p in positions])
             for key, acc in (("gradient", self.grad_sum), ("taylor", self.taylor_sum)):
-                t = torch.as_tensor(acc.get(unit, 0.0), dtype=torch.float32).clone()
-                out[key][unit] = float(all_reduce_sum_(t) / steps)
+                out[key][unit] = _reduced_over(acc.get(unit, 0.0), steps)
         return out
 
 
@@ -202,6 +200,11 @@ def _mean_reduced(total, count: int) -> float:
     t = torch.stack([torch.as_tensor(total, dtype=torch.float32).cpu(), torch.tensor(float(count))])
     all_reduce_sum_(t)
     return float(t[0] / t[1].clamp_min(1))
+
+
+def _reduced_over(total, steps: int) -> float:
+    """A per-step sum accumulated on every rank, summed across DDP ranks and divided by steps x world."""
+    return float(all_reduce_sum_(torch.as_tensor(total, dtype=torch.float32).clone()) / steps)
 
 
 def _avg(values) -> float:
