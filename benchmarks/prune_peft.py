@@ -7,8 +7,10 @@ Compares, with identical retrain hyperparameters and seed:
   adapters-everywhere serial bottleneck adapter after every FFN (the space's adapter unit at every layer)
   random-prune       the supernet pruned to the budget with the `random` criterion (no warm-up)
   prunepeft          the supernet pruned to the budget with the hybrid criteria (warm-up mapping, cached)
-Budget = the smaller of the two fixed configurations' PEFT parameters. Search cost is reported next to the
-retrain cost (steps and seconds), with and without the one-off warm-up.
+Both pruned configurations spend what the last whole-unit removal leaves of the budget on that round's best
+removed unit at a smaller rank / bottleneck size (`search.fill`). Budget = the smaller of the two fixed
+configurations' PEFT parameters. Search cost is reported next to the retrain cost (steps and seconds), with
+and without the one-off warm-up.
 """
 from __future__ import annotations
 
@@ -92,7 +94,7 @@ def bench_task(task: str, args, seed: int) -> dict:
             "ratio_steps": found.steps / retrain["retrain_steps"],
             "ratio_seconds": found.seconds / retrain["retrain_seconds"],
             "ratio_seconds_with_warmup": (found.seconds + (wu or {}).get("seconds", 0.0)) / retrain["retrain_seconds"],
-            "found_units": found.structure.units, "mapping": (wu or {}).get("mapping")}
+            "found_units": found.structure.units, "fill": found.fill, "mapping": (wu or {}).get("mapping")}
     print(json.dumps({"rows": rows, "cost": cost}, indent=1), flush=True)
     return {"task": task, "seed": seed, "rows": rows, "cost": cost}
 
@@ -109,8 +111,14 @@ def table(results: list[dict]) -> str:
         c = res["cost"]
         warm = "cached" if c["warmup_cached"] else f"{c['ratio_seconds_with_warmup']:.2f}x"
         lines.append(f"| {res['task']} (seed {res['seed']}) | {c['search_steps']} / {next(r for r in res['rows'] if r['config'] == 'prunepeft')['retrain_steps']}"
-                     f" = {c['ratio_steps']:.2f}x | {c['ratio_seconds']:.2f}x | {warm} | {', '.join(c['found_units'])} |")
+                     f" = {c['ratio_steps']:.2f}x | {c['ratio_seconds']:.2f}x | {warm} | {_units(c)} |")
     return "\n".join(lines)
+
+
+def _units(cost: dict) -> str:
+    """Found units; one brought back at a smaller width by the budget fill shows it, e.g. lora_qv@2 (width 5)."""
+    fill = cost.get("fill") or {}
+    return ", ".join(f"{u} (width {fill[u]})" if u in fill else u for u in cost["found_units"])
 
 
 def seed_summary(results: list[dict]) -> str:

@@ -281,7 +281,7 @@ def cache_dir(tmp_path_factory) -> Path:
 
 def _cfg(bert_dir, sst2_dir, out: Path, cache: Path | None = None, **search) -> dict:
     s = {"space": ["lora_qv", "lora_ffn"], "warmup": True, "warmup_samples": 16, "warmup_round_steps": 1,
-         "warmup_cache": str(cache) if cache else None, "round_steps": 2, "budget": 0.5, "k": 2}
+         "warmup_cache": str(cache) if cache else None, "round_steps": 2, "budget": 0.4, "k": 2}
     s.update(search)
     return {"model": {"name_or_path": str(bert_dir)}, "data": {"data_dir": str(sst2_dir)}, "output_dir": str(out),
             "train": {"epochs": 1, "batch_size": 8, "eval_batch_size": 16, "lr": 5e-3}, "search": s}
@@ -334,7 +334,7 @@ def test_search_meets_budget_and_records_rounds(lora_run):
     out, results, _ = lora_run
     # 2 layers; q, v: 32 -> 32 at r = 8: 2 x 512 per lora_qv unit; FFN 32 -> 48 -> 32: 640 + 640 per lora_ffn
     assert results["supernet_params"] == 2 * 1024 + 2 * 1280
-    assert results["budget_params"] == int(0.5 * results["supernet_params"])
+    assert results["budget_params"] == int(0.4 * results["supernet_params"])
     rounds = results["rounds"]
     assert rounds and [r["round"] for r in rounds] == list(range(1, len(rounds) + 1))
     trainable = [results["supernet_params"]] + [r["trainable"] for r in rounds]
@@ -344,12 +344,39 @@ def test_search_meets_budget_and_records_rounds(lora_run):
     assert [r["step"] for r in rounds] == [2 * (i + 1) for i in range(len(rounds))]  # round_steps = 2
     removed = [u for r in rounds for u in r["removed"]]
     st = results["structure"]
-    assert sorted(st["units"] + removed) == sorted(f"{t}@{l}" for t in ("lora_qv", "lora_ffn") for l in range(2))
-    assert rounds[-1]["alive"] == len(st["units"])
-    # the retrain trains exactly the found structure
-    assert results["retrain"]["trainable_params_no_head"] == trainable[-1]
+    fill = results["fill"]  # the budget left by the last removal, spent on a unit that round removed
+    assert len(fill) == 1 and 0 < next(iter(fill.values())) < 8  # 0.4 x 4608 is met by no set of whole units
+    assert set(fill) <= set(rounds[-1]["removed"])
+    alive = [u for u in st["units"] if u not in fill]
+    assert sorted(alive + removed) == sorted(f"{t}@{l}" for t in ("lora_qv", "lora_ffn") for l in range(2))
+    assert rounds[-1]["alive"] == len(alive)
+    # the retrain trains exactly the found structure, within the budget
+    per_rank = {"lora_qv": 2 * 64, "lora_ffn": 80 + 80}
+    filled = sum(w * per_rank[u.split("@")[0]] for u, w in fill.items())
+    assert results["retrain"]["trainable_params_no_head"] == trainable[-1] + filled <= results["budget_params"]
     assert json.loads((out / "found_structure.json").read_text()) == st
     assert not st["adapters"] and st["lora"]
+
+
+def test_search_report_shows_every_unit(lora_run):
+    from prunetune.report.search import unit_grid
+
+    out, results, _ = lora_run
+    types, layers, cells = unit_grid(results)
+    assert types == ["lora_qv", "lora_ffn"] and layers == 2 and len(cells) == 4
+    (name, width), = results["fill"].items()
+    t, layer = name.split("@")
+    assert cells[(t, int(layer))] == f"kept, width {width}"
+    kept = [k for k, c in cells.items() if c == "kept"]
+    assert sorted(f"{t}@{l}" for t, l in kept) == sorted(u for u in results["structure"]["units"] if u != name)
+    for rd in results["rounds"]:
+        for u in rd["removed"]:
+            if u != name:
+                t, layer = u.split("@")
+                assert cells[(t, int(layer))] == f"round {rd['round']}"
+    report = (out / "report.md").read_text()
+    assert "| lora_qv | " in report and f"budget {results['budget_params']:,}" in report
+    assert "## Criteria per block (warm-up)" in report and (out / "units.png").stat().st_size > 1000
 
 
 def test_search_and_retrain_costs(lora_run):
@@ -439,6 +466,34 @@ def test_units_to_remove_stops_at_the_budget():
     assert prune_peft._units_to_remove(order, net, 4, 5000) == []
 
 
+def test_fill_spends_the_leftover_budget_at_a_smaller_width():
+    net = _supernet("bert", ["lora_qv", "adapter_ffn"])  # h = 32; r = 8, adapter size 16
+    assert net.size_at("lora_qv@0", 3) == 3 * 2 * (32 + 32)
+    assert net.size_at("adapter_ffn@1", 5) == 5 * (2 * 32 + 1) + 32
+    assert net.size_at("lora_qv@0", 8) == net.unit_size("lora_qv@0")
+    assert net.size_at("adapter_ffn@1", 16) == net.unit_size("adapter_ffn@1")
+    net.remove(["adapter_ffn@0", "lora_qv@1"])  # alive: lora_qv@0 (1024) + adapter_ffn@1 (1072) = 2096
+    # 2096 + 600 budget: lora_qv@1 fits at rank 4 (512); then 88 left: the adapter needs 97 at width 1
+    assert net.fill(["lora_qv@1", "adapter_ffn@0"], 2096 + 600) == {"lora_qv@1": 4}
+    got = net.fill(["adapter_ffn@0", "lora_qv@1"], 2096 + 600)  # 8 x 65 + 32 = 552; 48 left < 128
+    assert got == {"adapter_ffn@0": 8}
+    assert net.fill(["lora_qv@1"], 2096 + 100) == {}  # below one rank
+    assert net.fill(["lora_qv@1", "adapter_ffn@0"], 2096 + 1100) == {"lora_qv@1": 8}  # 76 left < 97
+    assert net.fill(["adapter_ffn@0"], 2096 + 5000) == {"adapter_ffn@0": 16}  # never beyond its own width
+    # the structure carries the smaller widths; built on a fresh model it has exactly the counted parameters
+    st = net.structure({"lora_qv@1": 4})
+    assert st.units == ["lora_qv@0", "lora_qv@1", "adapter_ffn@1"]
+    arch = net.arch
+    assert st.lora == {p: 8 for p in unit_positions(arch, "lora_qv", 0)} | \
+        {p: 4 for p in unit_positions(arch, "lora_qv", 1)}
+    assert st.adapters == {unit_positions(arch, "adapter_ffn", 1)[0]: 16}
+    hf = tiny("bert")
+    _model, adapters = st.build(hf, get_arch(hf))
+    n = sum(p.numel() for name, p in hf.named_parameters() if "lora_" in name) + \
+        sum(p.numel() for p in adapters.parameters())
+    assert n == 2096 + 512
+
+
 def test_absolute_budget_and_fractional_k(bert_dir, sst2_dir, tmp_path):
     ctx = prepare(from_dict(_cfg(bert_dir, sst2_dir, tmp_path / "o", warmup=False, criteria=["magnitude"],
                                  round_steps=1, budget=2500, k=0.5)))
@@ -446,7 +501,7 @@ def test_absolute_budget_and_fractional_k(bert_dir, sst2_dir, tmp_path):
     assert wu is None and found.budget_params == 2500 and found.supernet_params == 4608
     assert len(found.rounds[0]["removed"]) == 2  # k = 0.5 of 4 alive units
     assert found.rounds[-1]["trainable"] <= 2500
-    assert found.structure.units and sum(1 for _ in found.structure.units) == found.rounds[-1]["alive"]
+    assert len(found.structure.units) == found.rounds[-1]["alive"] + len(found.fill)
 
 
 def test_lora_export_reloads_with_identical_outputs(lora_run, sst2_dir, capsys):

@@ -43,6 +43,7 @@ class SearchResult:
     budget_params: int = 0
     arch: object = None
     blocks: list[str] = field(default_factory=list)
+    fill: dict[str, int] = field(default_factory=dict)  # removed units brought back at a smaller width
 
 
 def _loader(ctx: Context, size: float, seed: int):
@@ -117,7 +118,9 @@ def iterative_prune(ctx: Context, loader, block_criteria: dict[str, list[str]] |
                               "blocks_removed": [blocks[u] for u in removed], "trainable": net.trainable(),
                               "alive": len(net.alive), "step": state.step})
     result.steps, result.seconds = state.step, time.perf_counter() - t0
-    result.structure = net.structure()
+    if sc.fill and result.rounds:
+        result.fill = net.fill(list(reversed(result.rounds[-1]["removed"])), target)
+    result.structure = net.structure(result.fill)
     if masks is not None:
         p = cfg.prune
         heads, ffn = masks.structure_scores(cfg.estimate.structure_score)
@@ -197,7 +200,8 @@ def run(cfg: RunConfig, export: bool = True) -> dict:
     log(f"prunetune search: {ctx.model_path} on {ctx.task.name} — space {cfg.search.space}, "
           f"budget {cfg.search.budget}, {ctx.total_steps} retrain steps on {ctx.device}")
     found, wu = search(ctx)
-    log(f"found {len(found.structure.units)} units ({found.budget_params:,} budget): {found.structure.units}")
+    log(f"found {len(found.structure.units)} units ({found.budget_params:,} budget): {found.structure.units}"
+        + (f"; brought back at a smaller width: {found.fill}" if found.fill else ""))
     retrain = train_fixed(ctx, found.structure, found.plan, out / "model" if export else None, desc="retrain",
                           checkpoint_dir=checkpoint_root(ctx) / "retrain")
     retrain.pop("_model", None)
@@ -205,7 +209,7 @@ def run(cfg: RunConfig, export: bool = True) -> dict:
     results = {
         "config": cfg.to_dict(), "task": task_info(ctx),
         "structure": found.structure.to_dict(), "lora_config": lora_config_dict(found),
-        "rounds": found.rounds, "supernet_params": found.supernet_params, "budget_params": found.budget_params,
+        "rounds": found.rounds, "fill": found.fill, "supernet_params": found.supernet_params, "budget_params": found.budget_params,
         "warmup": wu, "plan": found.plan.summary() if found.plan else None,
         "search_cost": {"steps": found.steps, "seconds": found.seconds,
                         "warmup_steps": (wu or {}).get("steps", 0) if wu and not wu.get("cached") else 0,
@@ -222,6 +226,9 @@ def run(cfg: RunConfig, export: bool = True) -> dict:
     if results["lora_config"]:
         atomic_write_text(out / "lora_config.json", json.dumps(results["lora_config"], indent=1))
     atomic_write_text(out / "results.json", json.dumps(results, indent=1, default=str))
+    from ..report import write_search_report
+
+    write_search_report(out, results)
     sc = results["search_cost"]
     log(f"search: {found.steps} steps / {found.seconds:.1f}s; retrain: {retrain['steps']} steps / "
           f"{retrain['train_seconds']:.1f}s; search cost = {sc['ratio_steps']:.2f}x retrain (steps), "

@@ -62,6 +62,22 @@ class Supernet:
     def unit_size(self, name: str) -> int:
         return sum(p.numel() for p in self.unit_params(name))
 
+    def width(self, name: str) -> int:
+        """A unit's LoRA rank or adapter bottleneck size."""
+        u = self.by_name[name]
+        table = self.base_structure.adapters if u.kind == "adapter" else self.base_structure.lora
+        return table[u.positions[0]]
+
+    def size_at(self, name: str, width: int) -> int:
+        """Parameters of the unit at another rank / bottleneck size: LoRA w*(in+out) per module,
+        adapter w*(2h+1) + h (down weight+bias, up weight, up bias)."""
+        u = self.by_name[name]
+        if u.kind == "adapter":
+            h = self.arch.hidden_size
+            return len(u.positions) * (width * (2 * h + 1) + h)
+        layers = [self._lora[p] for p in u.positions]
+        return width * sum(m.lora_A[ADAPTER].weight.shape[1] + m.lora_B[ADAPTER].weight.shape[0] for m in layers)
+
     def trainable(self) -> int:
         """Trainable PEFT parameters of the alive units (task head excluded)."""
         return sum(self.unit_size(n) for n in self.alive)
@@ -107,13 +123,27 @@ class Supernet:
                     a.copy_((torch.rand(a.shape, generator=g) * 2 - 1) * bound)
                     self._lora[pos].lora_B[ADAPTER].weight.zero_()
 
-    def structure(self) -> PeftStructure:
-        """The alive units as a PeftStructure (what the retrain builds)."""
-        base = self.base_structure
-        alive_pos = {p for n in self.alive for p in self.by_name[n].positions}
+    def structure(self, partial: dict[str, int] | None = None) -> PeftStructure:
+        """The alive units as a PeftStructure (what the retrain builds), plus removed units brought back
+        at a smaller width (`partial`: unit name -> rank / bottleneck size)."""
+        base, partial = self.base_structure, partial or {}
+        width = {p: self.width(n) for n in self.alive for p in self.by_name[n].positions}
+        width.update({p: w for n, w in partial.items() for p in self.by_name[n].positions})
         return PeftStructure(
-            lora={p: r for p, r in base.lora.items() if p in alive_pos},
-            adapters={p: s for p, s in base.adapters.items() if p in alive_pos},
+            lora={p: width[p] for p in base.lora if p in width},
+            adapters={p: width[p] for p in base.adapters if p in width},
             lora_alpha=base.lora_alpha, lora_r_base=base.lora_r_base, lora_dropout=base.lora_dropout,
-            units=list(self.alive),
+            units=[u.name for u in self.units if u.name in self.alive or u.name in partial],
         )
+
+    def fill(self, candidates: list[str], budget: int) -> dict[str, int]:
+        """Spend the budget the last whole-unit removal left over: bring back removed units, best first,
+        each at the largest width that still fits (the unit that crossed the budget only partly). Returns
+        unit name -> width."""
+        out, slack = {}, budget - self.trainable()
+        for name in candidates:
+            w = max((w for w in range(1, self.width(name) + 1) if self.size_at(name, w) <= slack), default=0)
+            if w:
+                out[name] = w
+                slack -= self.size_at(name, w)
+        return out

@@ -1,0 +1,79 @@
+"""report.md of a PrunePEFT search: which unit survived at which layer, and in which round the others went."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..io import atomic_write_text
+
+
+def unit_grid(results: dict) -> tuple[list[str], int, dict[tuple[str, int], str]]:
+    """(unit types, layers, cell per (type, layer)): 'kept', 'kept, width W' (budget fill) or 'round N'."""
+    cells: dict[tuple[str, int], str] = {}
+    for rd in results["rounds"]:
+        for name in rd["removed"]:
+            t, layer = name.split("@")
+            cells[(t, int(layer))] = f"round {rd['round']}"
+    fill = results.get("fill") or {}
+    for name in results["structure"]["units"]:
+        t, layer = name.split("@")
+        cells[(t, int(layer))] = f"kept, width {fill[name]}" if name in fill else "kept"
+    space = results["config"]["search"]["space"]
+    types = sorted({t for t, _ in cells}, key=space.index)
+    return types, 1 + max(layer for _, layer in cells), cells
+
+
+def _plot(out: Path, types: list[str], layers: int, cells: dict, rounds: int) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    grid = np.full((len(types), layers), np.nan)
+    for (t, layer), cell in cells.items():
+        grid[types.index(t), layer] = 0 if cell.startswith("kept") else int(cell.split()[1])
+    fig, ax = plt.subplots(figsize=(max(5, layers * 0.6), 1.2 + 0.5 * len(types)))
+    ax.imshow(grid, cmap="RdYlGn_r", vmin=0, vmax=max(1, rounds), aspect="auto")
+    for (t, layer), cell in cells.items():
+        label = "kept" if cell == "kept" else cell.replace("kept, width ", "w").replace("round ", "r")
+        ax.text(layer, types.index(t), label, ha="center", va="center", fontsize=7)
+    ax.set_xticks(range(layers))
+    ax.set_yticks(range(len(types)), types)
+    ax.set_xlabel("layer")
+    ax.set_title("PEFT units: kept (wN: at width N), or rN: removed in round N", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out / "units.png", dpi=90)
+    plt.close(fig)
+    return "units.png"
+
+
+def write_search_report(out: str | Path, results: dict) -> Path:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    types, layers, cells = unit_grid(results)
+    rt, sc, metric = results["retrain"], results["search_cost"], results["task"]["metric"]
+    lines = ["# prunetune search report", "",
+             f"Task: **{results['task']['name']}**, model: `{results['config']['model']['name_or_path']}`", "",
+             f"- supernet {results['supernet_params']:,} PEFT parameters -> budget {results['budget_params']:,} -> "
+             f"found {rt['trainable_params_no_head']:,} (task head excluded)",
+             f"- search {sc['steps']} steps / {sc['seconds']:.1f} s = {sc['ratio_steps']:.2f}x the retrain's steps, "
+             f"{sc['ratio_seconds']:.2f}x its seconds",
+             f"- retrained dev {metric}: final {rt['final'][metric]:.4f}, best {rt['best'][metric]:.4f}"]
+    if results.get("fill"):
+        lines.append("- budget fill: " + ", ".join(f"{u} back at width {w}" for u, w in results["fill"].items()) +
+                     " (removed in the last round; the rest of the budget at a smaller rank / bottleneck)")
+    if results.get("plan"):
+        lines.append("- foundation pruned in the same run: " +
+                     ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in results["plan"].items()))
+    lines += ["", "| unit | " + " | ".join(f"layer {i}" for i in range(layers)) + " |",
+              "|---|" + "---|" * layers]
+    lines += [f"| {t} | " + " | ".join(cells.get((t, i), "") for i in range(layers)) + " |" for t in types]
+    mapping = (results.get("warmup") or {}).get("mapping")
+    if mapping:
+        lines += ["", "## Criteria per block (warm-up)", "", "| block | criteria |", "|---|---|"]
+        lines += [f"| {b} | {', '.join(c)} |" for b, c in sorted(mapping.items())]
+    png = _plot(out, types, layers, cells, len(results["rounds"]))
+    lines += ["", "## Units", "", f"![units]({png})"]
+    path = out / "report.md"
+    atomic_write_text(path, "\n".join(lines) + "\n")
+    return path
