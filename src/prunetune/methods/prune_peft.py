@@ -43,7 +43,7 @@ class SearchResult:
     budget_params: int = 0
     arch: object = None
     blocks: list[str] = field(default_factory=list)
-    fill: dict[str, int] = field(default_factory=dict)  # removed units brought back at a smaller width
+    fill: dict[str, int] = field(default_factory=dict)  # last-round units brought back to fill the budget: width
 
 
 def _loader(ctx: Context, size: float, seed: int):
@@ -201,7 +201,7 @@ def run(cfg: RunConfig, export: bool = True) -> dict:
           f"budget {cfg.search.budget}, {ctx.total_steps} retrain steps on {ctx.device}")
     found, wu = search(ctx)
     log(f"found {len(found.structure.units)} units ({found.budget_params:,} budget): {found.structure.units}"
-        + (f"; brought back at a smaller width: {found.fill}" if found.fill else ""))
+        + (f"; brought back to fill the budget (unit: width): {found.fill}" if found.fill else ""))
     retrain = train_fixed(ctx, found.structure, found.plan, out / "model" if export else None, desc="retrain",
                           checkpoint_dir=checkpoint_root(ctx) / "retrain")
     retrain.pop("_model", None)
@@ -209,7 +209,8 @@ def run(cfg: RunConfig, export: bool = True) -> dict:
     results = {
         "config": cfg.to_dict(), "task": task_info(ctx),
         "structure": found.structure.to_dict(), "lora_config": lora_config_dict(found),
-        "rounds": found.rounds, "fill": found.fill, "supernet_params": found.supernet_params, "budget_params": found.budget_params,
+        "rounds": found.rounds, "fill": found.fill,
+        "supernet_params": found.supernet_params, "budget_params": found.budget_params,
         "warmup": wu, "plan": found.plan.summary() if found.plan else None,
         "search_cost": {"steps": found.steps, "seconds": found.seconds,
                         "warmup_steps": (wu or {}).get("steps", 0) if wu and not wu.get("cached") else 0,
