@@ -16,11 +16,11 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-import yaml
-
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-os.environ.setdefault("TQDM_DISABLE", "1")
+os.environ.setdefault("TQDM_DISABLE", "1")  # before torch: importing torch imports tqdm, which reads it then
+
+import torch  # noqa: E402
+import yaml  # noqa: E402
 
 from prunetune.config import from_dict, set_dotted  # noqa: E402
 from prunetune.methods.common import prepare  # noqa: E402

@@ -20,10 +20,10 @@ import os
 import sys
 from pathlib import Path
 
-import torch
-
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-os.environ.setdefault("TQDM_DISABLE", "1")
+os.environ.setdefault("TQDM_DISABLE", "1")  # before torch: importing torch imports tqdm, which reads it then
+
+import torch  # noqa: E402
 
 from prunetune.arch import get_arch  # noqa: E402
 from prunetune.config import from_dict  # noqa: E402

@@ -19,10 +19,11 @@ import os
 import sys
 from pathlib import Path
 
-import torch
-
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-os.environ.setdefault("TQDM_DISABLE", "1")
+os.environ.setdefault("TQDM_DISABLE", "1")  # before torch: importing torch imports tqdm, which reads it then
+
+import torch  # noqa: E402
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from light_peft import GLUE_DIRS, compare_row, latency_ms, table  # noqa: E402
