@@ -332,6 +332,11 @@ def test_same_seed_same_plan(bert_dir, sst2_dir, tmp_path):
     assert runs[0] == runs[1]
     plan = json.loads(runs[0])
     assert plan["meta"]["estimation_steps"] == 3
+    # modules are ranked by the chosen score (taylor by default); the other is kept beside it for reports
+    meta = plan["meta"]
+    assert meta["module_score"] == "taylor" and meta["module_importance"] == meta["module_taylor"]
+    assert meta["module_norm_ratio"].keys() == meta["module_taylor"].keys() and meta["module_norm_ratio"]
+    assert meta["module_norm_ratio"] != meta["module_taylor"]
     assert json.loads((tmp_path / "r0" / "results.json").read_text())["light_peft"]["final"] == \
         json.loads((tmp_path / "r1" / "results.json").read_text())["light_peft"]["final"]
 

@@ -91,16 +91,17 @@ def train_light(ctx: Context, export_dir: Path | None = None) -> dict:
                       on_checkpoint=lambda: save("estimate", tracker=tracker.state_dict(),
                                                  mask_scores=masks.score_state()))
         tracker.stop()
-        module_imp, rank_imp = tracker.finalize()
-        if cfg.estimate.module_score == "taylor":
-            module_imp = tracker.module_taylor()
+        norm_ratio, rank_imp = tracker.finalize()
+        module_taylor = tracker.module_taylor()
+        module_imp = module_taylor if cfg.estimate.module_score == "taylor" else norm_ratio
         head_vals, ffn_vals = masks.head_values(), masks.ffn_values()
         head_scores, ffn_scores = masks.structure_scores(cfg.estimate.structure_score)
         p = cfg.prune
         plan = make_plan(arch, head_scores, ffn_scores, module_imp, rank_imp, p.heads, p.ffn, p.modules, p.ranks,
                          p.ffn_scope, p.ffn_floor, cfg.peft.kind, hf.config.model_type,
                          meta={"estimation_steps": est, "window_start": window_start, "total_steps": total,
-                               "module_importance": module_imp,
+                               "module_importance": module_imp,  # the chosen score; both kept for reports
+                               "module_norm_ratio": norm_ratio, "module_taylor": module_taylor,
                                "rank_importance": {k: v.tolist() for k, v in rank_imp.items()},
                                "structure_score": cfg.estimate.structure_score,
                                "module_score": cfg.estimate.module_score,
