@@ -11,6 +11,10 @@ Both pruned configurations spend what the last whole-unit removal leaves of the 
 removed unit at a smaller rank / bottleneck size (`search.fill`). Budget = the smaller of the two fixed
 configurations' PEFT parameters. Search cost is reported next to the retrain cost (steps and seconds), with
 and without the one-off warm-up.
+
+`--space` widens the search (e.g. lora_qv,lora_ffn,adapter_attn; the fixed configurations stay the two above).
+`--configs prunepeft --reuse earlier.json` retrains only PrunePEFT and takes the other rows of the same task and
+seed from an earlier run's JSON (fixed configurations retrain deterministically given the seed).
 """
 from __future__ import annotations
 
@@ -32,6 +36,7 @@ from prunetune.methods.prune_peft import iterative_prune, search, search_loader 
 from prunetune.units.structure import PeftStructure, unit_positions  # noqa: E402
 
 GLUE_DIRS = {"sst2": "SST-2", "rte": "RTE", "cola": "CoLA", "stsb": "STS-B"}
+CONFIGS = ("lora-everywhere", "adapters-everywhere", "random-prune", "prunepeft")
 
 
 def fixed(arch, unit_type: str, sc) -> PeftStructure:
@@ -58,7 +63,7 @@ def bench_task(task: str, args, seed: int) -> dict:
                  "max_train_samples": args.train_samples, "max_eval_samples": args.eval_samples,
                  "max_length": args.max_length},
         "train": {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "seed": seed},
-        "search": {"space": ["lora_qv", "adapter_ffn"], "k": args.k, "data_fraction": args.data_fraction,
+        "search": {"space": args.space, "k": args.k, "data_fraction": args.data_fraction,
                    "warmup_cache": args.cache},
         "output_dir": str(Path(args.out) / f"{task}-seed{seed}"),
     }
@@ -74,12 +79,15 @@ def bench_task(task: str, args, seed: int) -> dict:
           f"{ctx.total_steps} retrain steps, budget {budget:,} PEFT params", flush=True)
 
     found, wu = search(ctx)
-    rnd = iterative_prune(ctx, search_loader(ctx), None, ["random"], sc.round_steps, desc="random")
-    configs["random-prune"] = rnd.structure
+    if "random-prune" in args.configs:
+        configs["random-prune"] = iterative_prune(ctx, search_loader(ctx), None, ["random"], sc.round_steps,
+                                                  desc="random").structure
     configs["prunepeft"] = found.structure
     metric = ctx.task.metric
-    rows = []
+    rows = _reused(args, task, seed)
     for name, structure in configs.items():
+        if name not in args.configs:
+            continue
         print(f"-- {name}: {len(structure.lora)} LoRA modules, {len(structure.adapters)} adapters", flush=True)
         r = train_fixed(ctx, structure, desc=name)
         r.pop("_model")
@@ -87,6 +95,7 @@ def bench_task(task: str, args, seed: int) -> dict:
                      "best": r["best"][metric], "trainable_no_head": r["trainable_params_no_head"],
                      "retrain_steps": r["steps"], "retrain_seconds": r["train_seconds"],
                      "units": structure.units or None})
+    rows.sort(key=lambda r: CONFIGS.index(r["config"]))
     retrain = next(r for r in rows if r["config"] == "prunepeft")
     cost = {"search_steps": found.steps, "search_seconds": found.seconds,
             "warmup_steps": wu.get("steps", 0) if wu else 0, "warmup_seconds": wu.get("seconds", 0.0) if wu else 0.0,
@@ -96,7 +105,28 @@ def bench_task(task: str, args, seed: int) -> dict:
             "ratio_seconds_with_warmup": (found.seconds + (wu or {}).get("seconds", 0.0)) / retrain["retrain_seconds"],
             "found_units": found.structure.units, "fill": found.fill, "mapping": (wu or {}).get("mapping")}
     print(json.dumps({"rows": rows, "cost": cost}, indent=1), flush=True)
-    return {"task": task, "seed": seed, "rows": rows, "cost": cost}
+    return {"task": task, "seed": seed, "space": args.space, "rows": rows, "cost": cost}
+
+
+def _reused(args, task: str, seed: int) -> list[dict]:
+    """Rows of the configurations not retrained in this run, from earlier runs' JSON (same task and seed;
+    the fixed configurations' retrains are deterministic given the seed; random pruning only from a run whose
+    units lie in this run's search space)."""
+    rows = []
+    for path in args.reuse:
+        for res in json.loads(Path(path).read_text()):
+            if res["task"] == task and res["seed"] == seed:
+                rows += [dict(r, reused=path) for r in res["rows"]
+                         if r["config"] not in args.configs and r["config"] not in {x["config"] for x in rows}
+                         and (r["config"] != "random-prune" or _in_space(r["units"], args.space))]
+    missing = sorted(set(CONFIGS) - set(args.configs) - {r["config"] for r in rows})
+    if missing:
+        raise SystemExit(f"error: no row for {', '.join(missing)} ({task}, seed {seed}): retrain it or --reuse a JSON")
+    return rows
+
+
+def _in_space(units: list[str] | None, space: list[str]) -> bool:
+    return all(u.split("@")[0] in space for u in units or [])
 
 
 def table(results: list[dict]) -> str:
@@ -156,13 +186,25 @@ def main(argv=None) -> int:
     p.add_argument("--epochs", type=float, default=3)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--space", default="lora_qv,adapter_ffn", help="search space (unit types); the fixed "
+                   "configurations stay LoRA on q+v and the FFN adapter at every layer")
     p.add_argument("--k", type=float, default=2)
     p.add_argument("--data-fraction", type=float, default=0.1)
     p.add_argument("--seeds", default="42", help="comma-separated; search and retrains are repeated per seed")
     p.add_argument("--cache", default="runs/bench_prune/cache")
     p.add_argument("--out", default="runs/bench_prune")
+    p.add_argument("--configs", default=",".join(CONFIGS), help="configurations to retrain this run")
+    p.add_argument("--reuse", default="", help="comma-separated JSON files of earlier runs: rows of the "
+                   "configurations not retrained here (matched by task and seed)")
     p.add_argument("--json")
     args = p.parse_args(argv)
+    args.configs = [c.strip() for c in args.configs.split(",") if c.strip()]
+    args.reuse = [f for f in args.reuse.split(",") if f.strip()]
+    args.space = [t.strip() for t in args.space.split(",") if t.strip()]
+    if missing := [f for f in args.reuse if not Path(f).is_file()]:
+        p.error(f"--reuse: no such file: {', '.join(missing)}")
+    if not set(args.configs) <= set(CONFIGS) or "prunepeft" not in args.configs:
+        p.error(f"--configs takes prunepeft and any of {', '.join(CONFIGS[:3])}; got {','.join(args.configs)}")
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}", flush=True)
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     results = [bench_task(t.strip(), args, seed) for t in args.tasks.split(",") if t.strip() for seed in seeds]

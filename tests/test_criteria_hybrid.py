@@ -1,6 +1,7 @@
 """PrunePEFT criteria and hybrid scoring: hand-computed criteria, per-unit training statistics (no
 accumulation across units), spindle bands, random tie-breaking, the Irwin-Hall calibration, the
-block-size / criteria-count bias test of the combination, and the warm-up criteria assignment."""
+block-size / criteria-count bias test of the combination, weight-space criteria ranked within a unit type,
+uninformative (tied) criteria left out, and the warm-up criteria assignment."""
 from __future__ import annotations
 
 import pytest
@@ -10,8 +11,9 @@ from models import batch, tiny
 from prunetune.arch import get_arch
 from prunetune.scores import ImportanceTracker
 from prunetune.scores.criteria import CRITERIA, DYNAMIC, score_units
-from prunetune.scores.hybrid import (assign_criteria, band, block_of, combine, irwin_hall_mean_cdf, lowest,
-                                     percentiles)
+from prunetune.scores.criteria import PER_PARAMETER, WEIGHT_SPACE
+from prunetune.scores.hybrid import (assign_criteria, band, block_of, combine, informative, irwin_hall_mean_cdf,
+                                     lowest, percentiles)
 from prunetune.units.lora import ADAPTER
 from prunetune.units.supernet import Supernet
 
@@ -58,6 +60,25 @@ def test_dynamic_criteria_read_their_statistic(name):
     stats[name] = {"u1": 7.0, "u2": -1.0, "u3": 0.5}
     units = {u: [torch.ones(2)] for u in ("u1", "u2", "u3")}
     assert score_units(name, units, stats, {}) == stats[name]
+
+
+@pytest.mark.parametrize("name", sorted(DYNAMIC))
+def test_per_parameter_divides_cross_type_criteria_by_unit_size(name):
+    """A LoRA on the FFN (4x wider) moves the output more than one on q+v by size alone; per parameter of
+    budget the smaller unit can come out ahead. Weight-space criteria (already per-weight means) are unchanged."""
+    stats = {key: {"small": 1.0, "big": 3.0} for key in DYNAMIC}
+    units = {"small": [torch.ones(4, 2), torch.ones(2, 4)], "big": [torch.ones(4, 5), torch.ones(5, 4)]}
+    per = score_units(name, units, stats, {"per_parameter": True})
+    if name in PER_PARAMETER:
+        assert per == pytest.approx({"small": 1.0 / 16, "big": 3.0 / 40})
+        assert lowest(per, 1) == ["small"] and lowest(score_units(name, units, stats, {}), 1) == ["small"]
+        stats[name]["big"] = 2.0  # 2/40 < 1/16: now the big unit goes first per parameter, not raw
+        assert lowest(score_units(name, units, stats, {"per_parameter": True}), 1) == ["big"]
+        assert lowest(score_units(name, units, stats, {}), 1) == ["small"]
+    else:
+        assert per == stats[name]
+    assert PER_PARAMETER <= DYNAMIC and not PER_PARAMETER & WEIGHT_SPACE
+    assert score_units("magnitude", units, None, {"per_parameter": True}) == {"small": 1.0, "big": 1.0}
 
 
 def test_random_criterion_is_seeded():
@@ -279,6 +300,84 @@ def test_all_tied_criterion_does_not_prune_the_lowest_layers_first():
     assert len(picks) == 5
 
 
+def _two_types(n: int = 12):
+    units = [f"{t}@{l}" for t in ("lora_qv", "adapter_ffn") for l in range(n)]
+    return units, {u: u.split("@")[0] for u in units}, {u: block_of(u.split("@")[0], int(u[-2:].strip("@")), n)
+                                                          for u in units}
+
+
+def test_weight_space_criteria_are_ranked_within_a_unit_type():
+    """Magnitude of a LoRA unit (kaiming A) is ~2x an adapter's (std 0.02 init) before any training: ranked over
+    all units it would remove adapters first whatever they do. Within a type it removes types in proportion."""
+    units, kind, blocks = _two_types()
+    assert {"magnitude", "gradient", "zeros", "threshold"} <= WEIGHT_SPACE
+    assert not {"taylor", "activation", "norm_ratio"} & WEIGHT_SPACE
+    crits = {b: ["magnitude"] for b in blocks.values()}
+    g = torch.Generator().manual_seed(0)
+    removed = {"lora_qv": 0, "adapter_ffn": 0}
+    globally = {"lora_qv": 0, "adapter_ffn": 0}
+    for _ in range(200):
+        noise = torch.rand(len(units), generator=g).tolist()
+        scale = {"lora_qv": 2.0, "adapter_ffn": 1.0}
+        scores = {"magnitude": {u: scale[kind[u]] * (1 + 0.1 * e) for u, e in zip(units, noise)}}
+        for u in lowest(combine(scores, blocks, crits, generator=g, unit_type=kind, within_type=WEIGHT_SPACE), 6):
+            removed[kind[u]] += 1
+        for u in lowest(combine(scores, blocks, crits, generator=g), 6):
+            globally[kind[u]] += 1
+    assert globally == {"lora_qv": 0, "adapter_ffn": 1200}
+    assert abs(removed["lora_qv"] / 1200 - 0.5) < 0.05, removed
+    # a function-space criterion still compares types: a type that does less goes first
+    taylor = {"taylor": {u: (2.0 if kind[u] == "lora_qv" else 1.0) for u in units}}
+    h = combine(taylor, blocks, {b: ["taylor"] for b in blocks.values()}, generator=g, unit_type=kind,
+                within_type=WEIGHT_SPACE)
+    assert {kind[u] for u in lowest(h, 12)} == {"adapter_ffn"}
+
+
+def test_uninformative_criterion_is_left_out():
+    """zeros on trained weights is all tied: averaged in, it would dilute a block's other criteria with a random
+    draw; left out, the other criterion decides alone. A unit no criterion can rank gets a uniform draw."""
+    units = [f"u{i}" for i in range(8)]
+    taylor = {u: float(i) for i, u in enumerate(units)}
+    scores = {"zeros": {u: 0.0 for u in units}, "taylor": taylor}
+    for seed in range(5):
+        h = combine(scores, {u: "X" for u in units}, {"X": ["taylor", "zeros"]},
+                    generator=torch.Generator().manual_seed(seed))
+        assert lowest(h, 8) == units  # exactly the taylor order, every seed
+        assert h["u0"] == pytest.approx(1 / 16)  # one criterion left: its percentile
+    assert informative(scores, units) == {"zeros": set(), "taylor": set(units)}
+    # only zeros: nothing ranks the units; uniform draws, seed dependent, not the index order
+    orders = {tuple(lowest(combine({"zeros": scores["zeros"]}, {u: "X" for u in units}, {"X": ["zeros"]},
+                                   generator=torch.Generator().manual_seed(s)), 8)) for s in range(4)}
+    assert len(orders) == 4 and tuple(units) not in orders
+    # within a type, a type's last unit cannot be ranked by a weight-space criterion; others can
+    kind = {"a": "lora_qv", "b": "lora_qv", "c": "adapter_ffn"}
+    mag = {"magnitude": {"a": 1.0, "b": 2.0, "c": 0.5}}
+    assert informative(mag, sorted(kind), kind, WEIGHT_SPACE) == {"magnitude": {"a", "b"}}
+    assert informative(mag, sorted(kind)) == {"magnitude": {"a", "b", "c"}}
+
+
+def test_calibrated_combination_is_unbiased_with_unit_types():
+    """The i.i.d. bias test with two unit types, weight-space criteria ranked within type and one block
+    whose only criterion is weight-space in a type of a different size."""
+    units, kind, blocks = _two_types(12)
+    units = units[:20]  # 12 LoRA + 8 adapters
+    kind = {u: kind[u] for u in units}
+    blocks = {u: blocks[u] for u in units}
+    crits = {b: (["magnitude"] if b.startswith("adapter") else ["taylor", "gradient", "activation"])
+             for b in set(blocks.values())}
+    g_scores, g = torch.Generator().manual_seed(3), torch.Generator().manual_seed(4)
+    removed = {b: 0 for b in crits}
+    trials, k = 400, 5
+    for _ in range(trials):
+        scores = {c: dict(zip(units, torch.rand(len(units), generator=g_scores).tolist()))
+                  for c in ("taylor", "gradient", "activation", "magnitude")}
+        for u in lowest(combine(scores, blocks, crits, "calibrated", g, kind, WEIGHT_SPACE), k):
+            removed[blocks[u]] += 1
+    size = {b: sum(1 for u in units if blocks[u] == b) for b in crits}
+    for b in crits:
+        assert abs((removed[b] / (trials * k)) / (size[b] / len(units)) - 1) <= 0.2, (b, removed, size)
+
+
 def _removal_shares(method: str, trials: int = 400, k: int = 6) -> dict[str, float]:
     """Blocks of different sizes and different numbers of criteria; i.i.d. random scores; remove the lowest
     k every trial. Returns each block's share of removals divided by its share of units (1 = unbiased)."""
@@ -327,3 +426,8 @@ def test_assign_criteria():
     # a criterion is added to the block it prunes most even where another criterion is more frequent
     mapping = assign_criteria({"zeros": {"A": 5, "B": 4}, "taylor": {"A": 1}}, ["A", "B"])
     assert mapping == {"A": ["taylor", "zeros"], "B": ["zeros"]}
+    # a block no criterion pruned: every criterion (ties at 0), or the fallback when one is given
+    counts = {"zeros": {}, "taylor": {"A": 2}}
+    assert assign_criteria(counts, ["A", "B"]) == {"A": ["taylor"], "B": ["taylor", "zeros"]}
+    assert assign_criteria(counts, ["A", "B"], ["magnitude", "taylor"]) == {"A": ["taylor"],
+                                                                            "B": ["magnitude", "taylor"]}

@@ -377,6 +377,8 @@ def test_search_report_shows_every_unit(lora_run):
     report = (out / "report.md").read_text()
     assert "| lora_qv | " in report and f"budget {results['budget_params']:,}" in report
     assert "## Criteria per block (warm-up)" in report and (out / "units.png").stat().st_size > 1000
+    drawn = [u for rd in results["rounds"] for u in rd["drawn"]]
+    assert all(u in report for u in drawn) and (("random draw" in report) == bool(drawn))
 
 
 def test_search_and_retrain_costs(lora_run):
@@ -441,6 +443,8 @@ def test_warmup_mapping_is_cached(lora_run, bert_dir, sst2_dir, cache_dir, tmp_p
     other = prepare(from_dict(_cfg(bert_dir, sst2_dir, tmp_path / "b", cache_dir, space=["lora_qv"])))
     assert prune_peft._cache_file(other) != prune_peft._cache_file(ctx)
     assert prune_peft._cache_file(ctx).is_file() and not prune_peft._cache_file(other).exists()
+    raw = prepare(from_dict(_cfg(bert_dir, sst2_dir, tmp_path / "c", cache_dir, per_parameter=False)))
+    assert prune_peft._cache_file(raw) != prune_peft._cache_file(ctx)  # other scores, other mapping
 
 
 def test_corrupt_warmup_cache_is_recomputed(bert_dir, sst2_dir, tmp_path):
@@ -453,6 +457,22 @@ def test_corrupt_warmup_cache_is_recomputed(bert_dir, sst2_dir, tmp_path):
     assert wu["cached"] is False and wu["steps"] > 0 and set(wu["counts"]) == {"magnitude", "random"}
     assert json.loads(path.read_text())["mapping"] == wu["mapping"]
     assert prune_peft.warmup(ctx)["cached"] is True
+
+
+def test_warmup_does_not_count_units_a_tied_criterion_drew_at_random(bert_dir, sst2_dir, tmp_path):
+    """zeros is all tied on trained weights: its removals are random draws and must not earn it blocks
+    (the reference defect's cousin: a random criterion looking like a block specialist)."""
+    ctx = prepare(from_dict(_cfg(bert_dir, sst2_dir, tmp_path / "o", tmp_path / "cache", space=["lora_qv", "lora_ffn"],
+                                 warmup_criteria=["zeros", "magnitude"], criteria=["taylor", "activation"])))
+    r = prune_peft.iterative_prune(ctx, ctx.train_loader, None, ["zeros"], 1, desc="zeros")
+    assert r.rounds and all(rd["drawn"] == rd["removed"] for rd in r.rounds)
+    r = prune_peft.iterative_prune(ctx, ctx.train_loader, None, ["magnitude"], 1, desc="magnitude")
+    assert r.rounds[0]["drawn"] == []  # two units of each type: ranked within type (a type's last one is not)
+    wu = prune_peft.warmup(ctx)
+    assert wu["counts"]["zeros"] == {} and sum(wu["counts"]["magnitude"].values()) > 0
+    for block, crits in wu["mapping"].items():
+        assert "zeros" not in crits
+        assert crits == (["magnitude"] if wu["counts"]["magnitude"].get(block) else ["activation", "taylor"])
 
 
 def test_units_to_remove_stops_at_the_budget():

@@ -104,6 +104,7 @@ class SearchConfig:
     round_steps: int | None = None  # training steps per round; None = one epoch of the search data
     data_fraction: float = 1.0  # low fidelity: train the rounds on this label-stratified fraction of the data
     fill: bool = True  # spend the budget left by the last whole-unit removal on a removed unit at a smaller width
+    per_parameter: bool = True  # cross-type criteria (taylor, activation, norm_ratio) per parameter of the unit
     reinit: bool = False  # re-initialise surviving units between rounds (default: inherit weights)
     combine: str = "calibrated"  # calibrated (unbiased percentile ranks) | eq1 (the paper's Eq. 1)
     criteria: list[str] = field(default_factory=lambda: ["taylor", "activation", "magnitude", "gradient"])

@@ -24,8 +24,8 @@ from ..models import load_model
 from ..arch import get_arch
 from ..plan import PruningPlan, make_plan
 from ..scores import ImportanceTracker, StructureMasks
-from ..scores.criteria import DYNAMIC, score_units
-from ..scores.hybrid import assign_criteria, block_of, combine
+from ..scores.criteria import DYNAMIC, WEIGHT_SPACE, score_units
+from ..scores.hybrid import assign_criteria, block_of, combine, informative
 from ..train import TrainState, make_loader
 from ..units.structure import PeftStructure
 from ..units.supernet import Supernet
@@ -81,6 +81,7 @@ def iterative_prune(ctx: Context, loader, block_criteria: dict[str, list[str]] |
     steps = round_steps or max(1, math.ceil(len(loader) / cfg.train.grad_accum))
     state = TrainState(net.model, hf, extras, cfg.train, loader, steps, ctx.device, desc=desc, constant_lr=True)
     blocks = {u.name: block_of(u.type, u.layer, arch.num_layers, sc.bands) for u in net.units}
+    kind = {u.name: u.type for u in net.units}
     mapping = block_criteria or {b: list(criteria) for b in set(blocks.values())}
     gen = torch.Generator().manual_seed(cfg.train.seed)
     result = SearchResult(PeftStructure(), None, supernet_params=full, budget_params=target, arch=arch,
@@ -105,17 +106,22 @@ def iterative_prune(ctx: Context, loader, block_criteria: dict[str, list[str]] |
         needed = sorted({c for u in net.alive for c in mapping[blocks[u]]})
         stats = tracker.unit_stats() if DYNAMIC & set(needed) else None
         params = {u: net.unit_params(u) for u in net.alive}
-        scores = {c: score_units(c, params, stats, {"generator": gen, "threshold": sc.threshold}) for c in needed}
-        hybrid = combine(scores, {u: blocks[u] for u in net.alive}, mapping, sc.combine, gen)
+        crit_ctx = {"generator": gen, "threshold": sc.threshold, "per_parameter": sc.per_parameter}
+        scores = {c: score_units(c, params, stats, crit_ctx) for c in needed}
+        types = {u: kind[u] for u in net.alive}
+        hybrid = combine(scores, {u: blocks[u] for u in net.alive}, mapping, sc.combine, gen, types, WEIGHT_SPACE)
         order = sorted(hybrid, key=lambda u: (hybrid[u], u))
         k = int(sc.k) if sc.k >= 1 else max(1, int(round(sc.k * len(net.alive))))
         removed = _units_to_remove(order, net, k, target)
+        can = informative(scores, sorted(net.alive), types, WEIGHT_SPACE)
+        drawn = [u for u in removed if not any(u in can[c] for c in mapping[blocks[u]])]
         net.remove(removed)
         if sc.reinit:
             net.reinit(cfg.train.seed + len(result.rounds))
         state.set_model(net.model, hf, extras, reset=sc.reinit)  # fresh weights: fresh AdamW moments too
         result.rounds.append({"round": len(result.rounds) + 1, "removed": removed,
-                              "blocks_removed": [blocks[u] for u in removed], "trainable": net.trainable(),
+                              "blocks_removed": [blocks[u] for u in removed], "drawn": drawn,
+                              "trainable": net.trainable(),
                               "alive": len(net.alive), "step": state.step})
     result.steps, result.seconds = state.step, time.perf_counter() - t0
     if sc.fill and result.rounds:
@@ -133,10 +139,12 @@ def iterative_prune(ctx: Context, loader, block_criteria: dict[str, list[str]] |
 def _cache_file(ctx: Context) -> Path:
     sc = ctx.cfg.search
     root = Path(sc.warmup_cache or os.environ.get("PRUNETUNE_CACHE") or Path.home() / ".cache" / "prunetune")
-    key = json.dumps({"model": os.path.abspath(ctx.model_path) if os.path.exists(ctx.model_path) else ctx.model_path,
+    model = os.path.abspath(ctx.model_path) if os.path.exists(ctx.model_path) else ctx.model_path
+    key = json.dumps({"version": 2, "model": model,  # version: what a cached mapping means (2: drawn units ignored)
                       "space": sc.space, "r": sc.lora_r, "size": sc.adapter_size, "budget": sc.budget, "k": sc.k,
                       "bands": sc.bands, "criteria": sc.warmup_criteria, "steps": sc.warmup_round_steps,
-                      "samples": sc.warmup_samples, "combine": sc.combine}, sort_keys=True)
+                      "samples": sc.warmup_samples, "combine": sc.combine, "per_parameter": sc.per_parameter},
+                     sort_keys=True)
     return root / "warmup" / (hashlib.sha256(key.encode()).hexdigest()[:16] + ".json")
 
 
@@ -160,11 +168,12 @@ def warmup(ctx: Context) -> dict:
         r = iterative_prune(ctx, loader, None, [c], sc.warmup_round_steps, desc=f"warm-up {c}")
         steps += r.steps
         counts[c] = {}
-        for rd in r.rounds:
-            for b in rd["blocks_removed"]:
-                counts[c][b] = counts[c].get(b, 0) + 1
+        for rd in r.rounds:  # units drawn at random (the criterion could not rank them) say nothing of it
+            for u, b in zip(rd["removed"], rd["blocks_removed"]):
+                if u not in rd["drawn"]:
+                    counts[c][b] = counts[c].get(b, 0) + 1
         blocks.update(r.blocks)
-    mapping = assign_criteria(counts, sorted(blocks))
+    mapping = assign_criteria(counts, sorted(blocks), sc.criteria)
     out = {"mapping": mapping, "counts": counts, "steps": steps, "seconds": time.perf_counter() - t0}
     if is_main():
         atomic_write_text(path, json.dumps(out, indent=1))

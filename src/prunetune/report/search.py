@@ -62,6 +62,9 @@ def write_search_report(out: str | Path, results: dict) -> Path:
     if results.get("fill"):
         lines.append("- budget fill: " + ", ".join(f"{u} back at width {w}" for u, w in results["fill"].items()) +
                      " (removed in the last round; the rest of the budget at a smaller rank / bottleneck)")
+    drawn = [f"{u} (round {rd['round']})" for rd in results["rounds"] for u in rd.get("drawn", [])]
+    if drawn:
+        lines.append("- removed by a random draw (no criterion of its block could rank it): " + ", ".join(drawn))
     if results.get("plan"):
         lines.append("- foundation pruned in the same run: " +
                      ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in results["plan"].items()))

@@ -9,6 +9,14 @@ import torch
 
 CRITERIA: dict[str, callable] = {}
 DYNAMIC = {"gradient", "taylor", "activation", "norm_ratio"}  # need training statistics
+# Scale set by the unit's parametrisation (init scale, fan-in, LoRA's alpha / r), not by what it does: ranked
+# within a unit type only. taylor (invariant to rescaling w -> c*w), activation and norm_ratio (the unit's
+# output) compare across types.
+WEIGHT_SPACE = {"zeros", "threshold", "magnitude", "gradient"}
+# What a unit does, compared across types of different sizes: divided by the unit's parameter count they rank
+# value per parameter of budget (the greedy knapsack order); raw, a LoRA on the 4x wider FFN outranks LoRA on q+v
+# by size alone.
+PER_PARAMETER = {"taylor", "activation", "norm_ratio"}
 
 
 def criterion(name: str):
@@ -72,7 +80,10 @@ def random_(params, stats, unit, ctx) -> float:
 
 
 def score_units(name: str, units: dict[str, list[torch.Tensor]], stats: dict | None, ctx: dict) -> dict[str, float]:
-    """Scores of every unit under criterion `name` (units: unit name -> its parameters)."""
+    """Scores of every unit under criterion `name` (units: unit name -> its parameters). ctx["per_parameter"]:
+    PER_PARAMETER criteria divided by the unit's parameter count."""
     if name not in CRITERIA:
         raise KeyError(f"unknown criterion '{name}' (known: {', '.join(sorted(CRITERIA))})")
-    return {u: CRITERIA[name](params, stats, u, ctx) for u, params in sorted(units.items())}
+    scale = ctx.get("per_parameter") and name in PER_PARAMETER
+    return {u: CRITERIA[name](params, stats, u, ctx) / (sum(p.numel() for p in params) if scale else 1)
+            for u, params in sorted(units.items())}

@@ -1,10 +1,13 @@
 """PrunePEFT hybrid scoring: blocks (unit type x depth band), per-block criteria, and their combination.
 
-Default combination ("calibrated"): every criterion's scores become global percentile ranks over the alive
-units (random tie-breaking, so all-tied criteria carry no structural bias); a unit's hybrid score is the mean
-of its block's criteria percentiles, mapped through the Irwin-Hall CDF of a mean of m uniforms. Under
-i.i.d. scores every unit's hybrid score is then uniform on [0, 1] whatever m its block has, so blocks are
-pruned in proportion to their size; real signal shifts that. "eq1" is the paper's Eq. 1, kept as an option.
+Default combination ("calibrated"): every criterion's scores become percentile ranks over the alive units
+(random tie-breaking); a unit's hybrid score is the mean of its block's criteria percentiles, mapped through
+the Irwin-Hall CDF of a mean of m uniforms. Under i.i.d. scores every unit's hybrid score is then uniform on
+[0, 1] whatever m its block has, so blocks are pruned in proportion to their size; real signal shifts that.
+Criteria whose scale follows a unit's parametrisation (criteria.WEIGHT_SPACE: LoRA's kaiming A against an
+adapter's small init) are ranked within the unit's type only. A criterion that cannot tell a unit from the
+others it is ranked against (all tied, e.g. `zeros` on trained weights, or a type's last unit) is left out
+of that unit's mean; a unit left with none gets a uniform draw. "eq1" is the paper's Eq. 1, kept as an option.
 """
 from __future__ import annotations
 
@@ -44,17 +47,45 @@ def irwin_hall_mean_cdf(x: float, m: int) -> float:
     return min(1.0, max(0.0, total / math.factorial(m)))
 
 
+def _groups(units: list[str], unit_type: dict[str, str] | None, within_type: bool) -> list[list[str]]:
+    if not within_type or unit_type is None:
+        return [units]
+    by_type: dict[str, list[str]] = {}
+    for u in units:
+        by_type.setdefault(unit_type[u], []).append(u)
+    return list(by_type.values())
+
+
+def informative(scores: dict[str, dict[str, float]], units: list[str], unit_type: dict[str, str] | None = None,
+                within_type: set[str] = frozenset()) -> dict[str, set[str]]:
+    """criterion -> the units it can rank: those in a comparison group (all units, or the unit's type for
+    `within_type` criteria) whose scores are not all equal."""
+    out = {}
+    for c, s in scores.items():
+        out[c] = {u for grp in _groups(units, unit_type, c in within_type) if len({s[v] for v in grp}) > 1
+                  for u in grp}
+    return out
+
+
 def combine(scores: dict[str, dict[str, float]], unit_block: dict[str, str], block_criteria: dict[str, list[str]],
-            method: str = "calibrated", generator: torch.Generator | None = None) -> dict[str, float]:
-    """scores: criterion -> unit -> raw score. Returns unit -> hybrid score (lower = prune first)."""
+            method: str = "calibrated", generator: torch.Generator | None = None,
+            unit_type: dict[str, str] | None = None, within_type: set[str] = frozenset()) -> dict[str, float]:
+    """scores: criterion -> unit -> raw score. Returns unit -> hybrid score (lower = prune first).
+    unit_type + within_type: criteria ranked within each unit type instead of over all units."""
     g = generator or torch.Generator().manual_seed(0)
     units = sorted(unit_block)
     if method == "calibrated":
-        pct = {c: percentiles({u: s[u] for u in units}, g) for c, s in scores.items()}
+        pct: dict[str, dict[str, float]] = {}
+        for c, s in scores.items():
+            pct[c] = {}
+            for grp in _groups(units, unit_type, c in within_type):
+                pct[c].update(percentiles({u: s[u] for u in grp}, g))
+        can = informative(scores, units, unit_type, within_type)
+        draws = torch.rand(len(units), generator=g).tolist()
         out = {}
-        for u in units:
-            crits = block_criteria[unit_block[u]]
-            out[u] = irwin_hall_mean_cdf(sum(pct[c][u] for c in crits) / len(crits), len(crits))
+        for u, draw in zip(units, draws):
+            crits = [c for c in block_criteria[unit_block[u]] if u in can[c]]
+            out[u] = irwin_hall_mean_cdf(sum(pct[c][u] for c in crits) / len(crits), len(crits)) if crits else draw
         return out
     if method == "eq1":
         return _eq1(scores, unit_block, block_criteria, units)
@@ -82,15 +113,16 @@ def lowest(hybrid: dict[str, float], k: int) -> list[str]:
     return [u for u, _ in sorted(hybrid.items(), key=lambda kv: (kv[1], kv[0]))[:k]]
 
 
-def assign_criteria(counts: dict[str, dict[str, int]], blocks: list[str]) -> dict[str, list[str]]:
+def assign_criteria(counts: dict[str, dict[str, int]], blocks: list[str],
+                    fallback: list[str] | None = None) -> dict[str, list[str]]:
     """Warm-up result -> block criteria. counts: criterion -> block -> units that criterion pruned there.
     Each block gets its most frequent criterion(s) (ties keep all); each criterion is also added to the
-    block it prunes most."""
+    block it prunes most. A block no criterion pruned gets `fallback` (default: every criterion)."""
     crits = sorted(counts)
     mapping = {}
     for b in blocks:
         best = max(counts[c].get(b, 0) for c in crits)
-        mapping[b] = [c for c in crits if counts[c].get(b, 0) == best]
+        mapping[b] = [c for c in crits if counts[c].get(b, 0) == best] if best or not fallback else list(fallback)
     for c in crits:
         top = max((counts[c].get(b, 0) for b in blocks), default=0)
         if top > 0:
