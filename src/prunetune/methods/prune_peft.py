@@ -108,12 +108,11 @@ def iterative_prune(ctx: Context, loader, block_criteria: dict[str, list[str]] |
         params = {u: net.unit_params(u) for u in net.alive}
         crit_ctx = {"generator": gen, "threshold": sc.threshold, "per_parameter": sc.per_parameter}
         scores = {c: score_units(c, params, stats, crit_ctx) for c in needed}
-        types = {u: kind[u] for u in net.alive}
-        hybrid = combine(scores, {u: blocks[u] for u in net.alive}, mapping, sc.combine, gen, types, WEIGHT_SPACE)
+        can = informative(scores, sorted(net.alive), kind, WEIGHT_SPACE)  # which units each criterion can rank
+        hybrid = combine(scores, {u: blocks[u] for u in net.alive}, mapping, sc.combine, gen, kind, WEIGHT_SPACE, can)
         order = sorted(hybrid, key=lambda u: (hybrid[u], u))
         k = int(sc.k) if sc.k >= 1 else max(1, int(round(sc.k * len(net.alive))))
         removed = _units_to_remove(order, net, k, target)
-        can = informative(scores, sorted(net.alive), types, WEIGHT_SPACE)
         drawn = [u for u in removed if not any(u in can[c] for c in mapping[blocks[u]])]
         net.remove(removed)
         if sc.reinit:

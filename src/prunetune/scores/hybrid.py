@@ -69,9 +69,11 @@ def informative(scores: dict[str, dict[str, float]], units: list[str], unit_type
 
 def combine(scores: dict[str, dict[str, float]], unit_block: dict[str, str], block_criteria: dict[str, list[str]],
             method: str = "calibrated", generator: torch.Generator | None = None,
-            unit_type: dict[str, str] | None = None, within_type: set[str] = frozenset()) -> dict[str, float]:
+            unit_type: dict[str, str] | None = None, within_type: set[str] = frozenset(),
+            can: dict[str, set[str]] | None = None) -> dict[str, float]:
     """scores: criterion -> unit -> raw score. Returns unit -> hybrid score (lower = prune first).
-    unit_type + within_type: criteria ranked within each unit type instead of over all units."""
+    unit_type + within_type: criteria ranked within each unit type instead of over all units.
+    can: `informative(...)` of the same arguments when the caller has it already."""
     g = generator or torch.Generator().manual_seed(0)
     units = sorted(unit_block)
     if method == "calibrated":
@@ -80,7 +82,7 @@ def combine(scores: dict[str, dict[str, float]], unit_block: dict[str, str], blo
             pct[c] = {}
             for grp in _groups(units, unit_type, c in within_type):
                 pct[c].update(percentiles({u: s[u] for u in grp}, g))
-        can = informative(scores, units, unit_type, within_type)
+        can = can if can is not None else informative(scores, units, unit_type, within_type)
         draws = torch.rand(len(units), generator=g).tolist()
         out = {}
         for u, draw in zip(units, draws):
