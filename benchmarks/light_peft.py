@@ -1,10 +1,14 @@
 """Vanilla LoRA vs Light-PEFT on the real MiniLM, side by side in one run, per task.
 
     python benchmarks/light_peft.py --tasks sst2,rte --data-root ../shared/data
+    python benchmarks/light_peft.py --tasks sst2 --seeds 3 --json benchmarks/results/light_{task}.json
 
 Prints, per task: dev metric of each, train-step time ratio, end-to-end time ratio (estimation included),
 peak training memory ratio, inference-latency ratio. Both runs share seed, data order, schedule and
-hyperparameters; only Light-PEFT's estimation/pruning differs.
+hyperparameters; only Light-PEFT's estimation/pruning differs. With several seeds (`--seeds N`: N seeds from
+`--seed` on, or a comma list), each seed trains both sides again and the summary gives mean +- std of both and
+the paired difference (Light-PEFT - vanilla) with a 95% t interval. The JSON (one file per task; `{task}` in
+the name) is rewritten after every seed, so a run cut short keeps the seeds it finished.
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ import yaml  # noqa: E402
 from prunetune.config import from_dict, set_dotted  # noqa: E402
 from prunetune.methods.common import prepare  # noqa: E402
 from prunetune.methods.light_peft import train_light, train_vanilla  # noqa: E402
+from prunetune.report.stats import mean_std, paired_summary  # noqa: E402
 
 GLUE_DIRS = {"sst2": "SST-2", "rte": "RTE", "cola": "CoLA", "stsb": "STS-B"}
 
@@ -73,20 +78,23 @@ def parse_variant(spec: str) -> tuple[str, dict]:
     return name.strip(), over
 
 
-def bench_task(task: str, args) -> list[dict]:
+def bench_task(task: str, args, seed: int) -> list[dict]:
+    """One seed of one task: vanilla once, then every variant against it."""
     base = {
         "model": {"name_or_path": args.model},
         "data": {"task": task, "data_dir": str(Path(args.data_root) / GLUE_DIRS[task]),
                  "max_train_samples": args.train_samples, "max_eval_samples": args.eval_samples,
                  "max_length": args.max_length},
         "prune": {"heads": args.heads, "ffn": args.ffn, "modules": args.modules, "ranks": args.ranks},
-        "train": {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed},
-        "output_dir": str(Path(args.out) / task),
+        "train": {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "seed": seed},
+        "output_dir": str(Path(args.out) / f"{task}-seed{seed}"),
     }
+    for dotted, value in args.common.items():  # --set: applied to both sides
+        set_dotted(base, dotted, value)
     variants = [parse_variant(v) for v in args.variant] or [("light-peft", {})]
     ctx = prepare(from_dict(base))
-    print(f"== {task}: {len(ctx.train_loader.dataset)} train / {len(ctx.dev_loader.dataset)} dev, "
-          f"{ctx.total_steps} steps, batch {args.batch_size}", flush=True)
+    print(f"== {task} (seed {seed}): {len(ctx.train_loader.dataset)} train / {len(ctx.dev_loader.dataset)} dev, "
+          f"{ctx.total_steps} steps, batch {ctx.cfg.train.batch_size}", flush=True)
     batch = next(iter(ctx.dev_loader))
     batch = {k: v for k, v in batch.items() if k != "labels"}
     van = train_vanilla(ctx)
@@ -100,10 +108,69 @@ def bench_task(task: str, args) -> list[dict]:
         light = train_light(ctx)
         light.pop("_plan")
         light["latency_ms"] = latency_ms(light.pop("_model"), batch, args.repeats)
-        row = dict(compare_row(task, ctx, van, light), variant=name, overrides=over)
+        row = dict(compare_row(task, ctx, van, light), variant=name, overrides=over, seed=seed,
+                   predicted_step_speedup=light.get("predicted_step_speedup"),
+                   target_speedup=getattr(ctx.cfg.prune, "target_speedup", None))
         print(json.dumps(row, indent=1), flush=True)
         rows.append(row)
     return rows
+
+
+def summarize(rows: list[dict], model: str) -> dict:
+    """The evidence summary of one task and variant over its seeds (final dev metric, paired by seed)."""
+    rows = sorted(rows, key=lambda r: r["seed"])
+    s = paired_summary([r["vanilla_final"] for r in rows], [r["light_final"] for r in rows])
+    predicted = [r["predicted_step_speedup"] for r in rows if r.get("predicted_step_speedup") is not None]
+    return {
+        "task": rows[0]["task"], "metric": rows[0]["metric"], "variant": rows[0]["variant"], "model": model,
+        "seeds": [r["seed"] for r in rows],
+        "baseline_mean": s.baseline_mean, "baseline_std": s.baseline_std,
+        "method_mean": s.method_mean, "method_std": s.method_std,
+        "paired_diff_mean": s.diff_mean, "paired_diff_std": s.diff_std,
+        "paired_diff_ci95": list(s.diff_ci95) if s.diff_ci95 else None,
+        "step_speedup_mean": mean_std([r["step_speedup"] for r in rows])[0],
+        "e2e_speedup_mean": mean_std([r["e2e_speedup"] for r in rows])[0],
+        "memory_ratio_mean": mean_std([r["memory_ratio"] for r in rows])[0],
+        "inference_speedup_mean": mean_std([r["inference_speedup"] for r in rows])[0],
+        "predicted_step_speedup": mean_std(predicted)[0] if predicted else None,
+        "target_speedup": rows[0].get("target_speedup"),
+    }
+
+
+def summaries(rows: list[dict], model: str) -> list[dict]:
+    keys = dict.fromkeys((r["task"], r["variant"]) for r in rows)
+    return [summarize([r for r in rows if (r["task"], r["variant"]) == k], model) for k in keys]
+
+
+def seed_table(sums: list[dict]) -> str:
+    lines = ["| task | variant | seeds | vanilla mean +- std | Light-PEFT mean +- std | paired diff [95% CI] | "
+             "step / e2e speedup (predicted) |", "|" + "---|" * 7]
+    for s in sums:
+        ci = "[{:+.4f}, {:+.4f}]".format(*s["paired_diff_ci95"]) if s["paired_diff_ci95"] else "(one seed)"
+        pred = f" ({s['predicted_step_speedup']:.2f}x)" if s["predicted_step_speedup"] is not None else ""
+        lines.append(f"| {s['task']} ({s['metric']}) | {s['variant']} | {len(s['seeds'])} | "
+                     f"{s['baseline_mean']:.4f} +- {s['baseline_std']:.4f} | {s['method_mean']:.4f} +- "
+                     f"{s['method_std']:.4f} | {s['paired_diff_mean']:+.4f} {ci} | "
+                     f"{s['step_speedup_mean']:.2f}x / {s['e2e_speedup_mean']:.2f}x{pred} |")
+    return "\n".join(lines)
+
+
+def write_json(path_pattern: str, task: str, rows: list[dict], model: str, argv: list[str]) -> None:
+    """One file per task: `summary` (first variant), `summaries` (all variants), the command and every row."""
+    task_rows = [r for r in rows if r["task"] == task]
+    sums = summaries(task_rows, model)
+    path = Path(path_pattern.format(task=task))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"summary": sums[0], "summaries": sums,
+                                "command": "python benchmarks/light_peft.py " + " ".join(argv),
+                                "rows": task_rows}, indent=1))
+
+
+def parse_seeds(spec: str, first: int) -> list[int]:
+    """"3" -> three seeds from `first`; "42,7" -> exactly those."""
+    if "," in spec:
+        return [int(s) for s in spec.split(",") if s.strip()]
+    return list(range(first, first + int(spec)))
 
 
 def table(rows: list[dict]) -> str:
@@ -112,6 +179,7 @@ def table(rows: list[dict]) -> str:
     lines = [head, "|" + "---|" * 8]
     for r in rows:
         variant = f" {r['variant']}" if r.get("variant", "light-peft") != "light-peft" else ""
+        variant += f" seed {r['seed']}" if "seed" in r else ""
         lines.append(
             f"| {r['task']} ({r['metric']}){variant} | {r['vanilla_final']:.4f} -> {r['light_final']:.4f} / "
             f"{r['vanilla_best']:.4f} -> {r['light_best']:.4f} | {r['step_speedup']:.2f}x "
@@ -137,20 +205,35 @@ def main(argv=None) -> int:
     p.add_argument("--ffn", type=float, default=1 / 3)
     p.add_argument("--modules", type=float, default=0.75, help="fraction of LoRA modules removed")
     p.add_argument("--ranks", type=float, default=0.5, help="fraction of the surviving ranks removed")
-    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--seed", type=int, default=42, help="first seed")
+    p.add_argument("--seeds", default="1", help="N (seeds --seed .. --seed+N-1) or a comma-separated list; "
+                   "both sides are retrained per seed")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a config override for both sides (repeatable), e.g. data.max_length=64")
     p.add_argument("--variant", action="append", default=[],
                    help="NAME=section.key=value,... : a Light-PEFT variant trained against the same vanilla run "
                         "(repeatable; e.g. mask=estimate.structure_score=mask)")
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--out", default="runs/bench_light")
-    p.add_argument("--json", help="also write the rows to this JSON file")
+    p.add_argument("--json", help="write summary + rows here, rewritten after each seed; `{task}` in the name "
+                   "is replaced by the task (needed with several tasks)")
+    argv = sys.argv[1:] if argv is None else argv
     args = p.parse_args(argv)
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if args.json and len(tasks) > 1 and "{task}" not in args.json:
+        p.error("--json needs `{task}` in the file name when several tasks run (one file per task)")
+    args.common = {k.strip(): yaml.safe_load(v) for k, _, v in (item.partition("=") for item in args.set)}
+    seeds = parse_seeds(args.seeds, args.seed)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
-          f"device {'cuda' if torch.cuda.is_available() else 'cpu'}", flush=True)
-    rows = [row for t in args.tasks.split(",") if t.strip() for row in bench_task(t.strip(), args)]
+          f"device {'cuda' if torch.cuda.is_available() else 'cpu'}, seeds {seeds}", flush=True)
+    rows = []
+    for task in tasks:
+        for seed in seeds:
+            rows += bench_task(task, args, seed)
+            if args.json:  # partial results survive a run cut short
+                write_json(args.json, task, rows, args.model, argv)
     print("\n" + table(rows))
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
+    print("\n" + seed_table(summaries(rows, args.model)))
     return 0
 
 
