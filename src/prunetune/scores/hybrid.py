@@ -1,9 +1,13 @@
 """PrunePEFT hybrid scoring: blocks (unit type x depth band), per-block criteria, and their combination.
 
 Default combination ("calibrated"): every criterion's scores become percentile ranks over the alive units
-(random tie-breaking); a unit's hybrid score is the mean of its block's criteria percentiles, mapped through
-the Irwin-Hall CDF of a mean of m uniforms. Under i.i.d. scores every unit's hybrid score is then uniform on
-[0, 1] whatever m its block has, so blocks are pruned in proportion to their size; real signal shifts that.
+(random tie-breaking); a unit's statistic is the mean of its block's criteria percentiles, and its hybrid score
+is the rank of that statistic among the same statistic of EVERY alive unit (the same criteria applied to all),
+with a seeded uniform tie-break inside the rank's cell. Under a null where no unit is better than another
+(exchangeable units) each unit's hybrid score is then uniform on [0, 1] whatever its block's criteria are and
+however correlated they are (real criteria are: gradient vs taylor Spearman 0.94), so blocks are pruned in
+proportion to their size; real signal shifts that. (An analytical calibration, e.g. the Irwin-Hall CDF of a mean
+of m uniforms, holds only for independent criteria: at rho = 0.8 a 4-criterion block lost 1.42x its share.)
 Criteria whose scale follows a unit's parametrisation (criteria.WEIGHT_SPACE: LoRA's kaiming A against an
 adapter's small init) are ranked within the unit's type only. A criterion that cannot tell a unit from the
 others it is ranked against (all tied, e.g. `zeros` on trained weights, or a type's last unit) is left out
@@ -34,17 +38,6 @@ def percentiles(scores: dict[str, float], generator: torch.Generator) -> dict[st
     order = sorted(range(len(names)), key=lambda i: (scores[names[i]], jitter[i]))
     n = len(names)
     return {names[i]: (r + 0.5) / n for r, i in enumerate(order)}
-
-
-def irwin_hall_mean_cdf(x: float, m: int) -> float:
-    """P(mean of m i.i.d. U(0,1) <= x)."""
-    s = x * m
-    if s <= 0:
-        return 0.0
-    if s >= m:
-        return 1.0
-    total = sum((-1) ** k * math.comb(m, k) * (s - k) ** m for k in range(int(math.floor(s)) + 1))
-    return min(1.0, max(0.0, total / math.factorial(m)))
 
 
 def _groups(units: list[str], unit_type: dict[str, str] | None, within_type: bool) -> list[list[str]]:
@@ -83,11 +76,20 @@ def combine(scores: dict[str, dict[str, float]], unit_block: dict[str, str], blo
             for grp in _groups(units, unit_type, c in within_type):
                 pct[c].update(percentiles({u: s[u] for u in grp}, g))
         can = can if can is not None else informative(scores, units, unit_type, within_type)
-        draws = torch.rand(len(units), generator=g).tolist()
+        draws = torch.rand(len(units), generator=g).tolist()  # tie-break in the rank's cell, or a unit's draw
+        crits = {u: tuple(c for c in block_criteria[unit_block[u]] if u in can[c]) for u in units}
+        stats = {}  # criteria set -> every unit's mean percentile under it (computed once per distinct set)
         out = {}
         for u, draw in zip(units, draws):
-            crits = [c for c in block_criteria[unit_block[u]] if u in can[c]]
-            out[u] = irwin_hall_mean_cdf(sum(pct[c][u] for c in crits) / len(crits), len(crits)) if crits else draw
+            if not crits[u]:
+                out[u] = draw  # no criterion can rank this unit: uniform, like everyone's score under the null
+                continue
+            if crits[u] not in stats:
+                stats[crits[u]] = {v: sum(pct[c][v] for c in crits[u]) / len(crits[u]) for v in units}
+            st = stats[crits[u]]
+            below = sum(st[v] < st[u] for v in units)
+            tied = sum(st[v] == st[u] for v in units)  # u itself included: its rank is uniform over the tied cell
+            out[u] = (below + draw * tied) / len(units)
         return out
     if method == "eq1":
         return _eq1(scores, unit_block, block_criteria, units)
