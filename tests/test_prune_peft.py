@@ -447,6 +447,30 @@ def test_warmup_mapping_is_cached(lora_run, bert_dir, sst2_dir, cache_dir, tmp_p
     assert prune_peft._cache_file(raw) != prune_peft._cache_file(ctx)  # other scores, other mapping
 
 
+@pytest.mark.parametrize("dotted, value", [
+    ("search.criteria", ["taylor"]), ("search.threshold", 1e-2), ("search.lora_alpha", 8.0),
+    ("search.reinit", True), ("train.lr", 1e-3), ("train.seed", 7), ("train.batch_size", 8),
+    ("data.max_length", 64), ("search.space", ["lora_qv"]), ("search.per_parameter", False),
+    ("search.warmup_samples", 64), ("train.max_grad_norm", 0.5), ("peft.dropout", 0.1), ("model.dtype", "bfloat16")])
+def test_warmup_cache_key_covers_what_changes_the_mapping(dotted, value):
+    from prunetune.config import set_dotted
+
+    base = prune_peft.warmup_key(from_dict({}), "m")
+    raw: dict = {}
+    set_dotted(raw, dotted, value)
+    assert prune_peft.warmup_key(from_dict(raw), "m") != base, dotted
+
+
+@pytest.mark.parametrize("dotted, value", [("search.data_fraction", 0.5), ("search.round_steps", 3),
+                                           ("train.epochs", 1.0), ("train.save_every", 7), ("output_dir", "x")])
+def test_warmup_cache_key_ignores_what_the_warmup_does_not_see(dotted, value):
+    from prunetune.config import set_dotted
+
+    raw: dict = {}
+    set_dotted(raw, dotted, value)
+    assert prune_peft.warmup_key(from_dict(raw), "m") == prune_peft.warmup_key(from_dict({}), "m")
+
+
 def test_corrupt_warmup_cache_is_recomputed(bert_dir, sst2_dir, tmp_path):
     ctx = prepare(from_dict(_cfg(bert_dir, sst2_dir, tmp_path / "o", tmp_path / "cache", space=["lora_qv"],
                                  warmup_criteria=["magnitude", "random"])))

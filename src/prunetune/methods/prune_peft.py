@@ -135,15 +135,30 @@ def iterative_prune(ctx: Context, loader, block_criteria: dict[str, list[str]] |
     return result
 
 
+# Settings that shape neither the warm-up's rounds nor its mapping: the main search's fidelity, what happens
+# after the warm-up, where files go and how often the run logs. Everything else in `search`, `train`, `model`
+# and data.max_length is part of the cache key; the task's data is not (the mapping is reused across tasks).
+_NOT_IN_WARMUP_KEY = {"search": {"round_steps", "data_fraction", "fill", "warmup", "warmup_cache",
+                                 "prune_foundation"},
+                      "train": {"resume", "save_every", "log_every", "tensorboard_dir", "eval_each_epoch",
+                                "eval_batch_size", "epochs", "max_steps", "warmup_ratio"}}  # rounds: constant lr
+
+
+def warmup_key(cfg: RunConfig, model_path: str) -> dict:
+    """What the cached warm-up mapping depends on (version: what a cached mapping means; 2: drawn units ignored,
+    3: rank-calibrated hybrid, full settings in the key)."""
+    config = cfg.to_dict()
+    model = os.path.abspath(model_path) if os.path.exists(model_path) else model_path
+    return {"version": 3, "model": model, "dtype": cfg.model.dtype, "max_length": cfg.data.max_length,
+            "peft_dropout": cfg.peft.dropout,
+            **{section: {k: v for k, v in config[section].items() if k not in skip}
+               for section, skip in _NOT_IN_WARMUP_KEY.items()}}
+
+
 def _cache_file(ctx: Context) -> Path:
     sc = ctx.cfg.search
     root = Path(sc.warmup_cache or os.environ.get("PRUNETUNE_CACHE") or Path.home() / ".cache" / "prunetune")
-    model = os.path.abspath(ctx.model_path) if os.path.exists(ctx.model_path) else ctx.model_path
-    key = json.dumps({"version": 2, "model": model,  # version: what a cached mapping means (2: drawn units ignored)
-                      "space": sc.space, "r": sc.lora_r, "size": sc.adapter_size, "budget": sc.budget, "k": sc.k,
-                      "bands": sc.bands, "criteria": sc.warmup_criteria, "steps": sc.warmup_round_steps,
-                      "samples": sc.warmup_samples, "combine": sc.combine, "per_parameter": sc.per_parameter},
-                     sort_keys=True)
+    key = json.dumps(warmup_key(ctx.cfg, ctx.model_path), sort_keys=True, default=str)
     return root / "warmup" / (hashlib.sha256(key.encode()).hexdigest()[:16] + ".json")
 
 
