@@ -104,6 +104,26 @@ def test_llama_causal_lm_has_the_same_layout():
     assert a.layers == b.layers and a.num_units == b.num_units
 
 
+@pytest.mark.parametrize("family, causal_lm, heads, task_type", [
+    ("bert", False, ("classifier",), "SEQ_CLS"), ("gpt2", False, ("score",), "SEQ_CLS"),
+    ("opt", False, ("score",), "SEQ_CLS"), ("llama", False, ("score",), "SEQ_CLS"),
+    ("llama", True, ("lm_head",), "CAUSAL_LM")])
+def test_head_modules_and_task_type(family, causal_lm, heads, task_type):
+    """What a plain-peft LoraConfig needs: the trained head as modules_to_save, the model class as task_type."""
+    model = tiny(family, causal_lm=causal_lm)
+    arch = get_arch(model)
+    assert (arch.head_modules, arch.task_type) == (heads, task_type)
+
+
+def test_tied_lm_head_is_not_a_head_module():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tied = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                        intermediate_size=24, tie_word_embeddings=True))
+    assert tied.lm_head.weight is tied.get_input_embeddings().weight
+    assert get_arch(tied).head_modules == ()  # frozen with the embedding it shares
+
+
 def _assert_lists_supported(exc_info):
     msg = str(exc_info.value)
     for fam in ("bert", "gpt2", "opt", "llama"):

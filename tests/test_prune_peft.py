@@ -419,6 +419,34 @@ def test_lora_config_json_is_a_valid_peft_config(lora_run, tmp_path):
     assert {n: l.r[ADAPTER] for n, l in lora_layers(hf).items()} == st["lora"]
 
 
+def test_lora_config_json_reproduces_the_retrain_with_plain_peft(lora_run, tmp_path):
+    """get_peft_model(AutoModelForSequenceClassification(base), lora_config.json) must give exactly the retrain's
+    trainable structure (LoRA modules + ranks, the task head trained) and, given the same weights, its outputs."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForSequenceClassification
+
+    out, results, retrained = lora_run
+    (tmp_path / "adapter_config.json").write_text((out / "lora_config.json").read_text())
+    config = LoraConfig.from_pretrained(str(tmp_path))
+    assert config.task_type == "SEQ_CLS" and config.modules_to_save == ["classifier"]
+    plain = get_peft_model(AutoModelForSequenceClassification.from_pretrained(results["config"]["model"]["name_or_path"]),
+                           config)
+    trainable = lambda m: {n: p.numel() for n, p in m.named_parameters() if p.requires_grad}  # noqa: E731
+    ours, theirs = trainable(retrained), trainable(plain)
+    # same parameters under peft's names for the head copy (classifier.modules_to_save.default.*)
+    assert sorted(ours.values()) == sorted(theirs.values()) and sum(ours.values()) == sum(theirs.values())
+    rename = lambda n: n.replace(".modules_to_save.default", "")  # noqa: E731
+    assert {rename(n) for n in theirs} == set(ours)
+    # the retrain's weights loaded under those names give the retrain's outputs
+    state = retrained.state_dict()
+    plain.load_state_dict({k: state[rename(k).replace(".original_module", "")] for k in plain.state_dict()})
+    retrained.eval(), plain.eval()
+    batch = {"input_ids": torch.tensor([[2, 5, 6, 7, 3], [2, 8, 9, 3, 0]]),
+             "attention_mask": torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]])}
+    with torch.no_grad():
+        torch.testing.assert_close(plain(**batch).logits, retrained(**batch).logits, atol=1e-6, rtol=0)
+
+
 def test_warmup_mapping_is_cached(lora_run, bert_dir, sst2_dir, cache_dir, tmp_path):
     _, first, _ = lora_run
     calls: list[str] = []

@@ -41,6 +41,8 @@ class Arch:
     hidden_size: int
     intermediate_size: int
     body_prefix: str  # parameters outside this prefix are the task head (trained in full)
+    head_modules: tuple[str, ...] = ()  # top-level modules outside the body that train in full (classifier, score)
+    task_type: str | None = None  # the model class as a peft TaskType: SEQ_CLS | CAUSAL_LM (None: a bare body)
 
     @property
     def num_layers(self) -> int:
@@ -99,7 +101,30 @@ def get_arch(model: nn.Module) -> Arch:
         raise PrunetuneError(
             f"unsupported architecture '{model_type}' ({type(model).__name__}); supported: {', '.join(supported_families())}"
         )
-    return _FAMILIES[model_type](model, config)
+    arch = _FAMILIES[model_type](model, config)
+    arch.head_modules = head_modules(model, arch.body_prefix)
+    arch.task_type = task_type_of(model)
+    return arch
+
+
+def head_modules(model: nn.Module, body_prefix: str) -> tuple[str, ...]:
+    """Children of the top-level model outside the body that hold parameters of their own (an LM head tied to
+    the input embedding holds none: it stays frozen, like the embedding)."""
+    if not body_prefix:
+        return ()
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    tied = {id(emb.weight)} if emb is not None else set()
+    return tuple(name for name, child in model.named_children()
+                 if name != body_prefix and any(id(p) not in tied for p in child.parameters()))
+
+
+def task_type_of(model: nn.Module) -> str | None:
+    name = type(model).__name__
+    if name.endswith("ForSequenceClassification"):
+        return "SEQ_CLS"
+    if name.endswith("ForCausalLM") or name.endswith("LMHeadModel"):
+        return "CAUSAL_LM"
+    return None
 
 
 def body_path(model: nn.Module) -> str:

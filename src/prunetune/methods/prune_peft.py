@@ -209,11 +209,13 @@ def search(ctx: Context) -> tuple[SearchResult, dict | None]:
 
 
 def lora_config_dict(result: SearchResult) -> dict | None:
-    """The found structure as a peft LoraConfig (LoRA-only structures), JSON-ready."""
+    """The found structure as a plain-peft LoraConfig, JSON-ready: LoRA-only structures on an unpruned base (a
+    base whose heads / neurons the combined mode pruned, and adapters, load through prunetune only)."""
     st = result.structure
-    if st.adapters or not st.lora:
+    pruned = result.plan is not None and (result.plan.heads_pruned() or result.plan.ffn_pruned())
+    if st.adapters or not st.lora or pruned:
         return None
-    d = st.lora_config(result.arch).to_dict()
+    d = st.plain_peft_config(result.arch).to_dict()
     return json.loads(json.dumps(d, default=lambda o: sorted(o) if isinstance(o, set) else str(o)))
 
 

@@ -63,6 +63,16 @@ class PeftStructure:
         alphas = {m: scale * r for m, r in ranks.items()}
         return lora_config(arch, sorted(self.lora), self.lora_r_base, self.lora_alpha, self.lora_dropout, ranks, alphas)
 
+    def plain_peft_config(self, arch: Arch):
+        """The LoraConfig a plain-peft user passes to `get_peft_model(AutoModelFor...(base), config)` to get this
+        structure's trainable parameters: task_type, and the task head (trained in full here) as modules_to_save.
+        Training itself keeps the head outside peft (its parameter names stay those of the HF model)."""
+        config = self.lora_config(arch)
+        if config is not None:
+            config.task_type = arch.task_type
+            config.modules_to_save = list(arch.head_modules) or None
+        return config
+
     def build(self, hf, arch: Arch):
         """Attach the structure to a frozen HF model: returns (forward model, AdapterSet | None)."""
         for p in hf.parameters():
