@@ -32,7 +32,7 @@ import torch  # noqa: E402
 from prunetune.arch import get_arch  # noqa: E402
 from prunetune.config import from_dict  # noqa: E402
 from prunetune.methods.common import prepare, train_fixed  # noqa: E402
-from prunetune.methods.prune_peft import iterative_prune, search, search_loader  # noqa: E402
+from prunetune.methods.prune_peft import iterative_prune, search, search_cost, search_loader  # noqa: E402
 from prunetune.units.structure import PeftStructure, unit_positions  # noqa: E402
 
 GLUE_DIRS = {"sst2": "SST-2", "rte": "RTE", "cola": "CoLA", "stsb": "STS-B"}
@@ -93,16 +93,13 @@ def bench_task(task: str, args, seed: int) -> dict:
         r.pop("_model")
         rows.append({"task": task, "seed": seed, "metric": metric, "config": name, "final": r["final"][metric],
                      "best": r["best"][metric], "trainable_no_head": r["trainable_params_no_head"],
-                     "retrain_steps": r["steps"], "retrain_seconds": r["train_seconds"],
+                     "retrain_steps": r["steps"], "retrain_seconds": r["train_seconds_no_eval"],
                      "units": structure.units or None})
     rows.sort(key=lambda r: CONFIGS.index(r["config"]))
     retrain = next(r for r in rows if r["config"] == "prunepeft")
-    cost = {"search_steps": found.steps, "search_seconds": found.seconds,
-            "warmup_steps": wu.get("steps", 0) if wu else 0, "warmup_seconds": wu.get("seconds", 0.0) if wu else 0.0,
-            "warmup_cached": bool(wu and wu.get("cached")),
-            "ratio_steps": found.steps / retrain["retrain_steps"],
-            "ratio_seconds": found.seconds / retrain["retrain_seconds"],
-            "ratio_seconds_with_warmup": (found.seconds + (wu or {}).get("seconds", 0.0)) / retrain["retrain_seconds"],
+    cost = {**search_cost(found, wu, {"steps": retrain["retrain_steps"],
+                                      "train_seconds_no_eval": retrain["retrain_seconds"]}),
+            "search_steps": found.steps, "search_seconds": found.seconds,
             "found_units": found.structure.units, "fill": found.fill, "mapping": (wu or {}).get("mapping")}
     print(json.dumps({"rows": rows, "cost": cost}, indent=1), flush=True)
     return {"task": task, "seed": seed, "space": args.space, "rows": rows, "cost": cost}
@@ -135,11 +132,12 @@ def table(results: list[dict]) -> str:
         for r in res["rows"]:
             lines.append(f"| {r['task']} ({r['metric']}) | {r['config']} | {r['final']:.4f} | {r['best']:.4f} | "
                          f"{r['trainable_no_head']:,} |")
-    lines += ["", "| task | search steps / retrain steps | search s / retrain s | incl. warm-up | found units |",
-              "|---|---|---|---|---|"]
+    lines += ["", "| task | search steps / retrain steps | search s / retrain s | incl. warm-up (steps; amortised) "
+              "| found units |", "|---|---|---|---|---|"]
     for res in results:
         c = res["cost"]
-        warm = "cached" if c["warmup_cached"] else f"{c['ratio_seconds_with_warmup']:.2f}x"
+        warm = (f"{c['ratio_steps_with_warmup']:.2f}x; {c['ratio_steps_amortised']:.2f}x over {c['warmup_tasks']} "
+                f"task(s){' (cached)' if c['warmup_cached'] else ''}")
         lines.append(f"| {res['task']} (seed {res['seed']}) | {c['search_steps']} / {next(r for r in res['rows'] if r['config'] == 'prunepeft')['retrain_steps']}"
                      f" = {c['ratio_steps']:.2f}x | {c['ratio_seconds']:.2f}x | {warm} | {_units(c)} |")
     return "\n".join(lines)

@@ -381,6 +381,21 @@ def test_search_report_shows_every_unit(lora_run):
     assert all(u in report for u in drawn) and (("random draw" in report) == bool(drawn))
 
 
+def test_search_cost_amortises_the_warmup_over_the_tasks_that_use_it():
+    from types import SimpleNamespace
+
+    found = SimpleNamespace(steps=30, seconds=6.0)
+    retrain = {"steps": 200, "train_seconds_no_eval": 40.0, "train_seconds": 55.0}
+    wu = {"steps": 120, "seconds": 24.0, "cached": True, "tasks": ["sst2", "cola", "rte"]}
+    c = prune_peft.search_cost(found, wu, retrain)
+    assert (c["ratio_steps"], c["ratio_seconds"]) == (30 / 200, 6.0 / 40.0)
+    assert (c["ratio_steps_with_warmup"], c["ratio_seconds_with_warmup"]) == (150 / 200, 30.0 / 40.0)
+    assert (c["ratio_steps_amortised"], c["ratio_seconds_amortised"]) == ((30 + 40) / 200, (6.0 + 8.0) / 40.0)
+    assert c["warmup_cached"] and c["warmup_tasks"] == 3
+    none = prune_peft.search_cost(found, None, retrain)
+    assert none["ratio_steps_with_warmup"] == none["ratio_steps"] and none["warmup_steps"] == 0
+
+
 def test_search_and_retrain_costs(lora_run):
     _, results, _ = lora_run
     sc, rc = results["search_cost"], results["retrain_cost"]
@@ -388,8 +403,13 @@ def test_search_and_retrain_costs(lora_run):
     assert rc["steps"] == 8 and rc["seconds"] > 0  # 64 rows / batch 8, one epoch
     assert sc["ratio_steps"] == pytest.approx(sc["steps"] / rc["steps"])
     assert sc["ratio_seconds"] == pytest.approx(sc["seconds"] / rc["seconds"])
+    # evaluation treated alike: the retrain's seconds leave its epoch-end dev evaluation out, as the search's do
+    rt = results["retrain"]
+    assert rc["seconds"] == rt["train_seconds_no_eval"] < rt["train_seconds"]
     wu = results["warmup"]
     assert wu["cached"] is False and sc["warmup_steps"] == wu["steps"] > 0 and sc["warmup_seconds"] > 0
+    assert sc["warmup_tasks"] == 1 and sc["ratio_steps_amortised"] == sc["ratio_steps_with_warmup"]
+    assert sc["ratio_steps_with_warmup"] == pytest.approx((sc["steps"] + wu["steps"]) / rc["steps"])
     # one pruning pass per warm-up criterion; every block gets at least one criterion
     assert set(wu["counts"]) == set(from_dict({}).search.warmup_criteria)
     assert set(wu["mapping"]) == {"lora_qv/b0", "lora_qv/b2", "lora_ffn/b0", "lora_ffn/b2"}
@@ -462,7 +482,10 @@ def test_warmup_mapping_is_cached(lora_run, bert_dir, sst2_dir, cache_dir, tmp_p
     assert calls == ["search"]  # no warm-up pruning passes
     wu = again["warmup"]
     assert wu["cached"] is True and wu["mapping"] == first["warmup"]["mapping"]
-    assert again["search_cost"]["warmup_steps"] == 0 and again["search_cost"]["warmup_seconds"] == 0
+    # a cached warm-up still costs what it cost: reported, flagged as cached, shared by the tasks that use it
+    sc = again["search_cost"]
+    assert sc["warmup_cached"] and sc["warmup_steps"] == first["warmup"]["steps"] > 0
+    assert sc["warmup_tasks"] == 1  # the same task again does not dilute it
     assert again["structure"] == first["structure"]  # same seed, same mapping: same search
     assert again["rounds"] == first["rounds"]
     assert not (tmp_path / "again" / "model").exists()

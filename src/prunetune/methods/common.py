@@ -104,13 +104,19 @@ def base_param_counts(hf, arch: Arch) -> dict[str, int]:
     return {"body": body, "blocks": blocks}
 
 
-def epoch_evaluator(ctx: Context, state, evals: list):
-    def on_epoch_end(epoch: int) -> None:
-        metrics = evaluate(state.model, ctx.dev_loader, ctx.task, ctx.device)
-        evals.append({"epoch": epoch, "step": state.step, **metrics})
-        log(f"  epoch {epoch}: dev {ctx.task.metric} = {metrics.get(ctx.task.metric):.4f}")
+class epoch_evaluator:  # noqa: N801 - used like the function it was: on_epoch_end=epoch_evaluator(...)
+    """Dev evaluation at each epoch end; `seconds` is the time it took, so training time can be told apart
+    from evaluation time (a search cost ratio compares training with training)."""
 
-    return on_epoch_end
+    def __init__(self, ctx: Context, state, evals: list):
+        self.ctx, self.state, self.evals, self.seconds = ctx, state, evals, 0.0
+
+    def __call__(self, epoch: int) -> None:
+        ctx, t0 = self.ctx, time.perf_counter()
+        metrics = evaluate(self.state.model, ctx.dev_loader, ctx.task, ctx.device)
+        self.seconds += time.perf_counter() - t0
+        self.evals.append({"epoch": epoch, "step": self.state.step, **metrics})
+        log(f"  epoch {epoch}: dev {ctx.task.metric} = {metrics.get(ctx.task.metric):.4f}")
 
 
 def summarize_evals(evals: list[dict], metric: str, greater_is_better: bool | None = None) -> dict:
@@ -169,9 +175,9 @@ def train_fixed(ctx: Context, structure: PeftStructure | None = None, plan=None,
                             cfg.to_dict())
 
     t0 = time.perf_counter()
+    evaluator = epoch_evaluator(ctx, state, evals) if cfg.train.eval_each_epoch else None
     with PeakMemory(ctx.device) as mem:
-        state.run(ctx.total_steps - state.step, on_epoch_end=epoch_evaluator(ctx, state, evals)
-                  if cfg.train.eval_each_epoch else None, on_checkpoint=save)
+        state.run(ctx.total_steps - state.step, on_epoch_end=evaluator, on_checkpoint=save)
     wall = time.perf_counter() - t0
     if not evals or evals[-1]["step"] != state.step:
         evals.append({"epoch": round(state.epoch, 2), "step": state.step,
@@ -179,7 +185,7 @@ def train_fixed(ctx: Context, structure: PeftStructure | None = None, plan=None,
     result = {
         "evals": evals, **summarize_evals(evals, ctx.task.metric), "steps": state.step,
         "step_seconds": mean_step(state.step_times), "train_seconds": wall, "peak_mb": state.memory.peak_mb,
-        "cuda_peak_mb": mem.peak_mb,
+        "train_seconds_no_eval": wall - (evaluator.seconds if evaluator else 0.0), "cuda_peak_mb": mem.peak_mb,
         "trainable_params": state.trainable_count(), "trainable_params_no_head": state.trainable_count(False),
         "base_params": base_param_counts(hf, arch), "eval_seconds": eval_seconds(ctx, state.model),
         "loss_curve": state.history, "_model": state.model,

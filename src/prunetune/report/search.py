@@ -57,7 +57,10 @@ def write_search_report(out: str | Path, results: dict) -> Path:
              f"- supernet {results['supernet_params']:,} PEFT parameters -> budget {results['budget_params']:,} -> "
              f"found {rt['trainable_params_no_head']:,} (task head excluded)",
              f"- search {sc['steps']} steps / {sc['seconds']:.1f} s = {sc['ratio_steps']:.2f}x the retrain's steps, "
-             f"{sc['ratio_seconds']:.2f}x its seconds",
+             f"{sc['ratio_seconds']:.2f}x its seconds (evaluation excluded on both sides)",
+             f"- with the warm-up ({sc['warmup_steps']} steps, {'cached' if sc['warmup_cached'] else 'run here'}): "
+             f"{sc['ratio_steps_with_warmup']:.2f}x the retrain's steps; its share amortised over the "
+             f"{sc['warmup_tasks']} task(s) that used it: {sc['ratio_steps_amortised']:.2f}x",
              f"- retrained dev {metric}: final {rt['final'][metric]:.4f}, best {rt['best'][metric]:.4f}"]
     if results.get("fill"):
         lines.append("- budget fill: " + ", ".join(f"{u} back at width {w}" for u, w in results["fill"].items()) +
