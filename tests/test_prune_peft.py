@@ -664,8 +664,8 @@ def test_low_fidelity_random_criterion_search(bert_dir, sst2_dir, tmp_path):
     rows: list[int] = []
     original = prune_peft._loader
 
-    def spy(ctx, size, seed):
-        loader = original(ctx, size, seed)
+    def spy(ctx, size, seed, rows_from=None):
+        loader = original(ctx, size, seed, rows_from)
         rows.append(len(loader.dataset))
         return loader
 
@@ -682,6 +682,47 @@ def test_low_fidelity_random_criterion_search(bert_dir, sst2_dir, tmp_path):
     assert results["config"]["search"]["criteria"] == ["random"] and results["warmup"] is None
     assert results["search_cost"]["ratio_steps"] == pytest.approx(steps[-1] / 8)
     assert prunetune.load(tmp_path / "lowfi" / "model").info["peft"] in {"lora", "adapter", "lora+adapter"}
+
+
+def test_drop_loss_search_holds_its_rows_out_of_the_rounds(bert_dir, sst2_dir, tmp_path):
+    """drop_loss scores units on training rows the rounds never train on (never the dev set)."""
+    seen: list[int] = []
+    original = prune_peft.drop_loss
+
+    def spy(model, units, switched_off, batches, device):
+        seen.append(sum(len(b["labels"]) for b in batches))
+        return original(model, units, switched_off, batches, device)
+
+    cfg = _cfg(bert_dir, sst2_dir, tmp_path / "drop", warmup=False, criteria=["drop_loss"], proxy_samples=16)
+    ctx = prepare(from_dict(cfg))
+    rows, held = prune_peft._split(ctx)
+    assert len(rows) == 48 and sum(len(b["labels"]) for b in held) == 16  # a split of the 64 training rows
+    assert prune_peft.search_loader(ctx, rows).dataset is rows  # the rounds train on the other 48 rows
+    # a search that uses no held-out criterion keeps all its rows
+    plain = prepare(from_dict(_cfg(bert_dir, sst2_dir, tmp_path / "plain", warmup=False)))
+    assert prune_peft._split(plain) == (plain.train_loader.dataset, None)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(prune_peft, "drop_loss", spy)
+        results = _run(cfg, export=False)
+    assert seen and set(seen) == {16} and len(seen) == len(results["rounds"])
+    assert results["rounds"][-1]["trainable"] <= results["budget_params"]
+
+
+def test_warmup_by_prediction_picks_the_criteria_that_agree_with_drop_loss(bert_dir, sst2_dir, tmp_path):
+    cfg = _cfg(bert_dir, sst2_dir, tmp_path / "pred", tmp_path / "cache", warmup_by="prediction",
+               warmup_criteria=["magnitude", "taylor", "random"], proxy_samples=16)
+    results = _run(cfg, export=False)
+    wu = results["warmup"]
+    assert wu["cached"] is False and set(wu["mapping"]) == set(wu["agreement"])
+    for block, crits in wu["mapping"].items():
+        best = max(wu["agreement"][block].values())
+        assert crits == sorted(c for c, v in wu["agreement"][block].items() if v == best)
+        assert set(crits) <= {"magnitude", "taylor", "random"}  # drop_loss is the target, not a candidate
+        assert all(0.0 <= v <= 1.0 for v in wu["agreement"][block].values())
+    assert set(wu["spearman"]) == {"magnitude", "taylor", "random"}
+    assert all(-1.0 <= v <= 1.0 for v in wu["spearman"].values())
+    # one pruning pass (by drop_loss), not one per criterion
+    assert results["search_cost"]["warmup_steps"] == wu["steps"] > 0
 
 
 # ------------------------------------------------------------------------------------------------- CLI

@@ -116,6 +116,9 @@ class SearchConfig:
     warmup_criteria: list[str] = field(default_factory=lambda: [
         "zeros", "threshold", "magnitude", "gradient", "taylor", "activation", "norm_ratio"])
     warmup_cache: str | None = None  # folder; None = $PRUNETUNE_CACHE or ~/.cache/prunetune
+    warmup_by: str = "frequency"  # frequency: the criteria that pruned a block most | prediction: the criteria whose
+    # ranking of a block's units best matches the held-out drop_loss proxy (Spearman, mean over rounds)
+    proxy_samples: int = 128  # training rows held out of the rounds for drop_loss (when used or warmup_by=prediction)
     prune_foundation: bool = False  # combined mode: Light-PEFT masks prune heads/FFN (prune.*) during search
 
 
@@ -145,6 +148,7 @@ _CHOICES = {
     "prune.ffn_scope": {"global", "layer"},
     "train.mixed_precision": {"no", "bf16", "fp16"},
     "search.combine": {"calibrated", "eq1"},
+    "search.warmup_by": {"frequency", "prediction"},
 }
 _RATIOS = ["prune.heads", "prune.ffn", "prune.modules", "prune.ranks", "prune.ffn_floor"]
 _UNIT = ["estimate.fraction", "estimate.window"]
@@ -260,7 +264,7 @@ def _validate_search(sc: SearchConfig) -> None:
         raise PrunetuneError(f"search.data_fraction must lie in (0, 1], got {sc.data_fraction}")
     if sorted(sc.bands) != list(sc.bands) or any(not 0 < b < 1 for b in sc.bands):
         raise PrunetuneError(f"search.bands must be increasing fractions in (0, 1), got {sc.bands}")
-    for key in ("lora_r", "adapter_size", "warmup_samples", "warmup_round_steps"):
+    for key in ("lora_r", "adapter_size", "warmup_samples", "warmup_round_steps", "proxy_samples"):
         if getattr(sc, key) < 1:
             raise PrunetuneError(f"search.{key} must be >= 1, got {getattr(sc, key)}")
 

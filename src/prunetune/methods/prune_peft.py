@@ -17,14 +17,16 @@ from pathlib import Path
 import torch
 
 from ..config import RunConfig
-from ..data import stratified_subset
+from ..data import stratified_split, stratified_subset
 from ..dist import is_main, log
+from ..errors import PrunetuneError
 from ..io import atomic_write_text
 from ..models import load_model
 from ..arch import get_arch
 from ..plan import PruningPlan, make_plan
 from ..scores import ImportanceTracker, StructureMasks
-from ..scores.criteria import DYNAMIC, WEIGHT_SPACE, score_units
+from ..scores.criteria import DYNAMIC, HELD_OUT, WEIGHT_SPACE, score_units
+from ..scores.proxy import drop_loss, spearman
 from ..scores.hybrid import assign_criteria, block_of, combine, informative
 from ..train import TrainState, make_loader
 from ..units.structure import PeftStructure
@@ -44,10 +46,32 @@ class SearchResult:
     arch: object = None
     blocks: list[str] = field(default_factory=list)
     fill: dict[str, int] = field(default_factory=dict)  # last-round units brought back to fill the budget: width
+    unit_blocks: dict[str, str] = field(default_factory=dict)  # unit -> its block (type x depth band)
+    unit_types: dict[str, str] = field(default_factory=dict)
 
 
-def _loader(ctx: Context, size: float, seed: int):
-    ds = stratified_subset(ctx.train_loader.dataset, size, seed)
+def _needs_held_out(sc) -> bool:
+    return bool(HELD_OUT & set(sc.criteria)) or (sc.warmup and (sc.warmup_by == "prediction"
+                                                                  or bool(HELD_OUT & set(sc.warmup_criteria))))
+
+
+def _split(ctx: Context):
+    """(rows the rounds train on, held-out batches for drop_loss or None). The held-out rows are a stratified
+    split of the training data (never the dev set) and are taken out of the rounds' data only when a criterion
+    or the warm-up needs them, so searches that don't use them are unchanged."""
+    train = ctx.train_loader.dataset
+    if not _needs_held_out(ctx.cfg.search):
+        return train, None
+    held, rest = stratified_split(train, ctx.cfg.search.proxy_samples, ctx.cfg.train.seed)
+    if not len(rest):
+        raise PrunetuneError(f"search.proxy_samples ({ctx.cfg.search.proxy_samples}) leaves no training rows for "
+                             f"the search rounds ({len(train)} rows)")
+    loader = make_loader(held, ctx.train_loader.collate_fn, ctx.cfg.train.eval_batch_size, False, 0)
+    return rest, list(loader)
+
+
+def _loader(ctx: Context, size: float, seed: int, rows=None):
+    ds = stratified_subset(rows if rows is not None else ctx.train_loader.dataset, size, seed)
     return make_loader(ds, ctx.train_loader.collate_fn, ctx.cfg.train.batch_size, True, seed)
 
 
@@ -63,9 +87,11 @@ def _units_to_remove(order: list[str], supernet: Supernet, k: int, target: int) 
 
 
 def iterative_prune(ctx: Context, loader, block_criteria: dict[str, list[str]] | None, criteria: list[str],
-                    round_steps: int | None, desc: str = "search", with_masks: bool = False) -> SearchResult:
+                    round_steps: int | None, desc: str = "search", with_masks: bool = False,
+                    held_out: list[dict] | None = None, record: list[str] | None = None) -> SearchResult:
     """From the full supernet: train a round, score alive units, remove the k lowest hybrid scores; repeat
-    until the trainable-parameter budget is met. block_criteria None = every block uses `criteria`."""
+    until the trainable-parameter budget is met. block_criteria None = every block uses `criteria`.
+    held_out: batches for the drop_loss criterion; record: criteria whose scores each round keeps (warm-up)."""
     cfg, sc = ctx.cfg, ctx.cfg.search
     seed_everything(cfg.train.seed)
     hf = load_model(ctx.model_path, ctx.task.num_labels, dtype=cfg.model.dtype, gguf_file=cfg.model.gguf_file,
@@ -85,7 +111,7 @@ def iterative_prune(ctx: Context, loader, block_criteria: dict[str, list[str]] |
     mapping = block_criteria or {b: list(criteria) for b in set(blocks.values())}
     gen = torch.Generator().manual_seed(cfg.train.seed)
     result = SearchResult(PeftStructure(), None, supernet_params=full, budget_params=target, arch=arch,
-                          blocks=sorted(set(blocks.values())))
+                          blocks=sorted(set(blocks.values())), unit_blocks=blocks, unit_types=kind)
     t0 = time.perf_counter()
 
     def l1():
@@ -103,8 +129,12 @@ def iterative_prune(ctx: Context, loader, block_criteria: dict[str, list[str]] |
                   before_forward=lambda b: setattr(tracker, "token_mask", b.get("attention_mask")),
                   after_backward=lambda _s: after_backward(tracker), desc=f"{desc} round {len(result.rounds) + 1}")
         tracker.stop()
-        needed = sorted({c for u in net.alive for c in mapping[blocks[u]]})
-        stats = tracker.unit_stats() if DYNAMIC & set(needed) else None
+        needed = sorted({c for u in net.alive for c in mapping[blocks[u]]} | set(record or []))
+        stats = tracker.unit_stats() if DYNAMIC & set(needed) else {}
+        if HELD_OUT & set(needed):
+            if held_out is None:
+                raise PrunetuneError("the drop_loss criterion needs held-out rows (search.proxy_samples)")
+            stats["drop_loss"] = drop_loss(net.model, sorted(net.alive), net.switched_off, held_out, ctx.device)
         params = {u: net.unit_params(u) for u in net.alive}
         crit_ctx = {"generator": gen, "threshold": sc.threshold, "per_parameter": sc.per_parameter}
         scores = {c: score_units(c, params, stats, crit_ctx) for c in needed}
@@ -121,7 +151,8 @@ def iterative_prune(ctx: Context, loader, block_criteria: dict[str, list[str]] |
         result.rounds.append({"round": len(result.rounds) + 1, "removed": removed,
                               "blocks_removed": [blocks[u] for u in removed], "drawn": drawn,
                               "trainable": net.trainable(),
-                              "alive": len(net.alive), "step": state.step})
+                              "alive": len(net.alive), "step": state.step,
+                              **({"scores": {c: scores[c] for c in record}} if record else {})})
     result.steps, result.seconds = state.step, time.perf_counter() - t0
     if sc.fill and result.rounds:
         result.fill = net.fill(list(reversed(result.rounds[-1]["removed"])), target)
@@ -162,9 +193,11 @@ def _cache_file(ctx: Context) -> Path:
     return root / "warmup" / (hashlib.sha256(key.encode()).hexdigest()[:16] + ".json")
 
 
-def warmup(ctx: Context) -> dict:
-    """Run the iterative pruning once per criterion on a small stratified subset; blocks get the criteria
-    that prune them most often. Cached per model and search space (reusable across tasks)."""
+def warmup(ctx: Context, rows=None, held_out: list[dict] | None = None) -> dict:
+    """Assign criteria to blocks on a small stratified subset of the rounds' rows; cached per model and search
+    settings (reusable across tasks). `search.warmup_by`: frequency (one pruning pass per criterion; a block gets
+    the criteria that pruned it most) or prediction (one pass pruning by the held-out drop_loss proxy; a block
+    gets the criteria whose ranking of its units agrees best with that proxy)."""
     path = _cache_file(ctx)
     if path.is_file():
         try:
@@ -177,12 +210,22 @@ def warmup(ctx: Context) -> dict:
         except (json.JSONDecodeError, AttributeError):
             pass  # a corrupt cache entry is recomputed
     sc = ctx.cfg.search
-    loader = _loader(ctx, sc.warmup_samples, ctx.cfg.train.seed)
+    loader = _loader(ctx, sc.warmup_samples, ctx.cfg.train.seed, rows)
+    t0 = time.perf_counter()
+    out = (_warmup_by_prediction if sc.warmup_by == "prediction" else _warmup_by_frequency)(ctx, loader, held_out)
+    out.update(seconds=time.perf_counter() - t0, tasks=[ctx.task.name])
+    if is_main():
+        atomic_write_text(path, json.dumps(out, indent=1))
+    return dict(out, cached=False)
+
+
+def _warmup_by_frequency(ctx: Context, loader, held_out) -> dict:
+    sc = ctx.cfg.search
     counts: dict[str, dict[str, int]] = {}
     blocks: set[str] = set()
-    t0, steps = time.perf_counter(), 0
+    steps = 0
     for c in sc.warmup_criteria:
-        r = iterative_prune(ctx, loader, None, [c], sc.warmup_round_steps, desc=f"warm-up {c}")
+        r = iterative_prune(ctx, loader, None, [c], sc.warmup_round_steps, desc=f"warm-up {c}", held_out=held_out)
         steps += r.steps
         counts[c] = {}
         for rd in r.rounds:  # units drawn at random (the criterion could not rank them) say nothing of it
@@ -190,25 +233,59 @@ def warmup(ctx: Context) -> dict:
                 if u not in rd["drawn"]:
                     counts[c][b] = counts[c].get(b, 0) + 1
         blocks.update(r.blocks)
-    mapping = assign_criteria(counts, sorted(blocks), sc.criteria)
-    out = {"mapping": mapping, "counts": counts, "steps": steps, "seconds": time.perf_counter() - t0,
-           "tasks": [ctx.task.name]}
-    if is_main():
-        atomic_write_text(path, json.dumps(out, indent=1))
-    return dict(out, cached=False)
+    return {"mapping": assign_criteria(counts, sorted(blocks), sc.criteria), "counts": counts, "steps": steps}
 
 
-def search_loader(ctx: Context):
-    """The rounds' data: all of it, or a label-stratified fraction in low-fidelity mode."""
+def _warmup_by_prediction(ctx: Context, loader, held_out) -> dict:
+    """Per round, every candidate criterion's percentile of each alive unit (within the unit's type for
+    weight-space criteria, as the hybrid ranks them) is compared with the drop_loss percentile in the same
+    grouping: a block's agreement is the mean over its units and the rounds of 1 - |difference| (1: the same
+    ranking, 2/3: unrelated). It works for blocks of one unit, where a per-block correlation cannot. The
+    Spearman correlation of each criterion with drop_loss over all alive units is reported alongside."""
+    from ..scores.hybrid import _groups, percentiles
+
     sc = ctx.cfg.search
-    return _loader(ctx, sc.data_fraction, ctx.cfg.train.seed) if sc.data_fraction < 1 else ctx.train_loader
+    candidates = [c for c in sc.warmup_criteria if c not in HELD_OUT]
+    r = iterative_prune(ctx, loader, None, ["drop_loss"], sc.warmup_round_steps, desc="warm-up (prediction)",
+                        held_out=held_out, record=candidates + sorted(HELD_OUT))
+    g = torch.Generator().manual_seed(ctx.cfg.train.seed)
+    agree: dict[str, dict[str, list[float]]] = {b: {c: [] for c in candidates} for b in r.blocks}
+    rho: dict[str, list[float]] = {c: [] for c in candidates}
+    for rd in r.rounds:
+        target = rd["scores"]["drop_loss"]
+        units = sorted(target)
+        for c in candidates:
+            pc, pt = {}, {}
+            for grp in _groups(units, r.unit_types, c in WEIGHT_SPACE):
+                pc.update(percentiles({u: rd["scores"][c][u] for u in grp}, g))
+                pt.update(percentiles({u: target[u] for u in grp}, g))
+            for u in units:
+                agree[r.unit_blocks[u]][c].append(1 - abs(pc[u] - pt[u]))
+            rho[c].append(spearman([rd["scores"][c][u] for u in units], [target[u] for u in units]))
+    mean = {b: {c: sum(v) / len(v) for c, v in per.items() if v} for b, per in agree.items()}
+    mapping = {b: sorted(c for c, v in m.items() if v == max(m.values())) if m else list(sc.criteria)
+               for b, m in mean.items()}
+    return {"mapping": mapping, "agreement": mean, "steps": r.steps,
+            "spearman": {c: sum(v) / len(v) for c, v in rho.items() if v}}
+
+
+def search_loader(ctx: Context, rows=None):
+    """The rounds' data (`rows`: the training rows left after the held-out split; None: all of them), whole or
+    a label-stratified fraction in low-fidelity mode."""
+    sc, seed = ctx.cfg.search, ctx.cfg.train.seed
+    if sc.data_fraction < 1:
+        return _loader(ctx, sc.data_fraction, seed, rows)
+    if rows is None or rows is ctx.train_loader.dataset:
+        return ctx.train_loader
+    return make_loader(rows, ctx.train_loader.collate_fn, ctx.cfg.train.batch_size, True, seed)
 
 
 def search(ctx: Context) -> tuple[SearchResult, dict | None]:
     sc = ctx.cfg.search
-    wu = warmup(ctx) if sc.warmup else None
-    result = iterative_prune(ctx, search_loader(ctx), wu["mapping"] if wu else None, sc.criteria, sc.round_steps,
-                             with_masks=sc.prune_foundation)
+    rows, held_out = _split(ctx)
+    wu = warmup(ctx, rows, held_out) if sc.warmup else None
+    result = iterative_prune(ctx, search_loader(ctx, rows), wu["mapping"] if wu else None, sc.criteria,
+                             sc.round_steps, with_masks=sc.prune_foundation, held_out=held_out)
     return result, wu
 
 

@@ -9,6 +9,7 @@ import torch
 
 CRITERIA: dict[str, callable] = {}
 DYNAMIC = {"gradient", "taylor", "activation", "norm_ratio"}  # need training statistics
+HELD_OUT = {"drop_loss"}  # need forward passes on held-out training rows (scores/proxy.py)
 # Scale set by the unit's parametrisation (init scale, fan-in, LoRA's alpha / r), not by what it does: ranked
 # within a unit type only. taylor (invariant to rescaling w -> c*w), activation and norm_ratio (the unit's
 # output) compare across types.
@@ -16,7 +17,7 @@ WEIGHT_SPACE = {"zeros", "threshold", "magnitude", "gradient"}
 # What a unit does, compared across types of different sizes: divided by the unit's parameter count they rank
 # value per parameter of budget (the greedy knapsack order); raw, a LoRA on the 4x wider FFN outranks LoRA on q+v
 # by size alone.
-PER_PARAMETER = {"taylor", "activation", "norm_ratio"}
+PER_PARAMETER = {"taylor", "activation", "norm_ratio", "drop_loss"}
 
 
 def criterion(name: str):
@@ -71,6 +72,12 @@ def activation(params, stats, unit, ctx) -> float:
 def norm_ratio(params, stats, unit, ctx) -> float:
     """Light-PEFT's ||delta(x)|| / ||base(x)||."""
     return stats["norm_ratio"][unit]
+
+
+@criterion("drop_loss")
+def drop_loss(params, stats, unit, ctx) -> float:
+    """Held-out loss increase when the unit is switched off (forward only; no first-order approximation)."""
+    return stats["drop_loss"][unit]
 
 
 @criterion("random")

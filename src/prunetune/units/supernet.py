@@ -1,6 +1,7 @@
 """PrunePEFT supernet: every candidate unit of the search space at every layer, individually removable."""
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -58,6 +59,34 @@ class Supernet:
         if u.kind == "adapter":
             return [p for pos in u.positions for p in self.adapters.get(pos).parameters()]
         return [w for pos in u.positions for w in (self._lora[pos].lora_A[ADAPTER].weight, self._lora[pos].lora_B[ADAPTER].weight)]
+
+    @contextmanager
+    @torch.no_grad()
+    def switched_off(self, name: str):
+        """The unit contributes nothing inside the block (LoRA scaling 0; an adapter's up projection, its output
+        side, zeroed), and is restored exactly afterwards. For forward-only probes (the held-out loss proxy)."""
+        u = self.by_name[name]
+        if u.kind == "adapter":
+            ups = [self.adapters.get(pos).up for pos in u.positions]
+            saved = [(m.weight.clone(), m.bias.clone()) for m in ups]
+            for m in ups:
+                m.weight.zero_()
+                m.bias.zero_()
+        else:
+            layers = [self._lora[pos] for pos in u.positions]
+            saved = [layer.scaling[ADAPTER] for layer in layers]
+            for layer in layers:
+                layer.scaling[ADAPTER] = 0.0
+        try:
+            yield
+        finally:
+            if u.kind == "adapter":
+                for m, (w, b) in zip(ups, saved):
+                    m.weight.copy_(w)
+                    m.bias.copy_(b)
+            else:
+                for layer, scale in zip(layers, saved):
+                    layer.scaling[ADAPTER] = scale
 
     def unit_size(self, name: str) -> int:
         return sum(p.numel() for p in self.unit_params(name))
