@@ -123,7 +123,7 @@ def train_light(ctx: Context, export_dir: Path | None = None) -> dict:
         hf = model.base_model.model
         extras = {}
     else:
-        ops = prune_adapter_model(hf, arch, plan, adapters, *fold)
+        ops = prune_adapter_model(hf, arch, plan, adapters, *fold, extras_key="adapters")
         extras = {"adapters": adapters}
     state.set_model(model, hf, extras, ops, reset=cfg.estimate.optimizer_state == "reset")
     state.memory = StepMemory()
