@@ -247,6 +247,7 @@ def test_adapter_masked_equals_pruned(family):
     masks.detach()
     removed = [adapters.get(n) for n in adapters.names() if n not in plan.peft_ranks]
     assert removed
+    old = {f"adapters.{n}": p.detach().clone() for n, p in adapters.named_parameters()}
     ops = prune_adapter_model(hf, arch, plan, adapters, masks.head_values(), masks.ffn_values())
     torch.testing.assert_close(_logits(hf, b), ref, atol=ATOL, rtol=0)
     assert adapters.sizes() == {n: len(k) for n, k in plan.peft_ranks.items()}
@@ -260,8 +261,12 @@ def test_adapter_masked_equals_pruned(family):
         ad = adapters.get(name)
         assert ad.down.weight.shape == (len(kept), arch.hidden_size)
         assert ad.up.weight.shape == (arch.hidden_size, len(kept))
-        key = name.replace(".", "__")
-        assert f"adapters.{key}.up.weight" in ops and f"adapters.{key}.down.weight" in ops
+    # the optimizer-state slicing ops are keyed the way TrainState names the parameters it trains
+    # ("<extras key>.<name in the AdapterSet>"), for every parameter of every kept adapter
+    trained = {f"adapters.{n}": p for n, p in adapters.named_parameters()}
+    assert set(ops) == set(trained)
+    for n, p in trained.items():  # the ops map each old tensor onto its kept part
+        torch.testing.assert_close(apply_ops(old[n], ops[n]), p.detach(), atol=0, rtol=0)
 
 
 # ------------------------------------------------------------------------------------- training after
@@ -308,3 +313,41 @@ def test_pruned_adapter_model_trains(family):
         opt.step()
         losses.append(float(loss.detach()))
     assert losses[-1] < losses[0]
+
+
+# ---------------------------------------------------------------------------- AdamW state over surgery
+@pytest.mark.parametrize("kind", ["lora", "adapter"])
+def test_kept_parameters_keep_their_sliced_adamw_state(kind):
+    """After surgery every kept PEFT parameter carries exp_avg / exp_avg_sq sliced from its old state."""
+    from prunetune.config import TrainConfig
+    from prunetune.train import TrainState
+
+    if kind == "lora":
+        pm, hf, arch, plan, masks = _masked_lora("bert", seed=90)
+        model, extras = pm, {"masks": masks}
+    else:
+        hf, arch, plan, masks, adapters = _masked_adapters("bert", seed=90)
+        model, extras = hf, {"masks": masks, "adapters": adapters}
+    state = TrainState(model, hf, extras, TrainConfig(), [batch()], 10, torch.device("cpu"))
+    model.train()
+    for step in range(2):  # two AdamW steps: non-trivial moments on every trained parameter
+        state.optimizer.zero_grad(set_to_none=True)
+        (model(**batch(seed=step), labels=torch.tensor([0, 1, 1])).loss + sum(m.sum() for m in masks.parameters())).backward()
+        state.optimizer.step()
+    before = {n: {k: v.clone() for k, v in state.optimizer.state[p].items()} for n, p in state.named_trainable().items()}
+    masks.detach()
+    if kind == "lora":
+        model, ops = prune_lora_model(pm, arch, plan, R, ALPHA, 0.0)
+        hf, extras = model.base_model.model, {}
+    else:
+        ops = prune_adapter_model(hf, arch, plan, adapters)
+        extras = {"adapters": adapters}
+    state.set_model(model, hf, extras, ops)
+    kept = {n: p for n, p in state.named_trainable().items() if n in ops}
+    assert kept and len(kept) == len(ops)
+    for n, p in kept.items():
+        st = state.optimizer.state.get(p)
+        assert st, f"{n}: AdamW state lost at surgery"
+        for k in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(st[k], apply_ops(before[n][k], ops[n]), atol=0, rtol=0)
+        assert int(st["step"]) == 2

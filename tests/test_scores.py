@@ -53,11 +53,11 @@ def test_module_importance_is_lora_norm_ratio(family):
     tracker = ImportanceTracker(hf).start()
     batches = [batch(seed=1), batch(seed=2, bsz=2, seq=7)]
     batches[1]["attention_mask"][1, -4:] = 0
+    pm.train()  # only training forwards are recorded (LoRA dropout is 0: the deltas are reproducible)
     for b in batches:
         tracker.token_mask = b["attention_mask"]
-        with torch.no_grad():
-            pm(**b)
-        tracker.after_backward()  # one optimizer step per batch (no grads: only the step counter moves)
+        pm(**b)
+        tracker.after_backward()  # one optimizer step per batch (no grads: commits the forward statistics)
         assert not tracker._base_out  # nothing kept between forwards
     tracker.stop()
     for h in handles:
@@ -93,8 +93,9 @@ def test_module_importance_of_adapters():
     tracker = ImportanceTracker(hf, adapters).start()
     b = batch()
     tracker.token_mask = b["attention_mask"]
-    with torch.no_grad():
-        hf(**b)
+    hf.train()  # a training forward (the adapters have no dropout: h and delta(h) are reproducible)
+    hf(**b)
+    tracker.after_backward()
     tracker.stop()
     for h in handles:
         h.remove()
@@ -234,16 +235,23 @@ def test_tracker_stop_removes_every_hook(family):
     with torch.no_grad():
         during = pm(**b).logits
     torch.testing.assert_close(during, before_logits, atol=0, rtol=0)  # tracking never changes the forward
+    pm.train()
+    for _ in range(2):  # a training forward, then the step ends: recorded once
+        pm(**b)
+        tracker.after_backward()
     counts = dict(tracker.module_n)
-    assert counts == {n: 1 for n in names}
+    assert counts == {n: 2 for n in names}
     tracker.stop()
     assert _hook_count(hf) == n_hooks
     for layer in lora_layers(hf).values():
         assert not layer.base_layer._forward_hooks and not layer.lora_B["default"]._forward_hooks
+    pm(**b)
+    tracker.after_backward()
+    assert tracker.module_n == counts  # nothing recorded after stop
+    pm.eval()
     with torch.no_grad():
         after = pm(**b).logits
     torch.testing.assert_close(after, before_logits, atol=0, rtol=0)
-    assert tracker.module_n == counts  # nothing recorded after stop
     tracker.stop()  # idempotent
 
 

@@ -154,10 +154,23 @@ def select_ranks(rank_scores: dict[str, torch.Tensor], modules: list[str], rho: 
     return out
 
 
+def _check_finite(what: str, scores: dict) -> None:
+    bad = [name for name, v in scores.items() if not bool(torch.isfinite(torch.as_tensor(v, dtype=torch.float64)).all())]
+    if bad:
+        raise PrunetuneError(f"cannot make a pruning plan: the {what} scores of {', '.join(bad[:3])}"
+                             f"{' and others' if len(bad) > 3 else ''} are not finite (NaN/inf): the estimation "
+                             "diverged (lower train.lr, or use train.mixed_precision=bf16 instead of fp16)")
+
+
 def make_plan(arch, head_masks, ffn_masks, module_importance: dict[str, float], rank_importance: dict[str, torch.Tensor],
               heads: float, ffn: float, modules: float, ranks: float, ffn_scope: str = "global", ffn_floor: float = 0.05,
               peft_kind: str = "lora", model_type: str = "", meta: dict | None = None) -> PruningPlan:
     """Phase 2 of Light-PEFT: heads per layer, neurons globally, PEFT modules globally, then ranks globally."""
+    # a NaN sorts anywhere: non-finite scores would silently become a keep-by-index plan
+    _check_finite("head", {f"layer {i}": m for i, m in enumerate(head_masks)})
+    _check_finite("FFN neuron", {f"layer {i}": m for i, m in enumerate(ffn_masks)})
+    _check_finite("PEFT module", module_importance)
+    _check_finite("PEFT rank", rank_importance)
     kept_modules = select_modules(module_importance, modules)
     return PruningPlan(
         family=arch.family,

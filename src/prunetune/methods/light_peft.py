@@ -12,6 +12,7 @@ import torch
 
 from ..config import RunConfig
 from ..dist import is_main, log
+from ..errors import PrunetuneError
 from ..io import atomic_write_text
 from ..plan import PruningPlan, make_plan
 from ..scores import ImportanceTracker, StructureMasks
@@ -79,9 +80,9 @@ def train_light(ctx: Context, export_dir: Path | None = None) -> dict:
                 tracker.start()
 
         def after_backward(step):
-            if step >= window_start:
-                tracker.after_backward()
-                masks.accumulate_taylor(cfg.estimate.lambda_heads, cfg.estimate.lambda_ffn)
+            if step >= window_start:  # a step the fp16 scaler skips (non-finite gradients) is not scored
+                tracker.after_backward(finite=state.step_finite)
+                masks.accumulate_taylor(cfg.estimate.lambda_heads, cfg.estimate.lambda_ffn, finite=state.step_finite)
             if step % max(1, cfg.train.log_every) == 0 or step == est - 1:
                 mask_curve.append({"step": step, "heads_mean": _mean(masks.heads), "ffn_mean": _mean(masks.ffn)})
 
@@ -91,6 +92,10 @@ def train_light(ctx: Context, export_dir: Path | None = None) -> dict:
                       on_checkpoint=lambda: save("estimate", tracker=tracker.state_dict(),
                                                  mask_scores=masks.score_state()))
         tracker.stop()
+        if tracker.rank_n == 0:  # nothing to rank PEFT modules by: a plan would drop them all
+            raise PrunetuneError(f"none of the {est - window_start} steps of the estimation window could be scored "
+                                 "(non-finite gradients: fp16 overflow or divergence); lower train.lr, use "
+                                 "train.mixed_precision=bf16, or widen estimate.window")
         norm_ratio, rank_imp = tracker.finalize()
         module_taylor = tracker.module_taylor()
         module_imp = module_taylor if cfg.estimate.module_score == "taylor" else norm_ratio
@@ -100,6 +105,7 @@ def train_light(ctx: Context, export_dir: Path | None = None) -> dict:
         plan = make_plan(arch, head_scores, ffn_scores, module_imp, rank_imp, p.heads, p.ffn, p.modules, p.ranks,
                          p.ffn_scope, p.ffn_floor, cfg.peft.kind, hf.config.model_type,
                          meta={"estimation_steps": est, "window_start": window_start, "total_steps": total,
+                               "window_skipped_steps": tracker.skipped,
                                "module_importance": module_imp,  # the chosen score; both kept for reports
                                "module_norm_ratio": norm_ratio, "module_taylor": module_taylor,
                                "rank_importance": {k: v.tolist() for k, v in rank_imp.items()},
@@ -123,7 +129,7 @@ def train_light(ctx: Context, export_dir: Path | None = None) -> dict:
         hf = model.base_model.model
         extras = {}
     else:
-        ops = prune_adapter_model(hf, arch, plan, adapters, *fold)
+        ops = prune_adapter_model(hf, arch, plan, adapters, *fold, extras_key="adapters")
         extras = {"adapters": adapters}
     state.set_model(model, hf, extras, ops, reset=cfg.estimate.optimizer_state == "reset")
     state.memory = StepMemory()

@@ -118,10 +118,10 @@ def iterative_prune(ctx: Context, loader, block_criteria: dict[str, list[str]] |
         h, f = masks.l1()
         return cfg.estimate.lambda_heads * h + cfg.estimate.lambda_ffn * f
 
-    def after_backward(tracker):
-        tracker.after_backward()
+    def after_backward(tracker):  # a step the fp16 scaler skips (non-finite gradients) is not scored
+        tracker.after_backward(finite=state.step_finite)
         if masks is not None:
-            masks.accumulate_taylor(cfg.estimate.lambda_heads, cfg.estimate.lambda_ffn)
+            masks.accumulate_taylor(cfg.estimate.lambda_heads, cfg.estimate.lambda_ffn, finite=state.step_finite)
 
     while net.trainable() > target and len(net.alive) > 1:
         tracker = ImportanceTracker(hf, net.adapters, groups=net.groups()).start()

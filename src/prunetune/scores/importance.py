@@ -3,6 +3,11 @@
 Scores are summed on device during the accumulation window and turned into means (all-reduced under DDP)
 by `finalize()`. Tracking is switched on only inside the window and removed afterwards, so fine-tuning pays
 nothing for it.
+
+What a window step contributes is decided per optimizer step: forward statistics are only taken from
+training forwards (grad enabled, model in train mode: never a dev evaluation), held as pending until
+`after_backward`, and committed together with the gradient statistics only when the step's gradients are
+finite; a step the fp16 GradScaler skips adds nothing, neither to the sums nor to the step counts.
 """
 from __future__ import annotations
 
@@ -62,8 +67,12 @@ class ImportanceTracker:
         self.rank_sum: dict[str, torch.Tensor] = {}
         self.module_taylor_sum: dict[str, torch.Tensor] = {}
         self.rank_n = 0
+        self.skipped = 0  # window steps dropped because their gradients / statistics were not finite
         self._handles: list = []
         self._base_out: dict[str, torch.Tensor] = {}
+        # forward statistics of the step in progress: module -> per forward (stack[sum of ratios, tokens],
+        # activation or None), committed or dropped by after_backward
+        self._pending: dict[str, list[tuple[torch.Tensor, torch.Tensor | None]]] = {}
 
     # -- module importance (forward hooks) --------------------------------------------------------
     def start(self) -> "ImportanceTracker":
@@ -73,10 +82,20 @@ class ImportanceTracker:
                 self.adapters.get(name).observer = lambda d, h, n=name: self._add_module(n, d, h)
         for name, layer in lora_layers(self.hf_model).items():
             self._handles.append(layer.base_layer.register_forward_hook(
-                lambda _m, _i, out, n=name: self._base_out.__setitem__(n, out.detach())))
+                lambda _m, _i, out, n=name: self._base_out.__setitem__(n, out.detach()) if self._recording() else None))
             self._handles.append(layer.lora_B[ADAPTER].register_forward_hook(
-                lambda _m, _i, out, n=name, l=layer: self._add_module(n, out * l.scaling[ADAPTER], self._base_out.pop(n))))
+                lambda _m, _i, out, n=name, l=layer: self._add_lora(n, out * l.scaling[ADAPTER])))
         return self
+
+    def _recording(self) -> bool:
+        """Only training forwards are statistics of the window: evaluation runs the model in eval mode
+        under no_grad (`train.evaluate`), and must leave the scores exactly as they are."""
+        return torch.is_grad_enabled() and self.hf_model.training
+
+    def _add_lora(self, name: str, delta: torch.Tensor) -> None:
+        base = self._base_out.pop(name, None)
+        if base is not None:  # None: the base output was not a recorded (training) forward
+            self._add_module(name, delta, base)
 
     def stop(self) -> None:
         for h in self._handles:
@@ -88,36 +107,68 @@ class ImportanceTracker:
                 self.adapters.get(name).observer = None
 
     def _add_module(self, name: str, delta: torch.Tensor, base: torch.Tensor) -> None:
+        if not self._recording():
+            return
         with torch.no_grad():
             # per optimizer step: sum of per-token ratios and token count, so that the step mean (and its
             # all-reduce under DDP) equals the single-process mean over the same global batch
             ratio = delta.detach().float().norm(dim=-1) / base.detach().float().norm(dim=-1).clamp_min(1e-12)
             m = token_weights(ratio, self.token_mask)
             acc = torch.stack([(ratio * m).sum(), m.sum()])
-            steps = self.module_sum.setdefault(name, {})
-            steps[self.rank_n] = steps[self.rank_n] + acc if self.rank_n in steps else acc
-            self.module_n[name] = self.module_n.get(name, 0) + 1
+            act = None
             if self.groups:  # activation criterion: mean |unit output| over non-padding tokens
-                self.act_sum[name] = self.act_sum.get(name, 0.0) + masked_mean(delta.detach().float().abs().mean(-1),
-                                                                               self.token_mask)
+                act = masked_mean(delta.detach().float().abs().mean(-1), self.token_mask)
+            self._pending.setdefault(name, []).append((acc, act))
 
     # -- rank importance (after backward, before the optimizer step) --------------------------------
     @torch.no_grad()
-    def after_backward(self) -> None:
-        """Call once per optimizer step, on unscaled, fully accumulated gradients."""
+    def after_backward(self, finite: bool = True) -> None:
+        """Call once per optimizer step, on unscaled, fully accumulated gradients. finite=False (the
+        training loop found inf/NaN gradients: the GradScaler skips this step) drops the step entirely;
+        so does any non-finite statistic of the step."""
+        pending, self._pending = self._pending, {}
+        if not finite:
+            self.skipped += 1
+            return
+        ranks, module_taylor, grads, taylors = {}, {}, {}, {}
         for name, a, ga, b, gb in self._rank_tensors():
-            s = self.rank_fn(a, ga, b, gb).abs()
-            self.rank_sum[name] = self.rank_sum.get(name, 0.0) + s
+            ranks[name] = self.rank_fn(a, ga, b, gb).abs()
             # whole module: |sum_i S_i|, the first-order loss change of removing every rank at once
-            self.module_taylor_sum[name] = self.module_taylor_sum.get(name, 0.0) + (b * gb).sum().abs()
+            module_taylor[name] = (b * gb).sum().abs()
         for unit, positions in self.groups.items():
             pairs = [(p, p.grad) for pos in positions for p in self._params(pos) if p.grad is not None]
             if not pairs:
                 continue
             n = sum(p.numel() for p, _ in pairs)
-            self.grad_sum[unit] = self.grad_sum.get(unit, 0.0) + sum(g.abs().sum() for _, g in pairs) / n
-            self.taylor_sum[unit] = self.taylor_sum.get(unit, 0.0) + sum((p * g).sum() for p, g in pairs).abs()
+            grads[unit] = sum(g.abs().sum() for _, g in pairs) / n
+            taylors[unit] = sum((p * g).sum() for p, g in pairs).abs()
+        parts = [t for d in (ranks, module_taylor, grads, taylors) for t in d.values()]
+        parts += [t for forwards in pending.values() for acc, act in forwards for t in (acc, act) if t is not None]
+        if not _all_finite(parts, self._device()):
+            self.skipped += 1
+            return
+        for name, forwards in pending.items():
+            steps = self.module_sum.setdefault(name, {})
+            for acc, act in forwards:
+                steps[self.rank_n] = steps[self.rank_n] + acc if self.rank_n in steps else acc
+                self.module_n[name] = self.module_n.get(name, 0) + 1
+                if act is not None:
+                    self.act_sum[name] = self.act_sum.get(name, 0.0) + act
+        for name, s in ranks.items():
+            self.rank_sum[name] = self.rank_sum.get(name, 0.0) + s
+            self.module_taylor_sum[name] = self.module_taylor_sum.get(name, 0.0) + module_taylor[name]
+        for unit in grads:
+            self.grad_sum[unit] = self.grad_sum.get(unit, 0.0) + grads[unit]
+            self.taylor_sum[unit] = self.taylor_sum.get(unit, 0.0) + taylors[unit]
         self.rank_n += 1
+
+    def _device(self) -> torch.device:
+        """Where the live PEFT parameters are (the sums are kept there)."""
+        for module in (self.adapters, self.hf_model):
+            if module is not None:
+                for p in module.parameters():
+                    return p.device
+        return torch.device("cpu")
 
     def _params(self, position: str) -> list[torch.nn.Parameter]:
         if self.adapters is not None and position in self.adapters.names():
@@ -140,14 +191,25 @@ class ImportanceTracker:
                 yield name, a, a.grad, b, b.grad
 
     # -- checkpoints -----------------------------------------------------------------------------
-    def state_dict(self) -> dict:
-        keys = ("module_sum", "module_n", "rank_sum", "rank_n", "act_sum", "grad_sum", "taylor_sum",
-                "module_taylor_sum")
-        return {k: getattr(self, k) for k in keys}
+    STATE_KEYS = ("module_sum", "module_n", "rank_sum", "rank_n", "act_sum", "grad_sum", "taylor_sum",
+                  "module_taylor_sum", "skipped")
 
-    def load_state_dict(self, state: dict) -> None:
-        for k, v in state.items():
-            setattr(self, k, v)
+    def state_dict(self) -> dict:
+        """Nested dicts of CPU tensors and plain values; step keys as strings (a JSON-backed checkpoint
+        keeps them as they are)."""
+        state = {k: _to(getattr(self, k), "cpu") for k in self.STATE_KEYS}
+        state["module_sum"] = {n: {str(k): v for k, v in steps.items()} for n, steps in state["module_sum"].items()}
+        return state
+
+    def load_state_dict(self, state: dict, device: torch.device | str | None = None) -> None:
+        """Restore the window's sums onto `device` (default: where the live PEFT parameters are now;
+        checkpoints load on the CPU, and a resumed GPU run must keep adding GPU tensors to them)."""
+        device = torch.device(device) if device is not None else self._device()
+        for k in self.STATE_KEYS:
+            if k in state:
+                setattr(self, k, _to(state[k], device))
+        self.module_sum = {n: {int(k): v for k, v in steps.items()} for n, steps in self.module_sum.items()}
+        self._pending = {}
 
     # -- results ---------------------------------------------------------------------------------
     def finalize(self) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
@@ -181,6 +243,26 @@ class ImportanceTracker:
             for key, acc in (("gradient", self.grad_sum), ("taylor", self.taylor_sum)):
                 out[key][unit] = _reduced_over(acc.get(unit, 0.0), steps)
         return out
+
+
+def _all_finite(tensors: list[torch.Tensor], device: torch.device) -> bool:
+    """One sync: every value finite here, and (under DDP) on every rank, so that all ranks keep or drop the
+    same steps (finalize all-reduces per-step statistics)."""
+    bad = torch.zeros((), device=device)
+    if tensors:
+        bad = torch.stack([(~torch.isfinite(t.detach())).any() for t in tensors]).any().float().to(device)
+    return float(all_reduce_sum_(bad)) == 0
+
+
+def _to(obj, device):
+    """Copy of a nested dict / list of tensors and plain values, tensors on `device`."""
+    if torch.is_tensor(obj):
+        return obj.detach().to(device, copy=True)
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to(v, device) for v in obj)
+    return obj
 
 
 def token_weights(values: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:

@@ -54,13 +54,23 @@ class StructureMasks(nn.Module):
         return [m.detach().float().cpu() for m in self.ffn]
 
     @torch.no_grad()
-    def accumulate_taylor(self, lambda_heads: float, lambda_ffn: float) -> None:
-        """After backward: add |m * dL_task/dm| per unit (the L1 term's gradient lambda*sign(m) is removed)."""
-        for kind, params, lam in (("heads", self.heads, lambda_heads), ("ffn", self.ffn, lambda_ffn)):
+    def accumulate_taylor(self, lambda_heads: float, lambda_ffn: float, finite: bool = True) -> None:
+        """After backward: add |m * dL_task/dm| per unit (the L1 term's gradient lambda*sign(m) is removed).
+        A step with finite=False (the GradScaler skips it) or with any non-finite term adds nothing and is
+        not counted."""
+        if not finite:
+            return
+        terms = {kind: [(p * (p.grad - lam * p.sign())).abs() if p.grad is not None else None for p in params]
+                 for kind, params, lam in (("heads", self.heads, lambda_heads), ("ffn", self.ffn, lambda_ffn))}
+        present = [t for ts in terms.values() for t in ts if t is not None]
+        # one sync; mask gradients are already averaged across DDP ranks, so every rank decides alike
+        if present and not bool(torch.stack([torch.isfinite(t).all() for t in present]).all()):
+            return
+        for kind, params in (("heads", self.heads), ("ffn", self.ffn)):
             sums = self.taylor_sum.setdefault(kind, [torch.zeros_like(p) for p in params])
-            for acc, p in zip(sums, params):
-                if p.grad is not None:
-                    acc += (p * (p.grad - lam * p.sign())).abs()
+            for acc, t in zip(sums, terms[kind]):
+                if t is not None:
+                    acc += t
         self.taylor_n += 1
 
     def taylor_values(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -75,10 +85,15 @@ class StructureMasks(nn.Module):
         return (self.head_values(), self.ffn_values()) if kind == "mask" else self.taylor_values()
 
     def score_state(self) -> dict:
-        return {"taylor_sum": self.taylor_sum, "taylor_n": self.taylor_n}
+        """CPU copies (nested dict / lists of tensors and plain values), ready for a checkpoint."""
+        return {"taylor_sum": {k: [t.detach().cpu().clone() for t in ts] for k, ts in self.taylor_sum.items()},
+                "taylor_n": self.taylor_n}
 
     def load_score_state(self, state: dict) -> None:
-        self.taylor_sum, self.taylor_n = state["taylor_sum"], state["taylor_n"]
+        """Restore onto the masks' own device: checkpoints load on the CPU, the masks may live on a GPU."""
+        device = self.heads[0].device if len(self.heads) else torch.device("cpu")
+        self.taylor_sum = {k: [t.to(device, copy=True) for t in ts] for k, ts in state["taylor_sum"].items()}
+        self.taylor_n = state["taylor_n"]
 
     @torch.no_grad()
     def set_(self, heads: list[torch.Tensor] | None = None, ffn: list[torch.Tensor] | None = None) -> None:

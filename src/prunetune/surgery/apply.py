@@ -32,12 +32,19 @@ def prune_lora_model(peft_model, arch: Arch, plan: PruningPlan, r: int, alpha: f
     return new, param_ops
 
 
-def prune_adapter_model(hf_model, arch: Arch, plan: PruningPlan, adapters: AdapterSet, head_masks=None, ffn_masks=None):
-    """Adapters are hook-based and live outside the HF model: slice base in place, shrink adapters."""
+def prune_adapter_model(hf_model, arch: Arch, plan: PruningPlan, adapters: AdapterSet, head_masks=None, ffn_masks=None,
+                        extras_key: str = "adapters"):
+    """Adapters are hook-based and live outside the HF model: slice base in place, shrink adapters.
+
+    Returns {parameter name as TrainState names it ("<extras_key>.<name in the AdapterSet>"): slicing ops}
+    for optimizer-state carry-over; extras_key is the key the AdapterSet has in TrainState's extras."""
     if head_masks is not None:
         fold_masks(hf_model, arch, head_masks, ffn_masks)
     apply_plan(hf_model, arch, plan)
     ops = slice_adapters(adapters, plan.peft_ranks)
     if adapters._handles:  # re-hook: the hooks of removed adapters would otherwise keep running them
         adapters.attach(hf_model)
-    return {f"adapters.{n.replace('.', '__')}.{p}": o for n, pops in ops.items() for p, o in pops.items()}
+    # names looked up by identity, so they are the AdapterSet's own (whatever its internal layout)
+    names = {id(p): n for n, p in adapters.named_parameters()}
+    return {f"{extras_key}.{names[id(adapters.get(n).get_parameter(p))]}": o
+            for n, pops in ops.items() for p, o in pops.items()}

@@ -37,6 +37,16 @@ def make_loader(dataset, collate, batch_size: int, shuffle: bool, seed: int) -> 
                       generator=g)
 
 
+def grads_finite(params) -> bool:
+    """Whether every gradient is finite (one sync). Called after GradScaler.unscale_, this is the scaler's own
+    decision: it skips exactly the steps whose gradients hold inf/NaN (fp16 overflow), and such a step must
+    not be scored either."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return True
+    return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+
+
 def lr_factor(step: int, total: int, warmup: int) -> float:
     if step < warmup:
         return (step + 1) / max(1, warmup)
@@ -56,6 +66,7 @@ class TrainState:
         self.warmup = int(round(cfg.warmup_ratio * total_steps))
         self.step = 0
         self.epoch = 0.0
+        self.step_finite = True  # this step's gradients are finite (read by after_backward callbacks)
         self.step_times: list[float] = []
         self.history: list[dict] = []
         self.desc = desc
@@ -192,9 +203,11 @@ class TrainState:
             average_gradients([p for g in self.optimizer.param_groups for p in g["params"]])
             if self.scaler:
                 self.scaler.unscale_(self.optimizer)
-            if after_backward:  # unscaled, fully accumulated, not yet clipped gradients
-                after_backward(self.step)
             params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            if after_backward:  # unscaled, fully accumulated, not yet clipped gradients
+                # scores must skip what the scaler skips: the callback reads state.step_finite
+                self.step_finite = grads_finite(params)
+                after_backward(self.step)
             if self.cfg.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm)
             f = min(1.0, (self.step + 1) / max(1, self.warmup)) if self.constant_lr else \
