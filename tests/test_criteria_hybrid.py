@@ -10,7 +10,7 @@ from models import batch, tiny
 
 from prunetune.arch import get_arch
 from prunetune.scores import ImportanceTracker
-from prunetune.scores.criteria import CRITERIA, DYNAMIC, score_units
+from prunetune.scores.criteria import CRITERIA, DYNAMIC, HELD_OUT, score_units
 from prunetune.scores.criteria import PER_PARAMETER, WEIGHT_SPACE
 from prunetune.scores.hybrid import (assign_criteria, band, block_of, combine, informative,
                                      lowest, percentiles)
@@ -77,7 +77,7 @@ def test_per_parameter_divides_cross_type_criteria_by_unit_size(name):
         assert lowest(score_units(name, units, stats, {}), 1) == ["small"]
     else:
         assert per == stats[name]
-    assert PER_PARAMETER <= DYNAMIC and not PER_PARAMETER & WEIGHT_SPACE
+    assert PER_PARAMETER <= DYNAMIC | HELD_OUT and not PER_PARAMETER & WEIGHT_SPACE
     assert score_units("magnitude", units, None, {"per_parameter": True}) == {"small": 1.0, "big": 1.0}
 
 
@@ -160,7 +160,16 @@ def test_tracker_unit_stats_are_per_unit_means_over_steps():
                 assert len(ps) == len(net.unit_params(u.name))
             n = sum(p.numel() for p in ps)
             grads_seen[u.name].append(float(sum(p.grad.abs().sum() for p in ps)) / n)
-            taylor_seen[u.name].append(float(sum((p.detach() * p.grad).sum() for p in ps)))  # signed
+            # taylor: the removal effect, summed over the output side only (LoRA B, adapter up)
+            if u.kind == "adapter":
+                out = [w for pos in u.positions for w in (net.adapters.get(pos).up.weight, net.adapters.get(pos).up.bias)]
+            else:
+                out = [net._lora[pos].lora_B[ADAPTER].weight for pos in u.positions]
+                a_side = [net._lora[pos].lora_A[ADAPTER].weight for pos in u.positions]
+                # per module sum(A*gA) == sum(B*gB): summing both sides would count LoRA twice
+                for w_a, w_b in zip(a_side, out):
+                    assert float((w_a * w_a.grad).sum()) == pytest.approx(float((w_b * w_b.grad).sum()), rel=1e-4)
+            taylor_seen[u.name].append(float(sum((p.detach() * p.grad).sum() for p in out if p.grad is not None)))
         tracker.after_backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

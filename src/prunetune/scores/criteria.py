@@ -58,7 +58,7 @@ def gradient(params, stats, unit, ctx) -> float:
 
 @criterion("taylor")
 def taylor(params, stats, unit, ctx) -> float:
-    """mean over steps of |sum(w * g)| over the unit."""
+    """mean over steps of |sum(w * g)| over the unit's output side (LoRA B, adapter up): its removal effect."""
     return stats["taylor"][unit]
 
 

@@ -141,7 +141,11 @@ class ImportanceTracker:
                 continue
             n = sum(p.numel() for p, _ in pairs)
             grads[unit] = sum(g.abs().sum() for _, g in pairs) / n
-            taylors[unit] = sum((p * g).sum() for p, g in pairs).abs()
+            # removal effect: first-order loss change of zeroing the unit's output side (LoRA B, an adapter's up
+            # projection). Summing w*g over all parameters counted LoRA twice (sum A*gA = sum B*gB exactly) and
+            # added an adapter's down projection, which removing the adapter does not scale.
+            out = [(p, p.grad) for pos in positions for p in self._output_params(pos) if p.grad is not None]
+            taylors[unit] = sum((p * g).sum() for p, g in out).abs() if out else pairs[0][1].new_zeros(())
         parts = [t for d in (ranks, module_taylor, grads, taylors) for t in d.values()]
         parts += [t for forwards in pending.values() for acc, act in forwards for t in (acc, act) if t is not None]
         if not _all_finite(parts, self._device()):
@@ -177,6 +181,16 @@ class ImportanceTracker:
             self._lora = lora_layers(self.hf_model)
         layer = self._lora.get(position)
         return [] if layer is None else [layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight]
+
+    def _output_params(self, position: str) -> list[torch.nn.Parameter]:
+        """The parameters that scale a unit's output to zero when zeroed: LoRA B, an adapter's up projection."""
+        if self.adapters is not None and position in self.adapters.names():
+            up = self.adapters.get(position).up
+            return [up.weight, up.bias]
+        if self._lora is None:
+            self._lora = lora_layers(self.hf_model)
+        layer = self._lora.get(position)
+        return [] if layer is None else [layer.lora_B[ADAPTER].weight]
 
     def _rank_tensors(self):
         if self.adapters is not None:
