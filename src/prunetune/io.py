@@ -14,7 +14,7 @@ from typing import Callable
 from .errors import PrunetuneError
 
 OLD_SUFFIX = ".prunetune-old"  # the previous version of a folder while atomic_dir swaps in the new one
-RUN_MARKER = ".prunetune_run.lock"  # marks (and locks) a folder as a prunetune run's output folder
+RUN_MARKER = "prunetune_run.lock"  # marks (and locks) a folder as a prunetune run's output folder
 
 
 def _first_line(exc: BaseException) -> str:
@@ -124,9 +124,12 @@ def check_location(path: str | Path, what: str) -> None:
     base = _nearest_existing(path)
     if not base.is_dir():
         raise PrunetuneError(f"{what} {path} cannot be created: {base} is a file, not a folder")
-    probe_writable(base)
-    if path.is_dir():  # an existing folder is written into, and atomic replacement renames in its parent
-        probe_writable(path.absolute().parent)
+    if base != path.absolute():
+        probe_writable(base)  # the folders will be created there
+    else:  # no probe file inside an existing target (a kill would leave it there); the writes themselves check
+        for folder in (base, base.parent):  # written into, and atomic replacement renames in the parent
+            if not os.access(folder, os.W_OK | os.X_OK):
+                raise PrunetuneError(f"cannot write in {folder}: permission denied")
 
 
 def check_target(path: str | Path, *, what: str, overwrite: bool, replaceable: Callable[[Path], bool],

@@ -15,6 +15,7 @@ from ..units.adapters import AdapterSet
 from .manifest import read_manifest
 
 PEFT_KINDS = {"lora", "adapter", "lora+adapter", "merged", "none"}
+PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"}
 
 
 @dataclass
@@ -86,6 +87,10 @@ def check_info(path: Path, info: dict) -> None:
             bad(f"{key} must be true or false")
     if "prunetune_plan.json" not in info["files"]:
         bad("its file list does not include prunetune_plan.json")
+    pickled = [rel for rel in info["files"] if Path(rel).suffix.lower() in PICKLE_SUFFIXES]
+    if pickled:  # exports hold safetensors only; a pickle-based file could run code when a loader reads it
+        raise PrunetuneError(f"export {path} is refused: {pickled[0]} is a pickle-based file (exports hold "
+                             "safetensors weights only)")
 
 
 def load(path: str | Path, verify: bool = True) -> Loaded:

@@ -18,7 +18,7 @@ from ..dist import device as dist_device
 from ..dist import init_from_env, is_main, log
 from ..models import check_tokenizer_matches, load_model, load_tokenizer, resolve_model_path
 from ..train import PeakMemory, TrainState, evaluate, make_loader
-from ..train.checkpoint import check_resumable, load_checkpoint, save_checkpoint
+from ..train.checkpoint import check_resumable, load_checkpoint, recover_checkpoints, save_checkpoint
 from ..surgery.base import apply_plan
 from ..units.structure import PeftStructure
 
@@ -65,6 +65,7 @@ def start_run(cfg: RunConfig, export: bool = True) -> None:
         check_resumable(checkpoint_root_of(cfg), cfg.to_dict())
     if int(os.environ.get("RANK", "0")) == 0:  # only rank 0 writes (dist is not initialised yet)
         lock_run_dir(out)
+        recover_checkpoints(checkpoint_root_of(cfg))
 
 
 def prepare(cfg: RunConfig) -> Context:

@@ -21,7 +21,7 @@ import torch
 
 from ..errors import PrunetuneError
 from ..export.manifest import MANIFEST, read_manifest, write_manifest
-from ..io import atomic_dir, old_version
+from ..io import atomic_dir, old_version, recover_dir
 
 TENSORS = "tensors.safetensors"
 STATE = "state.json"
@@ -153,10 +153,15 @@ def save_checkpoint(folder: str | Path, payload: dict, config: dict) -> None:
 def _current(folder: Path) -> Path | None:
     """The folder to read: the checkpoint, or its previous version when a kill interrupted the swap (the next
     save restores it in place; reading does not move files, so ranks can read concurrently)."""
-    if folder.is_dir() and any((folder / n).exists() for n in (MANIFEST, STATE, TENSORS, LEGACY)):
+    def present() -> bool:
+        return folder.is_dir() and any((folder / n).exists() for n in (MANIFEST, STATE, TENSORS, LEGACY))
+
+    if present():
         return folder
     old = old_version(folder)
-    return old if old.is_dir() else None
+    if old.is_dir():
+        return old
+    return folder if present() else None  # rank 0 may have just renamed the previous version back
 
 
 def _read_state(src: Path, folder: Path, config: dict) -> dict:
@@ -221,6 +226,12 @@ def checkpoint_folders(root: str | Path) -> list[Path]:
             continue  # temporary folders of an interrupted write
         names.add(name)
     return [root / n for n in sorted(names) if _current(root / n) is not None]
+
+
+def recover_checkpoints(root: str | Path) -> None:
+    """Put back checkpoints whose swap a kill cut short (rank 0, before training: nobody reads them yet)."""
+    for folder in checkpoint_folders(root):
+        recover_dir(folder)
 
 
 def check_resumable(root: str | Path, config: dict) -> None:
