@@ -380,3 +380,22 @@ def test_malformed_export_gives_one_clear_error(tmp_path, run, capsys, case):
     with pytest.raises(PrunetuneError, match=needle.replace("(", r"\(")):
         prunetune.load(src)
     _refused(capsys, ["export", str(src), "--out", str(tmp_path / "re")], tmp_path, needle)
+
+
+@pytest.mark.parametrize("damage,needle", [
+    (lambda f: (f / "state.json").write_text("[1, 2]"), "not a format-2"),
+    (lambda f: (f / "state.json").write_text("{broken"), "corrupt"),
+    (lambda f: (f / "state.json").write_text("[" * 100000 + "]" * 100000), "corrupt"),
+    (lambda f: (f / "state.json").write_text(json.dumps(dict(json.loads((f / "state.json").read_text()),
+                                                               fingerprint="x"))), "different configuration"),
+    (lambda f: (f / "state.json").write_text(json.dumps(dict(json.loads((f / "state.json").read_text()),
+                                                               payload={"p": {"$t": "nope"}}))), "corrupt"),
+    (lambda f: (f / "tensors.safetensors").write_bytes((f / "tensors.safetensors").read_bytes()[:40]), "corrupt"),
+])
+def test_damaged_checkpoint_with_matching_checksums_is_refused(tmp_path, damage, needle):
+    folder = tmp_path / "ck"
+    save_checkpoint(folder, {"phase": "x", "w": torch.ones(3)}, {"a": 1})
+    damage(folder)
+    write_manifest(folder, {"kind": "checkpoint", "phase": "x"})  # checksums recomputed by whoever damaged it
+    with pytest.raises(PrunetuneError, match=needle):
+        load_checkpoint(folder, {"a": 1})

@@ -130,7 +130,7 @@ class PruningPlan:
     def load(cls, path: str | Path) -> "PruningPlan":
         try:
             return cls.from_dict(json.loads(Path(path).read_text()))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        except (OSError, UnicodeDecodeError, RecursionError, json.JSONDecodeError) as exc:
             raise PrunetuneError(f"cannot read pruning plan {path}: {exc}") from None
 
     def check_matches(self, arch) -> None:

@@ -54,7 +54,7 @@ def read_manifest(folder: Path, verify: bool = True) -> dict:
         raise PrunetuneError(f"{folder} is not a prunetune export (no {MANIFEST})")
     try:
         info = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, RecursionError, json.JSONDecodeError) as exc:
         raise PrunetuneError(f"{path} is corrupt: {exc}") from None
     if not isinstance(info, dict):
         raise PrunetuneError(f"{path} is corrupt: not a JSON object")
@@ -86,6 +86,6 @@ def is_export(folder: Path) -> bool:
     """A folder that holds a prunetune export (and may therefore be replaced by a new one)."""
     try:
         info = json.loads((Path(folder) / MANIFEST).read_text())
-    except (OSError, UnicodeDecodeError, ValueError):
+    except (OSError, UnicodeDecodeError, RecursionError, ValueError):
         return False
     return isinstance(info, dict) and info.get("kind", "export") == "export" and "peft" in info

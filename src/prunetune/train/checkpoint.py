@@ -177,11 +177,12 @@ def _read_state(src: Path, folder: Path, config: dict) -> dict:
         raise PrunetuneError(f"checkpoint {folder} is refused: its manifest does not list {STATE} and {TENSORS}")
     try:
         state = json.loads((src / STATE).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, RecursionError, json.JSONDecodeError) as exc:
         raise PrunetuneError(f"checkpoint {folder} is corrupt: {exc}") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT or not isinstance(state.get("payload"), dict):
         raise PrunetuneError(f"checkpoint {folder} is not a format-{FORMAT} prunetune checkpoint")
-    stored, now = state.get("fingerprint") or {}, fingerprints(config)
+    stored, now = state.get("fingerprint"), fingerprints(config)
+    stored = stored if isinstance(stored, dict) else {}
     if stored.get("config") != now["config"]:
         raise PrunetuneError(f"checkpoint {folder} was written by a run with a different configuration; "
                              "use the same config to resume, or a new --output-dir")
@@ -206,7 +207,7 @@ def load_checkpoint(folder: str | Path, config: dict) -> dict | None:
     try:
         tensors = load_file(str(src / TENSORS))
         return _decode(state["payload"], tensors)
-    except (SafetensorError, OSError, KeyError, TypeError, ValueError) as exc:
+    except (SafetensorError, OSError, KeyError, TypeError, ValueError, RecursionError) as exc:
         raise PrunetuneError(f"checkpoint {folder} is corrupt: {type(exc).__name__}: {exc}") from None
 
 
