@@ -63,7 +63,7 @@ def test_corrupt_and_foreign_checkpoints_are_refused(setup, capsys):
     assert main(_args(model, data, out, "--resume", "--set", "prune.heads=0.5")) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "different configuration" in err[0]
-    state = out / "checkpoints" / "light" / "state.pt"
+    state = out / "checkpoints" / "light" / "tensors.safetensors"
     data_bytes = bytearray(state.read_bytes())
     data_bytes[len(data_bytes) // 2] ^= 0xFF
     state.write_bytes(bytes(data_bytes))

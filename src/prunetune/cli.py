@@ -27,6 +27,8 @@ def _overrides(args) -> dict:
         o["baseline"] = args.baseline
     if getattr(args, "resume", False):
         o["train.resume"] = True
+    if getattr(args, "overwrite", False):
+        o["overwrite"] = True
     for item in getattr(args, "set", None) or []:
         if "=" not in item:
             raise PrunetuneError(f"--set expects key=value, got '{item}'")
@@ -57,6 +59,8 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-eval-samples", dest="max_eval_samples", type=int)
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any config key, e.g. prune.heads=0.5")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoints in --output-dir")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into a non-empty --output-dir that is not a prunetune run folder (replaces its model/)")
 
 
 def cmd_light(args) -> int:
@@ -119,10 +123,15 @@ def cmd_export(args) -> int:
     from pathlib import Path
 
     from .export import load, save_export
+    from .export.save import check_export_target
 
     src = Path(args.path)
     if (src / "model" / "prunetune.json").is_file():
         src = src / "model"
+    out = Path(args.out)
+    if out.resolve() != src.resolve() and out.resolve().is_relative_to(src.resolve()):
+        raise PrunetuneError(f"--out {out} lies inside the export {src} it reads; choose a folder outside it")
+    check_export_target(out, args.overwrite)  # before loading: refused targets cost nothing
     loaded = load(src)
     peft_model = loaded.model if "lora" in loaded.info["peft"].split("+") else None
     hf = peft_model.base_model.model if peft_model is not None else loaded.model
@@ -130,7 +139,7 @@ def cmd_export(args) -> int:
         raise PrunetuneError(f"--merge needs a LoRA export; {src} holds '{loaded.info['peft']}'")
     card = (src / "README.md").read_text() if (src / "README.md").is_file() else None
     save_export(args.out, hf, loaded.plan, loaded.tokenizer, peft_model=peft_model, adapters=loaded.adapters,
-                task_info=loaded.info.get("task"), merge=args.merge, card=card)
+                task_info=loaded.info.get("task"), merge=args.merge, card=card, overwrite=args.overwrite)
     print(f"wrote {args.out}" + (" (merged, standalone)" if args.merge else ""))
     return 0
 
@@ -161,6 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", help="run output folder or export folder")
     p.add_argument("--out", required=True)
     p.add_argument("--merge", action="store_true", help="merge LoRA into the pruned base (standalone model)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --out even when it is a non-empty folder that is not a prunetune export")
     p.set_defaults(func=cmd_export)
     return parser
 
@@ -171,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
 
         hf_logging.set_verbosity_error()
     args = build_parser().parse_args(argv)
+    from .io import release_run_dirs
+
     try:
         return args.func(args)
     except PrunetuneError as exc:
@@ -179,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("prunetune: interrupted", file=sys.stderr)
         return 130
+    finally:
+        release_run_dirs()  # unlock the output folder; one left empty by a refused run is removed
 
 
 if __name__ == "__main__":

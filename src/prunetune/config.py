@@ -132,6 +132,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
     output_dir: str = "runs/light"
+    overwrite: bool = False  # write into a non-empty output_dir that is not a prunetune run (replacing model/)
     baseline: bool = False  # also train vanilla PEFT with identical hyperparameters, for comparison
 
     def to_dict(self) -> dict[str, Any]:

@@ -73,19 +73,64 @@ class PruningPlan:
 
     @classmethod
     def from_dict(cls, data: dict) -> "PruningPlan":
+        if not isinstance(data, dict):
+            raise PrunetuneError(f"not a prunetune pruning plan: expected a JSON object, got {type(data).__name__}")
         try:
             plan = cls(**data)
         except TypeError as exc:
             raise PrunetuneError(f"not a prunetune pruning plan: {exc}") from None
         if plan.version != PLAN_VERSION:
             raise PrunetuneError(f"pruning plan version {plan.version} is not supported (expected {PLAN_VERSION})")
+        plan.validate()
         return plan
+
+    def validate(self) -> None:
+        """Types and ranges of every field surgery indexes with: a hand-edited or damaged plan is refused with
+        one clear message instead of an IndexError (or a silently wrong model) later."""
+        def bad(msg: str):
+            raise PrunetuneError(f"malformed pruning plan: {msg}")
+
+        def is_int(v) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def indices(where: str, values, limit: int) -> None:
+            if not isinstance(values, list) or not all(is_int(v) for v in values):
+                bad(f"{where} must be a list of integers, got {values!r}"[:300])
+            if any(v < 0 or v >= limit for v in values):
+                bad(f"{where} has indices outside 0..{limit - 1}: {[v for v in values if v < 0 or v >= limit][:5]}")
+            if values != sorted(set(values)):
+                bad(f"{where} must be sorted without repeats")
+
+        for key in ("family", "model_type", "peft_kind"):
+            if not isinstance(getattr(self, key), str):
+                bad(f"{key} must be a string, got {getattr(self, key)!r}")
+        for key in ("num_layers", "num_units", "heads_per_unit", "head_dim", "intermediate_size"):
+            if not is_int(getattr(self, key)) or getattr(self, key) < 1:
+                bad(f"{key} must be a positive integer, got {getattr(self, key)!r}")
+        for key, limit in (("kept_heads", self.num_units), ("kept_neurons", self.intermediate_size)):
+            per_layer = getattr(self, key)
+            if not isinstance(per_layer, list) or len(per_layer) != self.num_layers:
+                n = len(per_layer) if isinstance(per_layer, list) else type(per_layer).__name__
+                bad(f"{key} must list {self.num_layers} layers (num_layers), got {n}")
+            for i, kept in enumerate(per_layer):
+                indices(f"{key}[{i}]", kept, limit)
+        if not isinstance(self.peft_orig_ranks, dict) or not all(
+                isinstance(k, str) and is_int(v) and v >= 1 for k, v in self.peft_orig_ranks.items()):
+            bad("peft_orig_ranks must map module names to positive ranks")
+        if not isinstance(self.peft_ranks, dict):
+            bad("peft_ranks must map module names to kept rank indices")
+        for name, kept in self.peft_ranks.items():
+            if name not in self.peft_orig_ranks:
+                bad(f"peft_ranks names {name!r}, which peft_orig_ranks does not list")
+            indices(f"peft_ranks[{name!r}]", kept, self.peft_orig_ranks[name])
+        if not isinstance(self.meta, dict):
+            bad("meta must be an object")
 
     @classmethod
     def load(cls, path: str | Path) -> "PruningPlan":
         try:
             return cls.from_dict(json.loads(Path(path).read_text()))
-        except (OSError, json.JSONDecodeError) as exc:
+        except (OSError, UnicodeDecodeError, RecursionError, json.JSONDecodeError) as exc:
             raise PrunetuneError(f"cannot read pruning plan {path}: {exc}") from None
 
     def check_matches(self, arch) -> None:

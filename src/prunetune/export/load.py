@@ -14,6 +14,9 @@ from ..surgery.base import apply_plan
 from ..units.adapters import AdapterSet
 from .manifest import read_manifest
 
+PEFT_KINDS = {"lora", "adapter", "lora+adapter", "merged", "none"}
+PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"}
+
 
 @dataclass
 class Loaded:
@@ -40,7 +43,7 @@ def load_base(path: Path, info: dict, plan: PruningPlan):
     model = cls.from_config(config)
     apply_plan(model, get_arch(model), plan)
     state = {}
-    for f in sorted(path.glob("model*.safetensors")):
+    for f in _weight_files(path, info):
         state.update(load_file(str(f)))
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = set(getattr(model, "_tied_weights_keys", None) or [])
@@ -52,10 +55,59 @@ def load_base(path: Path, info: dict, plan: PruningPlan):
     return model
 
 
+def _weight_files(path: Path, info: dict) -> list[Path]:
+    """The base weight files the manifest lists (never a glob of the folder: an added file is not loaded)."""
+    names = sorted(rel for rel in info["files"] if "/" not in rel and rel.startswith("model")
+                   and rel.endswith(".safetensors"))
+    if not names:
+        raise PrunetuneError(f"export {path} is incomplete: its manifest lists no model*.safetensors file")
+    return [path / n for n in names]
+
+
+def check_info(path: Path, info: dict) -> None:
+    """The manifest fields load() relies on, with their types: one clear error instead of a KeyError later."""
+    def bad(msg: str):
+        raise PrunetuneError(f"export {path} has a malformed prunetune.json: {msg}")
+
+    if info.get("kind", "export") != "export":
+        raise PrunetuneError(f"{path} is a prunetune {info.get('kind')}, not an export")
+    if info.get("peft") not in PEFT_KINDS:
+        bad(f"peft is {info.get('peft')!r}, expected one of {sorted(PEFT_KINDS)}")
+    if "adapter" in info["peft"].split("+"):
+        sizes = info.get("adapter_sizes")
+        if not isinstance(sizes, dict) or not sizes or not all(
+                isinstance(k, str) and type(v) is int and v > 0 for k, v in sizes.items()):
+            bad(f"adapter_sizes must map module names to positive sizes, got {sizes!r}")
+        if type(info.get("hidden_size")) is not int or info["hidden_size"] <= 0:
+            bad(f"hidden_size must be a positive integer, got {info.get('hidden_size')!r}")
+    if not isinstance(info.get("task", {}), dict):
+        bad("task must be an object")
+    for key in ("plain_from_pretrained", "causal_lm"):
+        if not isinstance(info.get(key, False), bool):
+            bad(f"{key} must be true or false")
+    if "prunetune_plan.json" not in info["files"]:
+        bad("its file list does not include prunetune_plan.json")
+    pickled = [rel for rel in info["files"] if Path(rel).suffix.lower() in PICKLE_SUFFIXES]
+    if pickled:  # exports hold safetensors only; a pickle-based file could run code when a loader reads it
+        raise PrunetuneError(f"export {path} is refused: {pickled[0]} is a pickle-based file (exports hold "
+                             "safetensors weights only)")
+
+
 def load(path: str | Path, verify: bool = True) -> Loaded:
     path = Path(path)
     info = read_manifest(path, verify=verify)
+    check_info(path, info)
     plan = PruningPlan.load(path / "prunetune_plan.json")
+    try:
+        return _load(path, info, plan)
+    except PrunetuneError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a damaged export can make any loader fail: one clear line
+        msg = (str(exc).strip().splitlines() or [""])[0][:300]
+        raise PrunetuneError(f"export {path} cannot be loaded: {type(exc).__name__}: {msg}") from None
+
+
+def _load(path: Path, info: dict, plan: PruningPlan) -> Loaded:
     model = load_base(path, info, plan).eval()
     tokenizer = None
     if (path / "tokenizer_config.json").is_file():

@@ -8,20 +8,30 @@ from safetensors.torch import save_file
 
 from ..arch.families import uniform_config_update
 from ..errors import PrunetuneError
-from ..io import atomic_dir
+from ..io import atomic_dir, check_target
 from ..plan import PruningPlan
-from .manifest import write_manifest
+from .manifest import is_export, write_manifest
+
+
+def check_export_target(out: str | Path, overwrite: bool = False) -> None:
+    """An export replaces its target folder whole: only an empty folder or an earlier export is replaced
+    without overwrite=True, and never a file."""
+    check_target(out, what="export folder", overwrite=overwrite, replaceable=is_export,
+                 hint="is not a prunetune export")
 
 
 def save_export(out: str | Path, hf_model, plan: PruningPlan, tokenizer=None, peft_model=None, adapters=None,
-                task_info: dict | None = None, merge: bool = False, card: str | None = None) -> Path:
+                task_info: dict | None = None, merge: bool = False, card: str | None = None,
+                overwrite: bool = False) -> Path:
     """hf_model: the (pruned) HF model; peft_model: its PeftModel wrapper for LoRA; adapters: AdapterSet.
 
     merge=True folds LoRA into the base weights and writes a standalone model (LoRA only).
+    An existing `out` is replaced only when it is empty or an earlier export (any folder with overwrite=True).
     """
     out = Path(out)
     if merge and adapters is not None:
         raise PrunetuneError("--merge needs a LoRA-only model: bottleneck adapters are non-linear and cannot be merged")
+    check_export_target(out, overwrite)
     with atomic_dir(out) as tmp:
         if peft_model is not None:
             clone = copy.deepcopy(peft_model)
@@ -48,6 +58,7 @@ def save_export(out: str | Path, hf_model, plan: PruningPlan, tokenizer=None, pe
         if card:
             (tmp / "README.md").write_text(card)
         write_manifest(tmp, {
+            "kind": "export",
             "peft": kind,
             "adapter_sizes": adapters.sizes() if adapters is not None else None,
             "plain_from_pretrained": bool(plain),

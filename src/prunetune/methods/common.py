@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import os
 import random
 import time
 from pathlib import Path
@@ -17,7 +18,7 @@ from ..dist import device as dist_device
 from ..dist import init_from_env, is_main, log
 from ..models import check_tokenizer_matches, load_model, load_tokenizer, resolve_model_path
 from ..train import PeakMemory, TrainState, evaluate, make_loader
-from ..train.checkpoint import load_checkpoint, save_checkpoint
+from ..train.checkpoint import check_resumable, load_checkpoint, recover_checkpoints, save_checkpoint
 from ..surgery.base import apply_plan
 from ..units.structure import PeftStructure
 
@@ -46,6 +47,25 @@ class Context:
     def total_steps(self) -> int:
         t = self.cfg.train
         return t.max_steps or max(1, int(round(t.epochs * self.steps_per_epoch)))
+
+
+def start_run(cfg: RunConfig, export: bool = True) -> None:
+    """Before loading anything: refuse an output folder that is a file, unwritable, someone else's (non-empty,
+    not a prunetune run, unless cfg.overwrite) or in use by another run; refuse --resume with nothing (sound)
+    to resume; then lock the folder."""
+    from ..export.save import check_export_target
+    from ..io import check_target, is_run_dir, lock_run_dir
+
+    out = Path(cfg.output_dir)
+    check_target(out, what="output folder", overwrite=cfg.overwrite, replaceable=is_run_dir,
+                 hint="is not a prunetune run folder")
+    if export:
+        check_export_target(out / "model", cfg.overwrite)
+    if cfg.train.resume:
+        check_resumable(checkpoint_root_of(cfg), cfg.to_dict())
+    if int(os.environ.get("RANK", "0")) == 0:  # only rank 0 writes (dist is not initialised yet)
+        lock_run_dir(out)
+        recover_checkpoints(checkpoint_root_of(cfg))
 
 
 def prepare(cfg: RunConfig) -> Context:
@@ -149,8 +169,12 @@ def eval_seconds(ctx: Context, model) -> float:
     return time.perf_counter() - t0
 
 
+def checkpoint_root_of(cfg: RunConfig) -> Path:
+    return Path(cfg.output_dir) / "checkpoints"
+
+
 def checkpoint_root(ctx: Context) -> Path:
-    return Path(ctx.cfg.output_dir) / "checkpoints"
+    return checkpoint_root_of(ctx.cfg)
 
 
 def train_fixed(ctx: Context, structure: PeftStructure | None = None, plan=None, export_dir: Path | None = None,
@@ -198,7 +222,7 @@ def train_fixed(ctx: Context, structure: PeftStructure | None = None, plan=None,
         from ..report.card import model_card
 
         save_export(export_dir, hf, plan, ctx.tokenizer, peft_model=model if model is not hf else None,
-                    adapters=adapters, task_info=task_info(ctx),
+                    adapters=adapters, task_info=task_info(ctx), overwrite=cfg.overwrite,
                     card=model_card(plan, task_info(ctx), result, method="PrunePEFT" if structure else "PEFT"))
         result["export"] = str(export_dir)
     save("done", result={k: v for k, v in result.items() if k != "_model"})

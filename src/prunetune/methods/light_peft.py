@@ -21,7 +21,7 @@ from ..train import PeakMemory, TrainState, evaluate
 from ..train.checkpoint import load_checkpoint, save_checkpoint
 from ..train.memory import StepMemory
 from .common import (Context, base_param_counts, build_model, checkpoint_root, epoch_evaluator, eval_seconds,
-                     mean_step, prepare, summarize_evals, task_info, train_fixed)
+                     mean_step, prepare, start_run, summarize_evals, task_info, train_fixed)
 
 
 def estimation_steps(cfg: RunConfig, total: int, train_rows: int) -> int:
@@ -171,7 +171,8 @@ def train_light(ctx: Context, export_dir: Path | None = None) -> dict:
         from ..report.card import model_card
 
         save_export(export_dir, hf, plan, ctx.tokenizer, peft_model=model if adapters is None else None,
-                    adapters=adapters, task_info=task_info(ctx), card=model_card(plan, task_info(ctx), result))
+                    adapters=adapters, task_info=task_info(ctx), card=model_card(plan, task_info(ctx), result),
+                    overwrite=cfg.overwrite)
         result["export"] = str(export_dir)
     result["_plan"], result["_model"] = plan, state.model
     return result
@@ -184,6 +185,7 @@ def _mean(params) -> float:
 def run(cfg: RunConfig, export: bool = True) -> dict:
     """The full Light-PEFT job (plus the vanilla baseline when cfg.baseline); writes results to cfg.output_dir."""
     out = Path(cfg.output_dir)
+    start_run(cfg, export)
     ctx = prepare(cfg)
     log(f"prunetune light: {ctx.model_path} on {ctx.task.name} — {len(ctx.train_loader.dataset)} train / "
           f"{len(ctx.dev_loader.dataset)} dev rows, {ctx.total_steps} steps on {ctx.device}")

@@ -31,7 +31,7 @@ from ..scores.hybrid import assign_criteria, block_of, combine, informative
 from ..train import TrainState, make_loader
 from ..units.structure import PeftStructure
 from ..units.supernet import Supernet
-from .common import Context, checkpoint_root, prepare, seed_everything, task_info, train_fixed
+from .common import Context, checkpoint_root, prepare, seed_everything, start_run, task_info, train_fixed
 
 
 @dataclass
@@ -317,6 +317,7 @@ def lora_config_dict(result: SearchResult) -> dict | None:
 
 def run(cfg: RunConfig, export: bool = True) -> dict:
     out = Path(cfg.output_dir)
+    start_run(cfg, export)
     ctx = prepare(cfg)
     log(f"prunetune search: {ctx.model_path} on {ctx.task.name} — space {cfg.search.space}, "
           f"budget {cfg.search.budget}, {ctx.total_steps} retrain steps on {ctx.device}")
