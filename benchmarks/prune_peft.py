@@ -5,12 +5,21 @@
 Compares, with identical retrain hyperparameters and seed:
   lora-everywhere    LoRA on q+v of every layer (the search space's LoRA unit at every layer)
   adapters-everywhere serial bottleneck adapter after every FFN (the space's adapter unit at every layer)
+  uniform-lora       LoRA on every projection the space's LoRA units cover, at the largest uniform rank that
+                     fits the budget (what a user picks by default, at PrunePEFT's budget)
   random-prune       the supernet pruned to the budget with the `random` criterion (no warm-up)
   prunepeft          the supernet pruned to the budget with the hybrid criteria (warm-up mapping, cached)
+  chosen-fixed       (--select-fixed) the fixed configuration that wins on a held-out split of the TRAINING
+                     data (each trained on the rest), scored on dev: best fixed without peeking at dev
 Both pruned configurations spend what the last whole-unit removal leaves of the budget on that round's best
-removed unit at a smaller rank / bottleneck size (`search.fill`). Budget = the smaller of the two fixed
-configurations' PEFT parameters. Search cost is reported next to the retrain cost (steps and seconds), with
-and without the one-off warm-up.
+removed unit at a smaller rank / bottleneck size (`search.fill`). Budget (`--budget`): `fixed` = the smaller
+of the two fixed configurations' PEFT parameters, or a fraction of the supernet (e.g. 0.1). Search cost is
+reported next to the retrain cost (steps and seconds, evaluation excluded on both sides), with and without
+the warm-up, and with the warm-up's share amortised over the tasks of the run.
+
+With several seeds the summary gives each configuration's mean +- std and PrunePEFT's paired difference to
+each (95% t interval). `--json runs/prune_{task}.json` writes one file per task with a top-level `summary`,
+rewritten after every seed.
 
 `--space` widens the search (e.g. lora_qv,lora_ffn,adapter_attn; the fixed configurations stay the two above).
 `--configs prunepeft --reuse earlier.json` retrains only PrunePEFT and takes the other rows of the same task and
@@ -33,10 +42,12 @@ from prunetune.arch import get_arch  # noqa: E402
 from prunetune.config import from_dict  # noqa: E402
 from prunetune.methods.common import prepare, train_fixed  # noqa: E402
 from prunetune.methods.prune_peft import iterative_prune, search, search_cost, search_loader  # noqa: E402
-from prunetune.units.structure import PeftStructure, unit_positions  # noqa: E402
+from prunetune.report.stats import mean_std, paired_summary  # noqa: E402
+from prunetune.units.structure import UNIT_TYPES, PeftStructure, unit_positions  # noqa: E402
 
 GLUE_DIRS = {"sst2": "SST-2", "rte": "RTE", "cola": "CoLA", "stsb": "STS-B"}
-CONFIGS = ("lora-everywhere", "adapters-everywhere", "random-prune", "prunepeft")
+CONFIGS = ("lora-everywhere", "adapters-everywhere", "uniform-lora", "random-prune", "prunepeft", "chosen-fixed")
+FIXED = ("lora-everywhere", "adapters-everywhere")
 
 
 def fixed(arch, unit_type: str, sc) -> PeftStructure:
@@ -56,6 +67,41 @@ def peft_params(ctx, structure: PeftStructure) -> int:
     return n + (sum(p.numel() for p in adapters.parameters()) if adapters is not None else 0)
 
 
+def uniform_lora(ctx, arch, sc, budget: int) -> PeftStructure:
+    """LoRA on every projection the space's LoRA unit types cover (q+v when it has none), at the largest
+    uniform rank whose parameters fit the budget (at least 1)."""
+    types = [t for t in sc.space if UNIT_TYPES[t]["kind"] == "lora"] or ["lora_qv"]
+    pos = [p for t in types for layer in range(arch.num_layers) for p in unit_positions(arch, t, layer)]
+    per_rank = peft_params(ctx, PeftStructure(lora={p: 1 for p in pos}, lora_r_base=1))
+    r = max(1, budget // per_rank)
+    # alpha scales with the rank as in the space's units (alpha / r constant), so only the width differs
+    return PeftStructure(lora={p: r for p in pos}, lora_alpha=sc.lora_alpha * r / sc.lora_r, lora_r_base=r)
+
+
+def choose_fixed(ctx, structures: dict[str, PeftStructure], seed: int, fraction: float = 0.2) -> tuple[str, dict]:
+    """The fixed configuration that scores best on a stratified split of the TRAINING rows, each trained on
+    the other rows (the dev set is never looked at)."""
+    import dataclasses
+
+    from prunetune.data import stratified_split
+    from prunetune.train import make_loader
+
+    held, rest = stratified_split(ctx.train_loader.dataset, fraction, seed)
+    collate, t = ctx.train_loader.collate_fn, ctx.cfg.train
+    sub = dataclasses.replace(ctx, train_loader=make_loader(rest, collate, t.batch_size, True, seed),
+                              dev_loader=make_loader(held, collate, t.eval_batch_size, False, seed))
+    metric = ctx.task.metric
+    scores = {}
+    for name, st in structures.items():
+        r = train_fixed(sub, st, desc=f"select {name}")
+        r.pop("_model")
+        scores[name] = r["final"][metric]
+    from prunetune.data.metrics import greater_is_better
+
+    pick = (max if greater_is_better(metric) else min)(scores, key=scores.get)
+    return pick, scores
+
+
 def bench_task(task: str, args, seed: int) -> dict:
     base = {
         "model": {"name_or_path": args.model},
@@ -73,8 +119,17 @@ def bench_task(task: str, args, seed: int) -> dict:
     arch = get_arch(load_model(ctx.model_path, ctx.task.num_labels))
     sc = ctx.cfg.search
     configs = {"lora-everywhere": fixed(arch, "lora_qv", sc), "adapters-everywhere": fixed(arch, "adapter_ffn", sc)}
-    budget = min(peft_params(ctx, s) for s in configs.values())
+    if args.budget == "fixed":
+        budget = min(peft_params(ctx, s) for s in configs.values())
+    else:  # a fraction of the supernet: the whole space at full width
+        whole = [fixed(arch, t, sc) for t in sc.space]
+        supernet = PeftStructure(lora={k: v for st in whole for k, v in st.lora.items()},
+                                 adapters={k: v for st in whole for k, v in st.adapters.items()},
+                                 lora_alpha=sc.lora_alpha, lora_r_base=sc.lora_r)
+        budget = int(float(args.budget) * peft_params(ctx, supernet))
     ctx.cfg.search.budget = float(budget)
+    if "uniform-lora" in args.configs:
+        configs["uniform-lora"] = uniform_lora(ctx, arch, sc, budget)
     print(f"== {task} (seed {seed}): {len(ctx.train_loader.dataset)} train / {len(ctx.dev_loader.dataset)} dev, "
           f"{ctx.total_steps} retrain steps, budget {budget:,} PEFT params", flush=True)
 
@@ -85,8 +140,13 @@ def bench_task(task: str, args, seed: int) -> dict:
     configs["prunepeft"] = found.structure
     metric = ctx.task.metric
     rows = _reused(args, task, seed)
+    selection = None
+    if "chosen-fixed" in args.configs:
+        pick, on_split = choose_fixed(ctx, {n: configs[n] for n in FIXED}, seed)
+        selection = {"picked": pick, "train_split_scores": on_split}
     for name, structure in configs.items():
-        if name not in args.configs:
+        if name not in args.configs and not (name in FIXED and "chosen-fixed" in args.configs
+                                             and name not in {r["config"] for r in rows}):
             continue
         print(f"-- {name}: {len(structure.lora)} LoRA modules, {len(structure.adapters)} adapters", flush=True)
         r = train_fixed(ctx, structure, desc=name)
@@ -95,14 +155,18 @@ def bench_task(task: str, args, seed: int) -> dict:
                      "best": r["best"][metric], "trainable_no_head": r["trainable_params_no_head"],
                      "retrain_steps": r["steps"], "retrain_seconds": r["train_seconds_no_eval"],
                      "units": structure.units or None})
+    if selection is not None:  # the picked configuration's dev row, under its own name
+        picked = next(r for r in rows if r["config"] == selection["picked"])
+        rows.append(dict(picked, config="chosen-fixed", chosen=selection["picked"]))
     rows.sort(key=lambda r: CONFIGS.index(r["config"]))
     retrain = next(r for r in rows if r["config"] == "prunepeft")
     cost = {**search_cost(found, wu, {"steps": retrain["retrain_steps"],
                                       "train_seconds_no_eval": retrain["retrain_seconds"]}),
-            "search_steps": found.steps, "search_seconds": found.seconds,
+            "search_steps": found.steps, "search_seconds": found.seconds, "retrain_steps": retrain["retrain_steps"],
             "found_units": found.structure.units, "fill": found.fill, "mapping": (wu or {}).get("mapping")}
-    print(json.dumps({"rows": rows, "cost": cost}, indent=1), flush=True)
-    return {"task": task, "seed": seed, "space": args.space, "rows": rows, "cost": cost}
+    print(json.dumps({"rows": rows, "cost": cost, "selection": selection}, indent=1), flush=True)
+    return {"task": task, "seed": seed, "space": args.space, "budget": budget, "rows": rows, "cost": cost,
+            "selection": selection}
 
 
 def _reused(args, task: str, seed: int) -> list[dict]:
@@ -116,7 +180,8 @@ def _reused(args, task: str, seed: int) -> list[dict]:
                 rows += [dict(r, reused=path) for r in res["rows"]
                          if r["config"] not in args.configs and r["config"] not in {x["config"] for x in rows}
                          and (r["config"] != "random-prune" or _in_space(r["units"], args.space))]
-    missing = sorted(set(CONFIGS) - set(args.configs) - {r["config"] for r in rows})
+    optional = {"uniform-lora", "chosen-fixed"}  # left out unless asked for
+    missing = sorted(set(CONFIGS) - optional - set(args.configs) - {r["config"] for r in rows})
     if missing:
         raise SystemExit(f"error: no row for {', '.join(missing)} ({task}, seed {seed}): retrain it or --reuse a JSON")
     return rows
@@ -149,28 +214,61 @@ def _units(cost: dict) -> str:
     return ", ".join(f"{u} (width {fill[u]})" if u in fill else u for u in cost["found_units"])
 
 
-def seed_summary(results: list[dict]) -> str:
-    """Per task and configuration: mean +- std of the final dev metric over seeds, and in how many seeds
-    PrunePEFT matched or beat the best fixed configuration of that seed."""
-    lines = ["| task | config | dev final, mean +- std over seeds | trainable PEFT params (no head), mean | seeds |",
+def task_summary(runs: list[dict], n_tasks: int, model: str) -> dict:
+    """One task over its seeds: each configuration's mean, PrunePEFT's paired difference to each (prunepeft -
+    config, 95% t interval), and the search cost against one retrain, without the warm-up and with its share
+    amortised over the `n_tasks` tasks of this run that reuse the cached mapping."""
+    runs = sorted(runs, key=lambda r: r["seed"])
+    configs = list(dict.fromkeys(row["config"] for r in runs for row in r["rows"]))
+    finals = {c: [_final(r, c) for r in runs] for c in configs}
+    method = finals["prunepeft"]
+    paired = {}
+    for c in configs:
+        if c != "prunepeft":
+            ps = paired_summary(finals[c], method)
+            paired[c] = {"diff_mean": ps.diff_mean, "diff_std": ps.diff_std,
+                         "ci95": list(ps.diff_ci95) if ps.diff_ci95 else None}
+    cost = [r["cost"] for r in runs]
+    ratio = mean_std([c["ratio_steps"] for c in cost])[0]
+    with_wu = mean_std([(c["search_steps"] + c["warmup_steps"] / max(1, n_tasks)) / c["retrain_steps"]
+                        for c in cost])[0]
+    return {"task": runs[0]["task"], "metric": runs[0]["rows"][0]["metric"], "model": model,
+            "seeds": [r["seed"] for r in runs], "budget": runs[0].get("budget"), "space": runs[0]["space"],
+            "means": {c: mean_std(v)[0] for c, v in finals.items()},
+            "stds": {c: mean_std(v)[1] for c, v in finals.items()},
+            "paired_vs": paired, "search_cost_ratio": ratio, "search_cost_ratio_with_warmup": with_wu,
+            "search_cost_ratio_with_full_warmup": mean_std([c["ratio_steps_with_warmup"] for c in cost])[0],
+            "warmup_amortised_over_tasks": n_tasks,
+            "chosen_fixed": [r["selection"]["picked"] for r in runs if r.get("selection")] or None}
+
+
+def seed_summary(summaries: list[dict]) -> str:
+    lines = ["| task | config | dev final, mean +- std over seeds | prunepeft - config, mean [95% CI] | seeds |",
              "|---|---|---|---|---|"]
-    for task in dict.fromkeys(r["task"] for r in results):
-        runs = [r for r in results if r["task"] == task]
-        for config in dict.fromkeys(row["config"] for r in runs for row in r["rows"]):
-            rows = [row for r in runs for row in r["rows"] if row["config"] == config]
-            vals = torch.tensor([row["final"] for row in rows], dtype=torch.float64)
-            std = float(vals.std()) if len(vals) > 1 else 0.0
-            params = sum(row["trainable_no_head"] for row in rows) / len(rows)
-            lines.append(f"| {task} ({rows[0]['metric']}) | {config} | {float(vals.mean()):.4f} +- {std:.4f} | "
-                         f"{params:,.0f} | {len(rows)} |")
-        wins = sum(_final(r, "prunepeft") >= max(_final(r, "lora-everywhere"), _final(r, "adapters-everywhere"))
-                   for r in runs)
-        lines.append(f"| {task} | prunepeft >= best fixed | {wins} of {len(runs)} seeds | | |")
+    for s in summaries:
+        for c, mean in s["means"].items():
+            pv = s["paired_vs"].get(c)
+            diff = "" if pv is None else f"{pv['diff_mean']:+.4f}" + (
+                " [{:+.4f}, {:+.4f}]".format(*pv["ci95"]) if pv["ci95"] else "")
+            lines.append(f"| {s['task']} ({s['metric']}) | {c} | {mean:.4f} +- {s['stds'][c]:.4f} | {diff} | "
+                         f"{len(s['seeds'])} |")
+        lines.append(f"| {s['task']} | search cost / one retrain (steps) | {s['search_cost_ratio']:.2f}x; with the "
+                     f"warm-up amortised over {s['warmup_amortised_over_tasks']} task(s) "
+                     f"{s['search_cost_ratio_with_warmup']:.2f}x | | |")
     return "\n".join(lines)
 
 
 def _final(result: dict, config: str) -> float:
     return next(row["final"] for row in result["rows"] if row["config"] == config)
+
+
+def write_json(pattern: str, task: str, results: list[dict], n_tasks: int, model: str, argv: list[str]) -> None:
+    runs = [r for r in results if r["task"] == task]
+    path = Path(pattern.format(task=task))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"summary": task_summary(runs, n_tasks, model),
+                                "command": "python benchmarks/prune_peft.py " + " ".join(argv), "runs": runs},
+                               indent=1))
 
 
 def main(argv=None) -> int:
@@ -194,7 +292,10 @@ def main(argv=None) -> int:
     p.add_argument("--configs", default=",".join(CONFIGS), help="configurations to retrain this run")
     p.add_argument("--reuse", default="", help="comma-separated JSON files of earlier runs: rows of the "
                    "configurations not retrained here (matched by task and seed)")
-    p.add_argument("--json")
+    p.add_argument("--budget", default="fixed", help="`fixed` (the smaller fixed configuration's PEFT "
+                   "parameters) or a fraction of the supernet, e.g. 0.1")
+    p.add_argument("--json", help="one file per task (`{task}` in the name), rewritten after every seed")
+    argv = sys.argv[1:] if argv is None else argv
     args = p.parse_args(argv)
     args.configs = [c.strip() for c in args.configs.split(",") if c.strip()]
     args.reuse = [f for f in args.reuse.split(",") if f.strip()]
@@ -202,14 +303,24 @@ def main(argv=None) -> int:
     if missing := [f for f in args.reuse if not Path(f).is_file()]:
         p.error(f"--reuse: no such file: {', '.join(missing)}")
     if not set(args.configs) <= set(CONFIGS) or "prunepeft" not in args.configs:
-        p.error(f"--configs takes prunepeft and any of {', '.join(CONFIGS[:3])}; got {','.join(args.configs)}")
+        p.error(f"--configs takes prunepeft and any of {', '.join(c for c in CONFIGS if c != 'prunepeft')}; "
+                f"got {','.join(args.configs)}")
+    if args.budget != "fixed" and not 0 < float(args.budget) <= 1:
+        p.error(f"--budget takes `fixed` or a fraction in (0, 1], got {args.budget}")
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if args.json and len(tasks) > 1 and "{task}" not in args.json:
+        p.error("--json needs `{task}` in the file name when several tasks run (one file per task)")
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}", flush=True)
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-    results = [bench_task(t.strip(), args, seed) for t in args.tasks.split(",") if t.strip() for seed in seeds]
+    results = []
+    for task in tasks:
+        for seed in seeds:
+            results.append(bench_task(task, args, seed))
+            if args.json:  # partial results survive a run cut short
+                write_json(args.json, task, results, len(tasks), args.model, argv)
     print("\n" + table(results))
-    print("\n" + seed_summary(results))
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1))
+    print("\n" + seed_summary([task_summary([r for r in results if r["task"] == t], len(tasks), args.model)
+                               for t in dict.fromkeys(r["task"] for r in results)]))
     return 0
 
 
