@@ -198,7 +198,7 @@ def make_plan(arch, head_masks, ffn_masks, module_importance: dict[str, float], 
 # and still be exact only up to its grid. The plan is then re-predicted exactly (pruned LoRA dims, cut) and the
 # requirement raised by any shortfall.
 
-@dataclass
+@dataclass(slots=True)
 class _Pick:
     kind: str  # head | neuron | tier_h | tier_f | module | rank
     group: object  # layer, module name or None (tiers)
@@ -207,7 +207,8 @@ class _Pick:
     saving: float
 
 
-def _greedy(items: list[_Pick], caps: dict, need: float, module_extra: dict, module_ranks: dict):
+def _greedy(items: list[_Pick], caps: dict, need: float, module_extra: dict, module_ranks: dict,
+            allow_short: bool = False):
     """Take items by importance per saving until `need` is saved. caps: (kind, group) -> max removals.
     module_extra: module -> saving of its overhead (earned when its last rank goes, or with the module item).
     Returns (taken items, saved) or None when the items cannot reach `need`."""
@@ -239,7 +240,7 @@ def _greedy(items: list[_Pick], caps: dict, need: float, module_extra: dict, mod
                 saved += module_extra[p.group]
         taken.append(p)
     if saved < need:
-        return None
+        return (taken, saved) if allow_short else None
     # put back the most important removals the target does not need (not modules, not a module's last rank)
     for p in sorted(taken, key=lambda p: (-p.importance, p.kind, str(p.group), -p.index)):
         if p.kind == "module" or (p.kind == "rank" and p.group in gone_modules):
@@ -252,9 +253,28 @@ def _greedy(items: list[_Pick], caps: dict, need: float, module_extra: dict, mod
     return taken, saved
 
 
-def _sorted_idx(scores: torch.Tensor) -> list[int]:
+def _lora_shrink(cost, arch, alive: dict[str, int], cut: int) -> tuple[list[float], list[float]]:
+    """Per layer: what one head unit / neuron less saves in the LoRA factors on its projections (q/k/v/o lose
+    output / input width with a head, up/gate/down with a neuron), assuming those modules keep their ranks."""
+    sec = cost.rates.seconds
+    heads, neurons = [0.0] * arch.num_layers, [0.0] * arch.num_layers
+    U, inter = arch.num_units, arch.intermediate_size
+    for m, r in alive.items():
+        layer, role = arch.role_of(m)
+        if role in ("q", "k", "v", "o"):
+            full, less = {"units": U}, {"units": U - 1}
+            target = heads
+        else:
+            full, less = {"neurons": inter}, {"neurons": inter - 1}
+            target = neurons
+        target[layer] += r * (sec(cost.rank_work(m, cut=cut, **full)) - sec(cost.rank_work(m, cut=cut, **less))) + \
+            sec(cost.module_work(m, **full)) - sec(cost.module_work(m, **less))
+    return heads, neurons
+
+
+def _sorted_idx(scores: list[float]) -> list[int]:
     """Unit indices by increasing importance, ties by index (deterministic)."""
-    return sorted(range(len(scores)), key=lambda j: (float(scores[j]), j))
+    return sorted(range(len(scores)), key=lambda j: (scores[j], j))
 
 
 def make_target_plan(arch, cost, head_scores, ffn_scores, module_importance: dict[str, float],
@@ -269,6 +289,10 @@ def make_target_plan(arch, cost, head_scores, ffn_scores, module_importance: dic
     if (target_speedup is None) == (target_params is None):
         raise PrunetuneError("target mode needs exactly one of prune.target_speedup and prune.target_params")
     L, U, inter = arch.num_layers, arch.num_units, arch.intermediate_size
+    # plain floats once: indexing tensors element by element dominates the run time otherwise
+    head_scores = [[float(v) for v in torch.as_tensor(s).tolist()] for s in head_scores]
+    ffn_scores = [[float(v) for v in torch.as_tensor(s).tolist()] for s in ffn_scores]
+    rank_importance = {m: [float(v) for v in torch.as_tensor(s).tolist()] for m, s in rank_importance.items()}
     modules = sorted(rank_importance)
     ranks_full = {m: len(rank_importance[m]) for m in modules}
     ffn_cap = inter - max(1, math.ceil(ffn_floor * inter))
@@ -277,19 +301,22 @@ def make_target_plan(arch, cost, head_scores, ffn_scores, module_importance: dic
     sec = cost.rates.seconds
 
     def structure_items(head_saving, neuron_saving):
+        hs, ns = [head_saving(l) for l in range(L)], [neuron_saving(l) for l in range(L)]
+        head_saving, neuron_saving = hs.__getitem__, ns.__getitem__  # one evaluation per layer, not per unit
         items, caps = [], {}
         if uniform:
             for k in range(U - 1):
-                items.append(_Pick("tier_h", None, k, sum(float(head_scores[l][h_order[l][k]]) for l in range(L)),
+                items.append(_Pick("tier_h", None, k, sum(head_scores[l][h_order[l][k]] for l in range(L)),
                                    sum(head_saving(l) for l in range(L))))
             for k in range(ffn_cap):
-                items.append(_Pick("tier_f", None, k, sum(float(ffn_scores[l][f_order[l][k]]) for l in range(L)),
+                items.append(_Pick("tier_f", None, k, sum(ffn_scores[l][f_order[l][k]] for l in range(L)),
                                    sum(neuron_saving(l) for l in range(L))))
             caps[("tier_h", None)], caps[("tier_f", None)] = U - 1, ffn_cap
         else:
             for l in range(L):
-                items += [_Pick("head", l, j, float(head_scores[l][j]), head_saving(l)) for j in range(U)]
-                items += [_Pick("neuron", l, j, float(ffn_scores[l][j]), neuron_saving(l)) for j in range(inter)]
+                hs_l, ns_l = head_saving(l), neuron_saving(l)
+                items += [_Pick("head", l, j, v, hs_l) for j, v in enumerate(head_scores[l])]
+                items += [_Pick("neuron", l, j, v, ns_l) for j, v in enumerate(ffn_scores[l])]
                 caps[("head", l)], caps[("neuron", l)] = U - 1, ffn_cap
         return items, caps
 
@@ -337,47 +364,83 @@ def make_target_plan(arch, cost, head_scores, ffn_scores, module_importance: dic
     base = cost.unpruned().seconds
     goal = base / target_speedup
     cuts = sorted({cost.block_of(m) for m in modules})
-    margin, best, most = 0.0, None, 1.0
-    for _attempt in range(8):
-        best = None
-        for c in cuts:
-            forced = [m for m in modules if cost.block_of(m) < c]
-            in_block = [m for m in modules if cost.block_of(m) == c]
-            protected = max(in_block, key=lambda m: (module_importance.get(m, 0.0), -modules.index(m)))
-            alive = {m: ranks_full[m] for m in modules if m not in forced}
-            start = cost.step_time([U] * L, [inter] * L, alive).seconds
-            need = start - goal + margin
-            items, caps = structure_items(lambda l: sec(cost._unit_work(0, 2 * l, c)),
-                                          lambda l: sec(cost._unit_work(1, 2 * l + 1, c)))
-            extra = {m: sec(cost.module_work(m)) for m in alive}
-            for m in alive:
-                rank_sec = sec(cost.rank_work(m, cut=c))
-                items += [_Pick("rank", m, i, float(rank_importance[m][i]), rank_sec) for i in range(ranks_full[m])]
-                caps[("rank", m)] = ranks_full[m] - (1 if m == protected else 0)
-                if m != protected:
-                    items.append(_Pick("module", m, 0, float(module_importance.get(m, 0.0)),
-                                       extra[m] + ranks_full[m] * rank_sec))
-            loss = sum(float(module_importance.get(m, 0.0)) for m in forced)
-            if need <= 0:
-                found = ([], 0.0)
+    most = 1.0
+
+    def prepare(c: int):
+        """The problem at cut c: modules below it removed (forced), the best module of block c protected."""
+        forced = [m for m in modules if cost.block_of(m) < c]
+        in_block = [m for m in modules if cost.block_of(m) == c]
+        protected = max(in_block, key=lambda m: (module_importance.get(m, 0.0), -modules.index(m)))
+        alive = {m: ranks_full[m] for m in modules if m not in forced}
+        lora_h, lora_f = _lora_shrink(cost, arch, alive, c)
+        items, caps = structure_items(lambda l: sec(cost._unit_work(0, 2 * l, c)) + lora_h[l],
+                                      lambda l: sec(cost._unit_work(1, 2 * l + 1, c)) + lora_f[l])
+        extra = {m: sec(cost.module_work(m)) for m in alive}
+        for m in alive:
+            rank_sec = sec(cost.rank_work(m, cut=c))
+            items += [_Pick("rank", m, i, float(rank_importance[m][i]), rank_sec) for i in range(ranks_full[m])]
+            caps[("rank", m)] = ranks_full[m] - (1 if m == protected else 0)
+            if m != protected:
+                items.append(_Pick("module", m, 0, float(module_importance.get(m, 0.0)),
+                                   extra[m] + ranks_full[m] * rank_sec))
+        start = cost.step_time([U] * L, [inter] * L, alive).seconds
+        return {"cut": c, "forced": set(forced), "start": start, "items": items, "caps": caps, "extra": extra,
+                "forced_loss": sum(float(module_importance.get(m, 0.0)) for m in forced)}
+
+    def solve(prob, margin: float):
+        """(loss, taken) at this cut for `goal` plus margin seconds, or None when the cut cannot reach it."""
+        need = prob["start"] - goal + margin
+        found = ([], 0.0) if need <= 0 else _greedy(prob["items"], prob["caps"], need, prob["extra"], ranks_full)
+        if found is None:
+            return None
+        return prob["forced_loss"] + sum(p.importance for p in found[0]), found[0]
+
+    def everything(prob):
+        """Every removal the constraints allow at this cut (the fastest plan there)."""
+        taken = _greedy(prob["items"], prob["caps"], math.inf, prob["extra"], ranks_full, allow_short=True)[0]
+        return prob["forced_loss"] + sum(p.importance for p in taken), taken
+
+    best = None
+    for c in sorted({cost.block_of(m) for m in modules}):
+        prob = prepare(c)
+        fastest = cost.predict(build(everything(prob)[1], set(prob["forced"]), c)).pruned.seconds
+        most = max(most, base / fastest)
+        if fastest > goal:  # exact: not even removing everything allowed at this cut reaches the target
+            continue
+        sol = solve(prob, 0.0) or everything(prob)
+        if best is None or (sol[0], c) < (best[1][0], best[0]["cut"]):
+            best = (prob, sol)
+    if best is None:
+        raise PrunetuneError(f"prune.target_speedup={target_speedup} is not reachable for this model and batch "
+                             f"shape under the constraints (>= 1 head per layer, FFN floor, >= 1 PEFT module): "
+                             f"the cost model predicts at most about {most:.2f}x")
+    prob, sol = best
+
+    def exact_short(sol) -> float:
+        return cost.predict(build(sol[1], set(prob["forced"]), prob["cut"])).pruned.seconds - goal
+
+    # the item savings approximate the exact prediction (LoRA widths after pruning, a module whose ranks went
+    # first): find the smallest extra margin at this cut whose plan meets the target exactly (grow, then bisect)
+    lo, hi, short = 0.0, None, exact_short(sol)
+    if short > 1e-12 * base:
+        margin = short
+        for _ in range(30):
+            cand = solve(prob, margin) or everything(prob)  # the fastest plan meets it (checked above)
+            if exact_short(cand) <= 1e-12 * base:
+                hi, sol = margin, cand
+                break
+            lo, margin = margin, 2 * margin
+        if hi is None:
+            raise PrunetuneError(f"prune.target_speedup={target_speedup}: the allocation did not reach the target "
+                                 "exactly; lower it slightly")
+        for _ in range(12):
+            mid = (lo + hi) / 2
+            cand = solve(prob, mid)
+            if cand is not None and exact_short(cand) <= 1e-12 * base:
+                hi, sol = mid, cand
             else:
-                found = _greedy(items, caps, need, extra, ranks_full)
-                if found is None:
-                    most = max(most, base / max(start - sum(p.saving for p in items if p.kind != "rank"), 1e-30))
-                    continue
-            loss += sum(p.importance for p in found[0])
-            if best is None or (loss, c) < best[0]:
-                best = ((loss, c), found[0], set(forced))
-        if best is None:
-            raise PrunetuneError(f"prune.target_speedup={target_speedup} is not reachable for this model and batch "
-                                 f"shape under the constraints (>= 1 head per layer, FFN floor, >= 1 PEFT module): "
-                                 f"the cost model predicts at most about {most:.2f}x")
-        plan = build(best[1], best[2], best[0][1])
-        pred = cost.predict(plan)
-        if pred.speedup >= target_speedup * (1 - 1e-9):
-            return plan
-        margin += pred.pruned.seconds - goal  # approximations in the item savings: ask for the shortfall too
-    return plan
+                lo = mid
+    return build(sol[1], set(prob["forced"]), prob["cut"])
 
 
 def allocation_summary(plan: PruningPlan, cost, head_scores, ffn_scores, module_importance: dict[str, float],
