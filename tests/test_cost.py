@@ -135,3 +135,16 @@ def test_calibrate_recovers_the_rates_that_produced_the_timings():
     assert fitted.source == "probe"
     assert fitted.flops_per_s == pytest.approx(truth.flops_per_s, rel=1e-6)
     assert fitted.op_seconds == pytest.approx(truth.op_seconds, rel=1e-6)
+
+
+def test_timing_probe_leaves_the_run_unchanged(tmp_path):
+    """The optional probe (prune.cost_probe) times passes of the unpruned model: same plan, same losses after."""
+    from test_pipeline import light, save_tiny_bert, write_sst2
+
+    model_dir, data = save_tiny_bert(tmp_path / "bert"), write_sst2(tmp_path / "sst2")
+    runs = [light(model_dir, {"data_dir": str(data)}, tmp_path / f"r{probe}", train={"max_steps": 6, "seed": 3},
+                  estimate={"steps": 3}, prune={"cost_probe": probe})["light_peft"] for probe in (False, True)]
+    assert runs[0]["cost_rates"] == "default-cpu" and runs[1]["cost_rates"] == "probe"
+    assert runs[0]["plan"] == runs[1]["plan"]
+    assert [p["loss"] for p in runs[0]["loss_curve"]] == [p["loss"] for p in runs[1]["loss_curve"]]
+    assert runs[0]["final"] == runs[1]["final"]
