@@ -110,6 +110,10 @@ def train_light(ctx: Context, export_dir: Path | None = None) -> dict:
                                "ffn_mask_summary": [[float(m.min()), float(m.mean()), float(m.max())] for m in ffn_vals],
                                "peft_roles": {n: [arch.role_of(n)[0], arch.role_label(arch.role_of(n)[1])] for n in rank_imp}}
         if p.target_speedup is not None or p.target_params is not None:  # target mode: joint allocation
+            if p.target_speedup is not None and not any(module_imp.values()):
+                # LoRA B starts at 0, so its Taylor terms are 0 until B has trained: PEFT removal would look free
+                log(f"warning: every PEFT module scored 0 after {est} estimation steps; target mode will treat "
+                    "removing PEFT modules as free (set estimate.steps higher)")
             plan = make_target_plan(arch, cost, head_scores, ffn_scores, module_imp, rank_imp, p.target_speedup,
                                     p.target_params, params_before["body"], p.ffn_scope == "layer", p.ffn_floor,
                                     cfg.peft.kind, hf.config.model_type, meta=plan_meta)
