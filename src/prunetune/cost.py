@@ -162,7 +162,8 @@ class CostModel:
     def neuron_work(self, backward: bool, at_cut: bool = False) -> Work:
         a, n = self.arch, self.seq.tokens
         mats = 3 if a.gated_ffn else 2
-        fwd = Work(2 * n * a.hidden_size * mats, a.hidden_size * mats * self.wb + n * (8 if a.gated_ffn else 4) * self.ab)
+        fwd = Work(2 * n * a.hidden_size * mats,
+                   a.hidden_size * mats * self.wb + n * (8 if a.gated_ffn else 4) * self.ab)
         if not backward:
             return fwd
         grad_mats = 1 if at_cut else mats  # at the cut only down's input gradient is needed

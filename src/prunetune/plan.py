@@ -402,6 +402,9 @@ def make_target_plan(arch, cost, head_scores, ffn_scores, module_importance: dic
 
     best = None
     for c in sorted({cost.block_of(m) for m in modules}):
+        forced_loss = sum(float(module_importance.get(m, 0.0)) for m in modules if cost.block_of(m) < c)
+        if best is not None and forced_loss > best[1][0]:
+            break  # the forced loss only grows with the cut: no higher cut can beat the best plan found
         prob = prepare(c)
         fastest = cost.predict(build(everything(prob)[1], set(prob["forced"]), c)).pruned.seconds
         most = max(most, base / fastest)

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from ..config import RunConfig
-from ..dist import is_main, log
+from ..dist import all_reduce_sum_, is_main, log, world_size
 from ..io import atomic_write_text
 from ..cost import CostModel, DeviceRates, calibrate, seq_stats
 from ..plan import PruningPlan, allocation_summary, make_plan, make_target_plan
@@ -100,15 +100,16 @@ def train_light(ctx: Context, export_dir: Path | None = None) -> dict:
         p = cfg.prune
         cost = _cost_model(ctx, arch, {n: len(v) for n, v in rank_imp.items()}, model if p.cost_probe else None)
         plan_meta = {"estimation_steps": est, "window_start": window_start, "total_steps": total,
-                               "module_importance": module_imp,  # the chosen score; both kept for reports
-                               "module_norm_ratio": norm_ratio, "module_taylor": module_taylor,
-                               "rank_importance": {k: v.tolist() for k, v in rank_imp.items()},
-                               "structure_score": cfg.estimate.structure_score,
-                               "module_score": cfg.estimate.module_score,
-                               "head_masks": [m.tolist() for m in head_vals],
-                               "head_taylor": [m.tolist() for m in masks.taylor_values()[0]],
-                               "ffn_mask_summary": [[float(m.min()), float(m.mean()), float(m.max())] for m in ffn_vals],
-                               "peft_roles": {n: [arch.role_of(n)[0], arch.role_label(arch.role_of(n)[1])] for n in rank_imp}}
+                     "module_importance": module_imp,  # the chosen score; both kept for reports
+                     "module_norm_ratio": norm_ratio, "module_taylor": module_taylor,
+                     "rank_importance": {k: v.tolist() for k, v in rank_imp.items()},
+                     "structure_score": cfg.estimate.structure_score,
+                     "module_score": cfg.estimate.module_score,
+                     "head_masks": [m.tolist() for m in head_vals],
+                     "head_taylor": [m.tolist() for m in masks.taylor_values()[0]],
+                     "ffn_mask_summary": [[float(m.min()), float(m.mean()), float(m.max())] for m in ffn_vals],
+                     # canonical roles (q, k, v, o, up, down) for reports, from the arch descriptor
+                     "peft_roles": {n: [arch.role_of(n)[0], arch.role_label(arch.role_of(n)[1])] for n in rank_imp}}
         if p.target_speedup is not None or p.target_params is not None:  # target mode: joint allocation
             if p.target_speedup is not None and not any(module_imp.values()):
                 # LoRA B starts at 0, so its Taylor terms are 0 until B has trained: PEFT removal would look free
@@ -225,7 +226,9 @@ def _time_passes(ctx, model, rows: int, repeats: int = 3) -> tuple[float, float]
     torch.set_rng_state(rng[0])
     if rng[1] is not None:
         torch.cuda.set_rng_state_all(rng[1])
-    return sorted(times)[len(times) // 2], float(batch["input_ids"].shape[1])
+    # every DDP rank must fit the same rates (target-mode plans must agree): the mean of the ranks' medians
+    median = all_reduce_sum_(torch.tensor([sorted(times)[len(times) // 2]], dtype=torch.float64, device=ctx.device))
+    return float(median[0]) / world_size(), float(batch["input_ids"].shape[1])
 
 
 def _mean(params) -> float:

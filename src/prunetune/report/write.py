@@ -115,8 +115,8 @@ def allocation_lines(results: dict, plan: PruningPlan) -> list[str]:
         removed = f"{r['removed']} of {r['of']} blocks" if key == "backward cut" else f"{r['removed']} of {r['of']}"
         loss = "" if key == "backward cut" else f"{r['loss']:.4g}"
         lines.append(f"| {_TYPE_LABELS.get(key, key)} | {removed} | {loss} | {100 * r['saved']:.1f}% | {per} |")
-    lines += ["", "| layer | heads removed | FFN neurons removed | PEFT modules removed | ranks removed (kept modules) |",
-              "|---|---|---|---|---|"]
+    lines += ["", "| layer | heads removed | FFN neurons removed | PEFT modules removed | "
+              "ranks removed (kept modules) |", "|---|---|---|---|---|"]
     for row in alloc["layers"]:
         mods = ", ".join(sorted(row["modules_removed"], key=lambda r: _ROLE_ORDER.get(r, 99))) or "-"
         lines.append(f"| {row['layer']} | {row['heads_removed'] * plan.heads_per_unit} | {row['neurons_removed']} | "
