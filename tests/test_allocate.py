@@ -244,3 +244,16 @@ def test_target_mode_run_reports_allocation_and_predicted_vs_measured(tmp_path):
     fine = [p for p in curve if p["step"] > 3]
     assert est and all(p["loss"] > p["task_loss"] for p in est)
     assert fine and all(p["loss"] == pytest.approx(p["task_loss"]) for p in fine)
+
+
+def test_fixed_ratio_plans_get_the_same_allocation_report():
+    """The paper's mode is unchanged (make_plan) and its allocation is reported the same way."""
+    from prunetune.plan import make_plan
+
+    arch, cost, (heads, ffn, mods, rank) = setup("bert", MINILM)
+    plan = make_plan(arch, heads, ffn, mods, {m: torch.as_tensor(v) for m, v in rank.items()}, 1 / 3, 1 / 3, 0.75, 0.5)
+    alloc = allocation_summary(plan, cost, heads, ffn, mods, rank)
+    types = alloc["types"]
+    assert types["heads"]["removed"] == 6 * 4 and types["modules"]["removed"] == 27
+    assert sum(r["saved"] for r in types.values()) == pytest.approx(1 - 1 / alloc["predicted_speedup"])
+    assert alloc["predicted_speedup"] == cost.predict(plan).speedup > 1
