@@ -56,6 +56,7 @@ def compare_row(task: str, ctx, van: dict, light: dict) -> dict:
         "vanilla_final": van["final"][metric], "light_final": light["final"][metric],
         "vanilla_best": van["best"][metric], "light_best": light["best"][metric],
         "step_speedup": van["step_seconds"] / light["step_seconds"],
+        "predicted_step_speedup": light.get("predicted_step_speedup"),  # the cost model's, next to measured
         "e2e_speedup": van["train_seconds"] / light["train_seconds"],
         "memory_ratio": light["peak_mb"] / van["peak_mb"],
         "inference_speedup": van["latency_ms"] / light["latency_ms"],
@@ -173,6 +174,11 @@ def parse_seeds(spec: str, first: int) -> list[int]:
     return list(range(first, first + int(spec)))
 
 
+def _predicted(row: dict) -> str:
+    pred = row.get("predicted_step_speedup")
+    return "" if pred is None else f"; predicted {pred:.2f}x"
+
+
 def table(rows: list[dict]) -> str:
     head = ("| task | dev metric vanilla -> Light-PEFT (final / best) | step speedup | end-to-end speedup | "
             "peak train memory ratio | inference speedup | body / block params kept | trainable (no head) |")
@@ -183,7 +189,7 @@ def table(rows: list[dict]) -> str:
         lines.append(
             f"| {r['task']} ({r['metric']}){variant} | {r['vanilla_final']:.4f} -> {r['light_final']:.4f} / "
             f"{r['vanilla_best']:.4f} -> {r['light_best']:.4f} | {r['step_speedup']:.2f}x "
-            f"({r['vanilla_step_ms']:.0f} -> {r['light_step_ms']:.0f} ms) | {r['e2e_speedup']:.2f}x | "
+            f"({r['vanilla_step_ms']:.0f} -> {r['light_step_ms']:.0f} ms{_predicted(r)}) | {r['e2e_speedup']:.2f}x | "
             f"{r['memory_ratio']:.2f} ({r['vanilla_peak_mb']:.0f} -> {r['light_peak_mb']:.0f} MB) | "
             f"{r['inference_speedup']:.2f}x | {r['base_kept_pct']:.1f}% / {r['block_kept_pct']:.1f}% | "
             f"{r['trainable_vanilla']:,} -> {r['trainable_light']:,} |")

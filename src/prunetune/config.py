@@ -69,6 +69,11 @@ class PruneConfig:
     modules: float = 0.75  # fraction of PEFT modules removed (global)
     ranks: float = 0.5  # fraction of the surviving ranks removed (global)
     fold_masks: bool = False  # fold learned mask values into o/down weights instead of dropping them
+    # target mode (instead of the paper's fixed ratios above): heads, neurons, PEFT modules and ranks chosen
+    # jointly for the least Taylor loss estimate that reaches one target
+    target_speedup: float | None = None  # predicted fine-tune step speedup over unpruned PEFT (> 1)
+    target_params: float | None = None  # fraction of the base (body) parameters kept, in (0, 1)
+    cost_probe: bool = False  # calibrate the step-time cost model with a few timed steps on the device
 
 
 @dataclass
@@ -239,11 +244,37 @@ def validate(cfg: RunConfig) -> RunConfig:
     if cfg.train.lr <= 0:
         raise PrunetuneError(f"train.lr must be > 0, got {cfg.train.lr}")
     _validate_search(cfg.search)
+    _validate_target(cfg)
     for key in ("data.train_file", "data.dev_file", "data.data_dir"):
         path = _get(cfg, key)
         if path is not None and not Path(path).exists():
             raise PrunetuneError(f"{key}: no such file or folder: {path}")
     return cfg
+
+
+def _validate_target(cfg: RunConfig) -> None:
+    """Target mode: one target, the fixed ratios left at their defaults (so a config never means two plans),
+    and Taylor scores everywhere (the allocator compares heads, neurons, modules and ranks on one loss scale)."""
+    p = cfg.prune
+    if p.target_speedup is None and p.target_params is None:
+        return
+    if p.target_speedup is not None and p.target_params is not None:
+        raise PrunetuneError("set one of prune.target_speedup and prune.target_params, not both")
+    if p.target_speedup is not None and not p.target_speedup > 1.0:
+        raise PrunetuneError(f"prune.target_speedup must be > 1 (a speedup over unpruned PEFT), got {p.target_speedup}")
+    if p.target_params is not None and not 0.0 < p.target_params < 1.0:
+        raise PrunetuneError(f"prune.target_params is the fraction of base parameters kept and must lie in (0, 1), "
+                             f"got {p.target_params}")
+    defaults = PruneConfig()
+    changed = [f"prune.{k}" for k in ("heads", "ffn", "modules", "ranks") if getattr(p, k) != getattr(defaults, k)]
+    if changed:
+        raise PrunetuneError(f"{', '.join(changed)}: fixed ratios do not apply in target mode (the allocator "
+                             "chooses them); drop them or the target")
+    scores = {k: getattr(cfg.estimate, k) for k in ("structure_score", "module_score", "rank_score")}
+    bad = [f"estimate.{k}={v}" for k, v in scores.items() if v != "taylor"]
+    if bad:
+        raise PrunetuneError(f"target mode compares units by their Taylor loss estimates; {', '.join(bad)} "
+                             "is not on that scale (use taylor)")
 
 
 def _validate_search(sc: SearchConfig) -> None:

@@ -232,3 +232,319 @@ def make_plan(arch, head_masks, ffn_masks, module_importance: dict[str, float], 
         peft_orig_ranks={n: len(v) for n, v in rank_importance.items()},
         meta=meta or {},
     )
+
+
+# ---- target mode: heads, neurons, PEFT modules and ranks chosen jointly (prune.target_speedup / target_params) ----
+#
+# What the allocation assumes. Every score it spends is a first-order Taylor estimate of the task-loss change of
+# removing the unit, averaged over the estimation window (same units: loss per step): heads and neurons
+# |m dL/dm| of their structure mask, PEFT ranks |sum_o B dL/dB| of the rank, PEFT modules |sum B dL/dB| of the
+# whole module. Config validation therefore refuses target mode unless all three scores are "taylor". Removal
+# costs are taken as additive (first order: the loss change of a set is the sum of its members' changes).
+# Caveat: a LoRA module's Taylor score is the loss of dropping its *current* delta, not of never training it
+# (B starts at 0), so PEFT units look cheap early; the estimation window sits at the end of t' for that reason.
+#
+# Algorithm. The backward saving of removing PEFT modules is not additive: it depends on the lowest block that
+# keeps a trainable module (the cut). So the cut c is enumerated exactly (every block that holds a module): all
+# modules below c are removed (their loss is charged), the most important module of block c is kept. Given c,
+# every unit's time saving is fixed and the problem is a covering knapsack (remove units of least total loss
+# whose savings reach the target), solved greedily by loss per second saved, then a pass that puts back the most
+# important removals the target does not need. Greedy rather than an exact DP: units are tiny next to the budget
+# (one neuron ~1e-4 of a step) and within a layer all units cost the same, so the greedy order is the
+# per-layer importance order and its loss exceeds the LP lower bound by at most one unit's loss (tests check this
+# against brute force); an exact DP over 10^4-10^5 neurons x a time grid x 2L cuts would cost seconds to minutes
+# and still be exact only up to its grid. The plan is then re-predicted exactly (pruned LoRA dims, cut) and the
+# requirement raised by any shortfall.
+
+@dataclass(slots=True)
+class _Pick:
+    kind: str  # head | neuron | tier_h | tier_f | module | rank
+    group: object  # layer, module name or None (tiers)
+    index: int
+    importance: float
+    saving: float
+
+
+def _greedy(items: list[_Pick], caps: dict, need: float, module_extra: dict, module_ranks: dict,
+            allow_short: bool = False):
+    """Take items by importance per saving until `need` is saved. caps: (kind, group) -> max removals.
+    module_extra: module -> saving of its overhead (earned when its last rank goes, or with the module item).
+    Returns (taken items, saved) or None when the items cannot reach `need`."""
+    order = sorted(items, key=lambda p: (p.importance / p.saving, p.kind, str(p.group), p.index))
+    counts: dict = {}
+    gone_modules: set = set()
+    taken: list[_Pick] = []
+    saved = 0.0
+    rank_saving = {p.group: p.saving for p in items if p.kind == "rank"}
+    for p in order:
+        if saved >= need:
+            break
+        key = (p.kind, p.group)
+        if p.kind == "module":
+            if p.group in gone_modules:
+                continue
+            left = module_ranks[p.group] - counts.get(("rank", p.group), 0)
+            gone_modules.add(p.group)
+            saved += module_extra[p.group] + left * rank_saving.get(p.group, 0.0)
+        elif p.kind == "rank" and p.group in gone_modules:
+            continue
+        elif counts.get(key, 0) >= caps.get(key, 0):
+            continue
+        else:
+            counts[key] = counts.get(key, 0) + 1
+            saved += p.saving
+            if p.kind == "rank" and counts[key] == module_ranks[p.group]:
+                gone_modules.add(p.group)  # every rank removed: the module goes, with its overhead
+                saved += module_extra[p.group]
+        taken.append(p)
+    if saved < need:
+        return (taken, saved) if allow_short else None
+    # put back the most important removals the target does not need (not modules, not a module's last rank)
+    for p in sorted(taken, key=lambda p: (-p.importance, p.kind, str(p.group), -p.index)):
+        if p.kind == "module" or (p.kind == "rank" and p.group in gone_modules):
+            continue
+        if p.kind.startswith("tier") and any(q.kind == p.kind and q.index > p.index for q in taken):
+            continue  # uniform tiers stay contiguous (tier k = the k-th least important unit of every layer)
+        if saved - p.saving >= need:
+            taken.remove(p)
+            saved -= p.saving
+    return taken, saved
+
+
+def _lora_shrink(cost, arch, alive: dict[str, int], cut: int) -> tuple[list[float], list[float]]:
+    """Per layer: what one head unit / neuron less saves in the LoRA factors on its projections (q/k/v/o lose
+    output / input width with a head, up/gate/down with a neuron), assuming those modules keep their ranks."""
+    sec = cost.rates.seconds
+    heads, neurons = [0.0] * arch.num_layers, [0.0] * arch.num_layers
+    U, inter = arch.num_units, arch.intermediate_size
+    for m, r in alive.items():
+        layer, role = arch.role_of(m)
+        if role in ("q", "k", "v", "o"):
+            full, less = {"units": U}, {"units": U - 1}
+            target = heads
+        else:
+            full, less = {"neurons": inter}, {"neurons": inter - 1}
+            target = neurons
+        target[layer] += r * (sec(cost.rank_work(m, cut=cut, **full)) - sec(cost.rank_work(m, cut=cut, **less))) + \
+            sec(cost.module_work(m, **full)) - sec(cost.module_work(m, **less))
+    return heads, neurons
+
+
+def _sorted_idx(scores: list[float]) -> list[int]:
+    """Unit indices by increasing importance, ties by index (deterministic)."""
+    return sorted(range(len(scores)), key=lambda j: (scores[j], j))
+
+
+def make_target_plan(arch, cost, head_scores, ffn_scores, module_importance: dict[str, float],
+                     rank_importance: dict[str, torch.Tensor], target_speedup: float | None = None,
+                     target_params: float | None = None, body_params: int | None = None, uniform: bool = False,
+                     ffn_floor: float = 0.05, peft_kind: str = "lora", model_type: str = "",
+                     meta: dict | None = None) -> PruningPlan:
+    """The least-estimated-loss plan whose predicted step speedup (cost model) reaches target_speedup, or whose
+    base (body) parameters are at most target_params of body_params. Constraints: >= 1 head unit per layer,
+    >= ffn_floor of each layer's neurons, >= 1 PEFT module; uniform: the same head / neuron count in every layer
+    (exports load with plain from_pretrained where the config can say so)."""
+    if (target_speedup is None) == (target_params is None):
+        raise PrunetuneError("target mode needs exactly one of prune.target_speedup and prune.target_params")
+    L, U, inter = arch.num_layers, arch.num_units, arch.intermediate_size
+    # plain floats once: indexing tensors element by element dominates the run time otherwise
+    head_scores = [[float(v) for v in torch.as_tensor(s).tolist()] for s in head_scores]
+    ffn_scores = [[float(v) for v in torch.as_tensor(s).tolist()] for s in ffn_scores]
+    rank_importance = {m: [float(v) for v in torch.as_tensor(s).tolist()] for m, s in rank_importance.items()}
+    modules = sorted(rank_importance)
+    ranks_full = {m: len(rank_importance[m]) for m in modules}
+    ffn_cap = inter - max(1, math.ceil(ffn_floor * inter))
+    h_order = [_sorted_idx(s) for s in head_scores]
+    f_order = [_sorted_idx(s) for s in ffn_scores]
+    sec = cost.rates.seconds
+
+    def structure_items(head_saving, neuron_saving):
+        hs, ns = [head_saving(l) for l in range(L)], [neuron_saving(l) for l in range(L)]
+        head_saving, neuron_saving = hs.__getitem__, ns.__getitem__  # one evaluation per layer, not per unit
+        items, caps = [], {}
+        if uniform:
+            for k in range(U - 1):
+                items.append(_Pick("tier_h", None, k, sum(head_scores[l][h_order[l][k]] for l in range(L)),
+                                   sum(head_saving(l) for l in range(L))))
+            for k in range(ffn_cap):
+                items.append(_Pick("tier_f", None, k, sum(ffn_scores[l][f_order[l][k]] for l in range(L)),
+                                   sum(neuron_saving(l) for l in range(L))))
+            caps[("tier_h", None)], caps[("tier_f", None)] = U - 1, ffn_cap
+        else:
+            for l in range(L):
+                hs_l, ns_l = head_saving(l), neuron_saving(l)
+                items += [_Pick("head", l, j, v, hs_l) for j, v in enumerate(head_scores[l])]
+                items += [_Pick("neuron", l, j, v, ns_l) for j, v in enumerate(ffn_scores[l])]
+                caps[("head", l)], caps[("neuron", l)] = U - 1, ffn_cap
+        return items, caps
+
+    def build(taken, removed_modules, cut) -> PruningPlan:
+        n_heads = {l: 0 for l in range(L)}
+        n_neurons = {l: 0 for l in range(L)}
+        gone_ranks: dict[str, set] = {m: set() for m in modules}
+        for p in taken:
+            if p.kind in ("head", "neuron"):
+                (n_heads if p.kind == "head" else n_neurons)[p.group] += 1
+            elif p.kind == "tier_h":
+                n_heads = {l: n_heads[l] + 1 for l in range(L)}
+            elif p.kind == "tier_f":
+                n_neurons = {l: n_neurons[l] + 1 for l in range(L)}
+            elif p.kind == "module":
+                removed_modules.add(p.group)
+            else:
+                gone_ranks[p.group].add(p.index)
+        # the units removed are the least important of each layer (the greedy takes them in that order)
+        kept_heads = [sorted(h_order[l][n_heads[l]:]) for l in range(L)]
+        kept_neurons = [sorted(f_order[l][n_neurons[l]:]) for l in range(L)]
+        peft = {}
+        for m in modules:
+            kept = [i for i in range(ranks_full[m]) if i not in gone_ranks[m]]
+            if m not in removed_modules and kept:
+                peft[m] = kept
+        return PruningPlan(arch.family, model_type, L, U, arch.heads_per_unit, arch.head_dim, inter, kept_heads,
+                           kept_neurons, peft_kind=peft_kind, peft_ranks=peft, peft_orig_ranks=dict(ranks_full),
+                           meta=dict(meta or {}, target={"speedup": target_speedup, "params": target_params,
+                                                         "cut_block": cut, "uniform": uniform}))
+
+    if target_params is not None:  # size target: only heads and neurons hold base parameters
+        if body_params is None:
+            raise PrunetuneError("prune.target_params needs the base parameter count")
+        need = body_params * (1.0 - target_params)
+        items, caps = structure_items(lambda l: float(cost.head_params()), lambda l: float(cost.neuron_params()))
+        found = _greedy(items, caps, need, {}, ranks_full)
+        if found is None:
+            most = body_params - sum(p.saving for p in items if p.kind != "module") if not uniform else \
+                body_params - (U - 1) * L * cost.head_params() - ffn_cap * L * cost.neuron_params()
+            raise PrunetuneError(f"prune.target_params={target_params} is not reachable: with >= 1 head per layer and "
+                                 f"the FFN floor the base keeps at least {most / body_params:.3f} of its parameters")
+        return build(found[0], set(), cost.cut_of(modules))
+
+    base = cost.unpruned().seconds
+    goal = base / target_speedup
+    cuts = sorted({cost.block_of(m) for m in modules})
+    most = 1.0
+
+    def prepare(c: int):
+        """The problem at cut c: modules below it removed (forced), the best module of block c protected."""
+        forced = [m for m in modules if cost.block_of(m) < c]
+        in_block = [m for m in modules if cost.block_of(m) == c]
+        protected = max(in_block, key=lambda m: (module_importance.get(m, 0.0), -modules.index(m)))
+        alive = {m: ranks_full[m] for m in modules if m not in forced}
+        lora_h, lora_f = _lora_shrink(cost, arch, alive, c)
+        items, caps = structure_items(lambda l: sec(cost._unit_work(0, 2 * l, c)) + lora_h[l],
+                                      lambda l: sec(cost._unit_work(1, 2 * l + 1, c)) + lora_f[l])
+        extra = {m: sec(cost.module_work(m)) for m in alive}
+        for m in alive:
+            rank_sec = sec(cost.rank_work(m, cut=c))
+            items += [_Pick("rank", m, i, float(rank_importance[m][i]), rank_sec) for i in range(ranks_full[m])]
+            caps[("rank", m)] = ranks_full[m] - (1 if m == protected else 0)
+            if m != protected:
+                items.append(_Pick("module", m, 0, float(module_importance.get(m, 0.0)),
+                                   extra[m] + ranks_full[m] * rank_sec))
+        start = cost.step_time([U] * L, [inter] * L, alive).seconds
+        return {"cut": c, "forced": set(forced), "start": start, "items": items, "caps": caps, "extra": extra,
+                "forced_loss": sum(float(module_importance.get(m, 0.0)) for m in forced)}
+
+    def solve(prob, margin: float):
+        """(loss, taken) at this cut for `goal` plus margin seconds, or None when the cut cannot reach it."""
+        need = prob["start"] - goal + margin
+        found = ([], 0.0) if need <= 0 else _greedy(prob["items"], prob["caps"], need, prob["extra"], ranks_full)
+        if found is None:
+            return None
+        return prob["forced_loss"] + sum(p.importance for p in found[0]), found[0]
+
+    def everything(prob):
+        """Every removal the constraints allow at this cut (the fastest plan there)."""
+        taken = _greedy(prob["items"], prob["caps"], math.inf, prob["extra"], ranks_full, allow_short=True)[0]
+        return prob["forced_loss"] + sum(p.importance for p in taken), taken
+
+    best = None
+    for c in sorted({cost.block_of(m) for m in modules}):
+        forced_loss = sum(float(module_importance.get(m, 0.0)) for m in modules if cost.block_of(m) < c)
+        if best is not None and forced_loss > best[1][0]:
+            break  # the forced loss only grows with the cut: no higher cut can beat the best plan found
+        prob = prepare(c)
+        fastest = cost.predict(build(everything(prob)[1], set(prob["forced"]), c)).pruned.seconds
+        most = max(most, base / fastest)
+        if fastest > goal:  # exact: not even removing everything allowed at this cut reaches the target
+            continue
+        sol = solve(prob, 0.0) or everything(prob)
+        if best is None or (sol[0], c) < (best[1][0], best[0]["cut"]):
+            best = (prob, sol)
+    if best is None:
+        raise PrunetuneError(f"prune.target_speedup={target_speedup} is not reachable for this model and batch "
+                             f"shape under the constraints (>= 1 head per layer, FFN floor, >= 1 PEFT module): "
+                             f"the cost model predicts at most about {most:.2f}x")
+    prob, sol = best
+
+    def exact_short(sol) -> float:
+        return cost.predict(build(sol[1], set(prob["forced"]), prob["cut"])).pruned.seconds - goal
+
+    # the item savings approximate the exact prediction (LoRA widths after pruning, a module whose ranks went
+    # first): find the smallest extra margin at this cut whose plan meets the target exactly (grow, then bisect)
+    lo, hi, short = 0.0, None, exact_short(sol)
+    if short > 1e-12 * base:
+        margin = short
+        for _ in range(30):
+            cand = solve(prob, margin) or everything(prob)  # the fastest plan meets it (checked above)
+            if exact_short(cand) <= 1e-12 * base:
+                hi, sol = margin, cand
+                break
+            lo, margin = margin, 2 * margin
+        if hi is None:
+            raise PrunetuneError(f"prune.target_speedup={target_speedup}: the allocation did not reach the target "
+                                 "exactly; lower it slightly")
+        for _ in range(12):
+            mid = (lo + hi) / 2
+            cand = solve(prob, mid)
+            if cand is not None and exact_short(cand) <= 1e-12 * base:
+                hi, sol = mid, cand
+            else:
+                lo = mid
+    return build(sol[1], set(prob["forced"]), prob["cut"])
+
+
+def allocation_summary(plan: PruningPlan, cost, head_scores, ffn_scores, module_importance: dict[str, float],
+                       rank_importance: dict[str, torch.Tensor]) -> dict:
+    """What the plan spends: per unit type the units removed, their summed Taylor loss estimate and the predicted
+    step time they save (fraction of the unpruned step); per layer what went. Works for either mode."""
+    pred = cost.predict(plan)
+    sec, base = cost.rates.seconds, pred.unpruned.seconds
+    cut = pred.pruned.cut_block
+    rows = {k: {"removed": 0, "of": 0, "loss": 0.0, "saved": 0.0} for k in ("heads", "neurons", "modules", "ranks")}
+    layers = []
+    for l in range(plan.num_layers):
+        gone_h = sorted(set(range(plan.num_units)) - set(plan.kept_heads[l]))
+        gone_f = sorted(set(range(plan.intermediate_size)) - set(plan.kept_neurons[l]))
+        for key, gone, n, scores, half in (("heads", gone_h, plan.num_units, head_scores, 0),
+                                           ("neurons", gone_f, plan.intermediate_size, ffn_scores, 1)):
+            r = rows[key]
+            r["removed"] += len(gone)
+            r["of"] += n
+            r["loss"] += float(sum(float(scores[l][j]) for j in gone))
+            r["saved"] += len(gone) * sec(cost._unit_work(half, 2 * l + half, cut))
+        layers.append({"layer": l, "heads_removed": len(gone_h), "neurons_removed": len(gone_f),
+                       "modules_removed": [], "ranks_removed": 0})
+    for m, full in plan.peft_orig_ranks.items():
+        layer, role = cost.arch.role_of(m)
+        kept = plan.peft_ranks.get(m)
+        rows["modules"]["of"] += 1
+        rows["ranks"]["of"] += full
+        if kept is None:
+            rows["modules"]["removed"] += 1
+            rows["modules"]["loss"] += float(module_importance.get(m, 0.0))
+            rows["modules"]["saved"] += sec(cost.module_work(m)) + full * sec(cost.rank_work(m))
+            layers[layer]["modules_removed"].append(cost.arch.role_label(role))
+        else:
+            gone = [i for i in range(full) if i not in kept]
+            rows["ranks"]["removed"] += len(gone)
+            rows["ranks"]["loss"] += float(sum(float(rank_importance[m][i]) for i in gone))
+            rows["ranks"]["saved"] += len(gone) * sec(cost.rank_work(m))
+            layers[layer]["ranks_removed"] += len(gone)
+    total_saved = base - pred.pruned.seconds
+    rows["backward cut"] = {"removed": cut, "of": cost.num_blocks, "loss": 0.0,
+                            "saved": total_saved - sum(r["saved"] for r in rows.values())}
+    for r in rows.values():
+        r["saved"] /= base
+    return {"types": rows, "layers": layers, "predicted_speedup": pred.speedup, "cut_block": cut,
+            "prediction": pred.to_dict()}

@@ -67,6 +67,36 @@ class Arch:
                     names.append(name)
         return names
 
+    @property
+    def gated_ffn(self) -> bool:
+        """True when the FFN has a gate projection (SwiGLU: up * act(gate) -> down)."""
+        return bool(self.layers) and self.layers[0].gate is not None
+
+    @property
+    def fused_qkv(self) -> bool:
+        return bool(self.layers) and self.layers[0].fused_qkv
+
+    def role_dims(self, role: str, kept_units: int | None = None, kept_neurons: int | None = None) -> tuple[int, int]:
+        """(in, out) features of a block projection, optionally after pruning to kept head units / neurons.
+        The cost model sizes LoRA factors and base matmuls from these, never from module names."""
+        u = self.num_units if kept_units is None else kept_units
+        f = self.intermediate_size if kept_neurons is None else kept_neurons
+        q_out, kv_out = u * self.heads_per_unit * self.head_dim, u * self.head_dim
+        h = self.hidden_size
+        if self.fused_qkv and role in ("q", "k", "v"):
+            return h, q_out + 2 * kv_out
+        return {"q": (h, q_out), "k": (h, kv_out), "v": (h, kv_out), "o": (q_out, h),
+                "up": (h, f), "gate": (h, f), "down": (f, h)}[role]
+
+    def role_label(self, role: str) -> str:
+        """Canonical short name for reports: q, k, v, o, gate, up, down ('qkv' for a fused projection)."""
+        return "qkv" if self.fused_qkv and role in ("q", "k", "v") else role
+
+    def layer_roles(self) -> list[str]:
+        """The distinct projections of one block, in forward order (fused qkv counts once, as q)."""
+        roles = ["q"] if self.fused_qkv else ["q", "k", "v"]
+        return roles + ["o"] + (["gate"] if self.gated_ffn else []) + ["up", "down"]
+
     def role_of(self, module_name: str) -> tuple[int, str]:
         for i, layer in enumerate(self.layers):
             for role in ("q", "k", "v", "o", "up", "gate", "down"):

@@ -11,10 +11,11 @@ from pathlib import Path
 import torch
 
 from ..config import RunConfig
-from ..dist import is_main, log
+from ..dist import all_reduce_sum_, is_main, log, world_size
 from ..errors import PrunetuneError
 from ..io import atomic_write_text
-from ..plan import PruningPlan, make_plan
+from ..cost import CostModel, DeviceRates, calibrate, seq_stats
+from ..plan import PruningPlan, allocation_summary, make_plan, make_target_plan
 from ..scores import ImportanceTracker, StructureMasks
 from ..surgery import prune_adapter_model, prune_lora_model
 from ..train import PeakMemory, TrainState, evaluate
@@ -102,18 +103,31 @@ def train_light(ctx: Context, export_dir: Path | None = None) -> dict:
         head_vals, ffn_vals = masks.head_values(), masks.ffn_values()
         head_scores, ffn_scores = masks.structure_scores(cfg.estimate.structure_score)
         p = cfg.prune
-        plan = make_plan(arch, head_scores, ffn_scores, module_imp, rank_imp, p.heads, p.ffn, p.modules, p.ranks,
-                         p.ffn_scope, p.ffn_floor, cfg.peft.kind, hf.config.model_type,
-                         meta={"estimation_steps": est, "window_start": window_start, "total_steps": total,
-                               "window_skipped_steps": tracker.skipped,
-                               "module_importance": module_imp,  # the chosen score; both kept for reports
-                               "module_norm_ratio": norm_ratio, "module_taylor": module_taylor,
-                               "rank_importance": {k: v.tolist() for k, v in rank_imp.items()},
-                               "structure_score": cfg.estimate.structure_score,
-                               "module_score": cfg.estimate.module_score,
-                               "head_masks": [m.tolist() for m in head_vals],
-                               "head_taylor": [m.tolist() for m in masks.taylor_values()[0]],
-                               "ffn_mask_summary": [[float(m.min()), float(m.mean()), float(m.max())] for m in ffn_vals]})
+        cost = _cost_model(ctx, arch, {n: len(v) for n, v in rank_imp.items()}, model if p.cost_probe else None)
+        plan_meta = {"estimation_steps": est, "window_start": window_start, "total_steps": total,
+                     "window_skipped_steps": tracker.skipped,
+                     "module_importance": module_imp,  # the chosen score; both kept for reports
+                     "module_norm_ratio": norm_ratio, "module_taylor": module_taylor,
+                     "rank_importance": {k: v.tolist() for k, v in rank_imp.items()},
+                     "structure_score": cfg.estimate.structure_score,
+                     "module_score": cfg.estimate.module_score,
+                     "head_masks": [m.tolist() for m in head_vals],
+                     "head_taylor": [m.tolist() for m in masks.taylor_values()[0]],
+                     "ffn_mask_summary": [[float(m.min()), float(m.mean()), float(m.max())] for m in ffn_vals],
+                     # canonical roles (q, k, v, o, up, down) for reports, from the arch descriptor
+                     "peft_roles": {n: [arch.role_of(n)[0], arch.role_label(arch.role_of(n)[1])] for n in rank_imp}}
+        if p.target_speedup is not None or p.target_params is not None:  # target mode: joint allocation
+            if p.target_speedup is not None and not any(module_imp.values()):
+                # LoRA B starts at 0, so its Taylor terms are 0 until B has trained: PEFT removal would look free
+                log(f"warning: every PEFT module scored 0 after {est} estimation steps; target mode will treat "
+                    "removing PEFT modules as free (set estimate.steps higher)")
+            plan = make_target_plan(arch, cost, head_scores, ffn_scores, module_imp, rank_imp, p.target_speedup,
+                                    p.target_params, params_before["body"], p.ffn_scope == "layer", p.ffn_floor,
+                                    cfg.peft.kind, hf.config.model_type, meta=plan_meta)
+        else:  # the paper's fixed ratios
+            plan = make_plan(arch, head_scores, ffn_scores, module_imp, rank_imp, p.heads, p.ffn, p.modules, p.ranks,
+                             p.ffn_scope, p.ffn_floor, cfg.peft.kind, hf.config.model_type, meta=plan_meta)
+        plan.meta["allocation"] = allocation_summary(plan, cost, head_scores, ffn_scores, module_imp, rank_imp)
         info.update(estimation_seconds=time.perf_counter() - t0, estimation_peak_mb=state.memory.peak_mb,
                     cuda_estimation_peak_mb=mem_est.peak_mb)
         fold_values = ([m.tolist() for m in head_vals], [m.tolist() for m in ffn_vals]) if p.fold_masks else None
@@ -164,6 +178,8 @@ def train_light(ctx: Context, export_dir: Path | None = None) -> dict:
         "block_kept_pct": 100.0 * params_after["blocks"] / max(1, params_before["blocks"]),
         "eval_seconds": eval_seconds(ctx, state.model), "loss_curve": state.history, "mask_curve": mask_curve,
         "resumed": ck is not None,
+        "predicted_step_speedup": plan.meta.get("allocation", {}).get("predicted_speedup"),
+        "cost_rates": plan.meta.get("allocation", {}).get("prediction", {}).get("rates"),
     }
     if export_dir is not None and is_main():
         from ..export import save_export
@@ -176,6 +192,50 @@ def train_light(ctx: Context, export_dir: Path | None = None) -> dict:
         result["export"] = str(export_dir)
     result["_plan"], result["_model"] = plan, state.model
     return result
+
+
+def _cost_model(ctx, arch, peft_ranks: dict[str, int], probe_model=None) -> CostModel:
+    """Step-time model at this run's batch shape (the training rows' real token lengths); with probe_model, its
+    rates are fitted to a few timed forward/backward passes of the (still unpruned) model on this device."""
+    cfg = ctx.cfg
+    dataset = ctx.train_loader.dataset
+    lengths = [len(dataset[i]["input_ids"]) for i in range(len(dataset))]
+    seq = seq_stats(lengths, cfg.train.batch_size, cfg.train.grad_accum, seed=cfg.train.seed)
+    act = 2 if cfg.train.mixed_precision in ("bf16", "fp16") or cfg.model.dtype != "float32" else 4
+    cost = CostModel(arch, seq, peft_ranks, DeviceRates.for_device(ctx.device.type), cfg.peft.kind, act,
+                     2 if cfg.model.dtype != "float32" else 4)
+    if probe_model is None:
+        return cost
+    rates = calibrate(cost, lambda b: _time_passes(ctx, probe_model, b))
+    return CostModel(arch, seq, peft_ranks, rates, cfg.peft.kind, act, cost.wb)
+
+
+def _time_passes(ctx, model, rows: int, repeats: int = 3) -> tuple[float, float]:
+    """(seconds per forward+backward, padded length) on the first `rows` training rows; RNG and gradients are
+    restored so the run continues exactly as without the probe."""
+    dataset = ctx.train_loader.dataset
+    batch = ctx.train_loader.collate_fn([dataset[i] for i in range(min(rows, len(dataset)))])
+    batch = {k: v.to(ctx.device) for k, v in batch.items()}
+    rng = torch.get_rng_state(), (torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = [p.grad for p in params]
+    times = []
+    model.train()
+    for i in range(repeats + 1):  # the first pass warms up allocators and kernels
+        t0 = time.perf_counter()
+        model(**batch).loss.backward()
+        if ctx.device.type == "cuda":
+            torch.cuda.synchronize(ctx.device)
+        if i:
+            times.append(time.perf_counter() - t0)
+    for p, g in zip(params, grads):
+        p.grad = g
+    torch.set_rng_state(rng[0])
+    if rng[1] is not None:
+        torch.cuda.set_rng_state_all(rng[1])
+    # every DDP rank must fit the same rates (target-mode plans must agree): the mean of the ranks' medians
+    median = all_reduce_sum_(torch.tensor([sorted(times)[len(times) // 2]], dtype=torch.float64, device=ctx.device))
+    return float(median[0]) / world_size(), float(batch["input_ids"].shape[1])
 
 
 def _mean(params) -> float:
@@ -199,6 +259,8 @@ def run(cfg: RunConfig, export: bool = True) -> dict:
     plan = light.pop("_plan")
     light.pop("_model")
     results["light_peft"] = light
+    if "vanilla" in results:  # measured next to predicted (the cost model predicts against unpruned PEFT)
+        light["measured_step_speedup"] = results["vanilla"]["step_seconds"] / max(light["step_seconds"], 1e-12)
     if not is_main():
         return results
     out.mkdir(parents=True, exist_ok=True)

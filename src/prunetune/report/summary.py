@@ -38,6 +38,10 @@ def summary_rows(results: dict) -> list[tuple[str, str, str, str]]:
         ("dev inference (s)", fmt(van.get("eval_seconds"), ".2f"), fmt(light["eval_seconds"], ".2f"),
          ratio(van.get("eval_seconds"), light["eval_seconds"]) + " speedup" if van else ""),
     ]
+    pred, meas = light.get("predicted_step_speedup"), light.get("measured_step_speedup")
+    if pred is not None:  # the cost model's prediction next to the measured step speedup
+        rows.append(("train step speedup: predicted (cost model) / measured", "", f"{pred:.2f}x",
+                     f"measured {meas:.2f}x" if meas is not None else "measured: run with --baseline"))
     for k, v in light["plan"].items():
         rows.append((k.replace("_", " "), "", v, ""))
     return rows

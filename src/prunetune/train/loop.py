@@ -189,13 +189,14 @@ class TrainState:
                    **({} if is_main() else {"disable": True}))
         for i in range(n_steps):
             t0 = time.perf_counter()
-            loss_value = 0.0
+            loss_value, task_loss = 0.0, 0.0  # task_loss: without extra_loss (the L1 mask term), for the curves
             for _micro in range(self.cfg.grad_accum):
                 batch = {k: v.to(self.device) for k, v in next(self._batches).items()}
                 if before_forward:
                     before_forward(batch)
                 with self.autocast(), self.memory.saving():
                     loss = self.model(**batch).loss / self.cfg.grad_accum
+                    task_loss = task_loss + loss.detach()
                     if extra_loss is not None:
                         loss = loss + extra_loss() / self.cfg.grad_accum
                 (self.scaler.scale(loss) if self.scaler else loss).backward()
@@ -229,7 +230,8 @@ class TrainState:
             bar.update(1)
             if self.step % max(1, self.cfg.log_every) == 0:
                 bar.set_postfix(loss=f"{loss_value:.4f}")
-                self.history.append({"step": self.step, "loss": loss_value, "lr": self.cfg.lr * f})
+                self.history.append({"step": self.step, "loss": loss_value, "task_loss": float(task_loss),
+                                     "lr": self.cfg.lr * f})
                 if self.writer is not None:
                     self.writer.add_scalar(f"{self.desc}/loss", loss_value, self.step)
                     self.writer.add_scalar(f"{self.desc}/lr", self.cfg.lr * f, self.step)
