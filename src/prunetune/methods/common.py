@@ -15,7 +15,7 @@ from ..config import RunConfig
 from ..data import encode, load_task, make_collate
 from ..dist import device as dist_device
 from ..dist import init_from_env, is_main, log
-from ..models import check_tokenizer_matches, load_model, load_tokenizer, resolve_model_path
+from ..models import cap_max_length, check_tokenizer_matches, load_model, load_tokenizer, resolve_model_path
 from ..train import PeakMemory, TrainState, evaluate, make_loader
 from ..train.checkpoint import load_checkpoint, save_checkpoint
 from ..surgery.base import apply_plan
@@ -52,6 +52,7 @@ def prepare(cfg: RunConfig) -> Context:
     task, train_rows, dev_rows = load_task(cfg.data)
     path = resolve_model_path(cfg.model.name_or_path, cfg.model.gguf_file)  # GGUF: converted once, cached
     tok = load_tokenizer(path)
+    cfg.data.max_length = cap_max_length(path, cfg.data.max_length)  # longer inputs would overrun the positions
     collate = make_collate(tok)
     train_ds = encode(train_rows, tok, cfg.data.max_length)
     dev_ds = encode(dev_rows, tok, cfg.data.max_length)
