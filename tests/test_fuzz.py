@@ -288,6 +288,8 @@ DATA_FILES = [
         '{"text": "good", "label": 1}\n{"text": null, "label": 0}\n', '{"text": "ok", "label": 1}\n', ".jsonl")),
     Case("jsonl-text-list", CUSTOM, "text field 'text'", files=_custom(
         '{"text": "good", "label": 1}\n{"text": ["a"], "label": 0}\n', '{"text": "ok", "label": 1}\n', ".jsonl")),
+    Case("data_dir-is-a-file", [*LIGHT, "--data-dir", "{sst2}/train.tsv"], "is a file"),
+    Case("train_file-is-a-folder", [*LIGHT, "--train-file", "{sst2}", "--dev-file", "{sst2}/dev.tsv"], "is a folder"),
     Case("guard-empty-file", SST2_D, "empty", files=_sst2("")),
     Case("guard-header-only", SST2_D, "empty", files=_sst2("sentence\tlabel\n")),
     Case("guard-wrong-columns", SST2_D, "not found", files=_sst2("text\ty\ngood\t1\n")),

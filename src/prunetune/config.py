@@ -290,6 +290,10 @@ def validate(cfg: RunConfig) -> RunConfig:
         path = _get(cfg, key)
         if path is not None and not Path(path).exists():
             raise PrunetuneError(f"{key}: no such file or folder: {path}")
+        if path is not None and Path(path).is_dir() != (key == "data.data_dir"):
+            raise PrunetuneError(f"{key}: {path} is a {'file' if key == 'data.data_dir' else 'folder'}; "
+                                 f"use data.data_dir for a folder of train/dev files, data.train_file / "
+                                 f"data.dev_file for single files")
     for key in ("search.warmup_cache", "train.tensorboard_dir"):  # folders written to later, mid-run
         _check_folder(key, _get(cfg, key))
     if not cfg.output_dir.strip():  # Path("") is the current folder: never what was meant
