@@ -46,6 +46,7 @@ class Case:
     files: dict[str, str | bytes] = field(default_factory=dict)  # relative to {tmp}: text (UTF-8) or raw bytes
     subprocess: bool = False  # run `python -m prunetune.cli` (a real process: exit status, real stderr)
     may_touch_output: bool = False  # leave the output dir out of the before/after comparison
+    needs_model: bool = False  # the check needs the loaded model: the run's banner on stdout is allowed
     output_flag: bool = True  # append `--output-dir {out}` to light/search (False: the config's own value counts)
 
     def param(self):
@@ -136,7 +137,7 @@ def check(case: Case, world: dict, tmp_path: Path, capsys, monkeypatch) -> str:
     assert len(lines) == 1, f"expected exactly one stderr line, got {len(lines)}:\n{err}"
     assert lines[0].startswith("prunetune: error: "), lines[0]
     assert case.needle in lines[0], f"{case.needle!r} not in {lines[0]!r}"
-    assert stdout.strip() == "", stdout
+    assert case.needs_model or stdout.strip() == "", stdout
     after = snapshot(roots, skip)
     changed = sorted(set(before) ^ set(after) | {k for k in before if k in after and before[k] != after[k]})
     assert not changed, f"bad input changed files: {changed[:5]}"
@@ -327,6 +328,8 @@ MODEL = [
          "prunetune eval"),
     Case("empty-model-name", ["light", "--model", "", "--data-dir", "{sst2}", "--max-steps", "2"],
          "model.name_or_path"),
+    # was an AttributeError in surgery: LoRA had wrapped nothing (BERT has no gate projection)
+    Case("peft-targets-not-in-model", _set("peft.targets=[gate]"), "match no module", needs_model=True),
     Case("guard-missing-model-folder", ["light", "--model", "{tmp}/nope", "--data-dir", "{sst2}"], "nope"),
     Case("guard-folder-without-tokenizer", ["light", "--model", "{tmp}/m", "--data-dir", "{sst2}"], "tokenizer",
          files={"m/config.json": "{}"}),
@@ -436,3 +439,14 @@ def test_dense_class_ids_still_inferred(tmp_path, labels, n):
         (tmp_path / split).write_text("text\tlabel\n" + rows)
     task, _, _ = load_task(DataConfig(task="custom", data_dir=str(tmp_path), text_fields=["text"]))
     assert task.num_labels == n
+
+
+@pytest.mark.parametrize("kind", ["lora", "adapter"])
+def test_extreme_rank_pruning_keeps_one_rank(world, tmp_path, kind):
+    """prune.ranks=0.99 removed every rank (peft: NoMatchingPeftModuleError); at least one is kept, like modules."""
+    out = tmp_path / "out"
+    assert main(["light", "--model", world["model"], "--data-dir", world["sst2"], "--output-dir", str(out),
+                 "--max-steps", "2", "--batch-size", "4", "--set", f"peft.kind={kind}", "--set", "prune.ranks=0.99",
+                 "--set", "prune.modules=0.99"]) == 0
+    plan = json.loads((out / "plan.json").read_text())
+    assert sum(len(v) for v in plan["peft_ranks"].values()) == 1

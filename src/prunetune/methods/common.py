@@ -67,6 +67,12 @@ def default_structure(arch: Arch, cfg: RunConfig) -> PeftStructure:
     """PEFT at every candidate position: LoRA on cfg.peft.targets, or adapters after attention and FFN."""
     p = cfg.peft
     if p.kind == "lora":
+        if not arch.peft_targets(p.targets):  # e.g. [gate] on BERT: PEFT would wrap nothing
+            from ..errors import PrunetuneError
+
+            have = [r for r in ("q", "k", "v", "o", "up", "gate", "down") if arch.peft_targets([r])]
+            raise PrunetuneError(f"peft.targets {p.targets} match no module of this {arch.family} model "
+                                 f"(it has {', '.join(have)})")
         return PeftStructure(lora={n: p.r for n in arch.peft_targets(p.targets)}, lora_alpha=p.alpha,
                              lora_r_base=p.r, lora_dropout=p.dropout)
     return PeftStructure(adapters={n: p.adapter_size for n in adapter_positions(arch)})
