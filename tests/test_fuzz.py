@@ -450,3 +450,16 @@ def test_extreme_rank_pruning_keeps_one_rank(world, tmp_path, kind):
                  "--set", "prune.modules=0.99"]) == 0
     plan = json.loads((out / "plan.json").read_text())
     assert sum(len(v) for v in plan["peft_ranks"].values()) == 1
+
+
+def test_home_folder_in_config_paths_is_expanded(tmp_path, monkeypatch):
+    """`output_dir: ~/runs` in YAML (no shell expands it) made a folder named '~' in the working dir."""
+    from prunetune.config import load_config
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "data").mkdir()
+    p = tmp_path / "c.yaml"
+    p.write_text("output_dir: ~/runs/a\ndata:\n  data_dir: ~/data\nsearch:\n  warmup_cache: ~/cache\n")
+    cfg = load_config(p)
+    assert (cfg.output_dir, cfg.data.data_dir, cfg.search.warmup_cache) == (
+        str(tmp_path / "runs" / "a"), str(tmp_path / "data"), str(tmp_path / "cache"))

@@ -258,7 +258,21 @@ def _get(cfg: RunConfig, dotted: str):
     return obj
 
 
+_PATHS = ["model.name_or_path", "data.data_dir", "data.train_file", "data.dev_file", "output_dir",
+          "search.warmup_cache", "train.tensorboard_dir"]
+
+
+def _expand_home(cfg: RunConfig) -> None:
+    """`~/x` from YAML or --set (no shell to expand it) would otherwise become a folder literally named '~'."""
+    for key in _PATHS:
+        value = _get(cfg, key)
+        if isinstance(value, str) and value.startswith("~"):
+            section, _, name = key.rpartition(".")
+            setattr(_get(cfg, section) if section else cfg, name, str(Path(value).expanduser()))
+
+
 def validate(cfg: RunConfig) -> RunConfig:
+    _expand_home(cfg)
     for key, allowed in _CHOICES.items():
         if _get(cfg, key) not in allowed:
             raise PrunetuneError(f"config key '{key}' must be one of {sorted(allowed)}, got {_get(cfg, key)!r}")
