@@ -6,8 +6,6 @@ import json
 import os
 import sys
 
-import yaml
-
 from .errors import PrunetuneError
 
 
@@ -29,15 +27,16 @@ def _overrides(args) -> dict:
         o["train.resume"] = True
     if getattr(args, "overwrite", False):
         o["overwrite"] = True
+    from .config import yaml_load
+
     for item in getattr(args, "set", None) or []:
-        if "=" not in item:
+        if "=" not in item or not item.split("=", 1)[0].strip():
             raise PrunetuneError(f"--set expects key=value, got '{item}'")
         key, value = item.split("=", 1)
-        try:
-            o[key.strip()] = yaml.safe_load(value)
-        except yaml.YAMLError as exc:
-            raise PrunetuneError(f"--set {key.strip()}: cannot parse value {value!r}: "
-                                 f"{str(exc).splitlines()[0]}") from None
+        try:  # YAML 1.2 numbers: `train.lr=1e-3` is a float, not the string YAML 1.1 makes of it
+            o[key.strip()] = yaml_load(value)
+        except PrunetuneError as exc:
+            raise PrunetuneError(f"--set {key.strip()}: cannot parse value {value!r}: {exc}") from None
     return o
 
 
@@ -83,33 +82,47 @@ def cmd_search(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .config import DataConfig, _build, validate, RunConfig
+    from pathlib import Path
+
+    from .config import RunConfig, _build, validate
     from .data import encode, load_task, make_collate
     from .export import load
+    from .export.manifest import MANIFEST, read_manifest
+    from .models import cap_max_length
     from .train import evaluate, make_loader
 
-    loaded = load(args.path)
-    task_name = args.task or loaded.info.get("task", {}).get("name") or "sst2"
+    # flags, manifest, task and data are all checked before the (slow) model load
+    for flag, value in (("--batch-size", args.batch_size), ("--max-eval-samples", args.max_eval_samples)):
+        if value is not None and value < 1:
+            raise PrunetuneError(f"{flag} must be >= 1, got {value}")
+    path = Path(args.path)
+    if not (path / MANIFEST).is_file() and (path / "model" / MANIFEST).is_file():  # a run folder: its export
+        path = path / "model"
+    info = read_manifest(path, verify=False)  # load() below verifies the checksums
+    trained = info.get("task", {})
+    task_name = args.task or trained.get("name") or "sst2"
     train_file = args.train_file or (args.dev_file if not args.data_dir else None)  # only the dev split is used
     data = {"task": task_name, "data_dir": args.data_dir, "train_file": train_file, "dev_file": args.dev_file,
             "max_eval_samples": args.max_eval_samples,
-            "max_length": loaded.info.get("task", {}).get("max_length")}  # truncate as in training
-    if task_name == "custom" or loaded.info.get("task", {}).get("name") == "custom":
-        info = loaded.info.get("task", {})
-        data.update(text_fields=info.get("text_fields"), num_labels=info.get("num_labels"),
-                    label_field=info.get("label_field"))
+            "max_length": trained.get("max_length")}  # truncate as in training
+    if task_name == "custom" or trained.get("name") == "custom":
+        data.update(text_fields=trained.get("text_fields"), num_labels=trained.get("num_labels"),
+                    label_field=trained.get("label_field"))
     cfg = validate(_build(RunConfig, {"data": {k: v for k, v in data.items() if v is not None}}, ""))
     task, _train, dev = load_task(cfg.data)
-    trained = loaded.info.get("task", {}).get("label_names")
-    if task.name == "custom" and task.label_names and trained and task.label_names != trained:
+    _check_eval_task(task, info, path)
+    label_names = trained.get("label_names")
+    if task.name == "custom" and task.label_names and label_names and task.label_names != label_names:
         # label ids were inferred from these files alone: map them back to the ids the model was trained with
-        missing = sorted(set(task.label_names) - set(trained))
+        missing = sorted(set(task.label_names) - set(label_names))
         if missing:
-            raise PrunetuneError(f"labels {missing} were not seen in training (trained on {trained})")
-        dev = [dict(r, label=trained.index(task.label_names[r["label"]])) for r in dev]
-    if loaded.tokenizer is None:
-        raise PrunetuneError(f"export {args.path} has no tokenizer")
-    loader = make_loader(encode(dev, loaded.tokenizer, cfg.data.max_length), make_collate(loaded.tokenizer),
+            raise PrunetuneError(f"labels {missing} were not seen in training (trained on {label_names})")
+        dev = [dict(r, label=label_names.index(task.label_names[r["label"]])) for r in dev]
+    if not (path / "tokenizer_config.json").is_file():
+        raise PrunetuneError(f"export {path} has no tokenizer")
+    loaded = load(path)
+    max_length = cap_max_length(str(path), cfg.data.max_length)
+    loader = make_loader(encode(dev, loaded.tokenizer, max_length), make_collate(loaded.tokenizer),
                          args.batch_size, False, 0)
     import torch
 
@@ -117,6 +130,20 @@ def cmd_eval(args) -> int:
     metrics = evaluate(loaded.model.to(device), loader, task, device)
     print(json.dumps({"task": task.name, "rows": len(dev), **metrics}, indent=1))
     return 0
+
+
+def _check_eval_task(task, info: dict, path) -> None:
+    """The export's head must fit the task: a 2-class head cannot be scored on STS-B, nor an LM on labels."""
+    if bool(info.get("causal_lm")) != bool(getattr(task, "causal_lm", False)):
+        kind = "a causal LM" if info.get("causal_lm") else "a sequence classifier"
+        raise PrunetuneError(f"export {path} is {kind}; task '{task.name}' needs "
+                             f"{'a causal LM' if getattr(task, 'causal_lm', False) else 'a sequence classifier'}")
+    trained = info.get("task", {}).get("num_labels")
+    if not task.causal_lm and trained is not None and trained != task.num_labels:
+        def heads(n):
+            return "a regression head" if n == 1 else f"a {n}-class head"
+        raise PrunetuneError(f"export {path} has {heads(trained)} (trained on '{info['task'].get('name')}'); "
+                             f"task '{task.name}' needs {heads(task.num_labels)}")
 
 
 def cmd_export(args) -> int:
@@ -144,8 +171,15 @@ def cmd_export(args) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as the one `prunetune: error:` line every other bad input gets (not usage + error)."""
+
+    def error(self, message):
+        raise PrunetuneError(f"{message} (see `{self.prog} --help`)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="prunetune", description="Cheaper PEFT by pruning (Light-PEFT, PrunePEFT).")
+    parser = _Parser(prog="prunetune", description="Cheaper PEFT by pruning (Light-PEFT, PrunePEFT).")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("light", help="Light-PEFT: estimate, prune, fine-tune, export")
     _add_run_flags(p)
@@ -181,10 +215,10 @@ def main(argv: list[str] | None = None) -> int:
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()
-    args = build_parser().parse_args(argv)
     from .io import release_run_dirs
 
     try:
+        args = build_parser().parse_args(argv)
         return args.func(args)
     except PrunetuneError as exc:
         print(f"prunetune: error: {exc}", file=sys.stderr)

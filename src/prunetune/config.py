@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -161,6 +162,39 @@ _UNIT = ["estimate.fraction", "estimate.window"]
 _PEFT_TARGETS = {"q", "k", "v", "o", "up", "gate", "down"}
 
 
+class _YamlLoader(yaml.SafeLoader):
+    """safe_load, plus YAML 1.2 floats (`1e-3`: a string in YAML 1.1) and refusal of duplicate keys."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                duplicate = key in seen
+            except TypeError:  # unhashable key: SafeLoader reports it
+                break
+            if duplicate:  # YAML silently keeps the last value: almost always a copy-paste slip
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+# YAML 1.1 floats need a dot ("1.0e-3"); also accept the exponent-only form everyone writes
+_YamlLoader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(
+    r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"), list("-+0123456789."))
+
+
+def yaml_load(text: str) -> Any:
+    """Parse a config file or a `--set` value; YAML errors become one PrunetuneError line (without the source)."""
+    try:
+        return yaml.load(text, Loader=_YamlLoader)
+    except yaml.YAMLError as exc:
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        raise PrunetuneError(f"{problem}{where}") from None
+
+
 def _build(cls, data: Any, prefix: str):
     if not isinstance(data, dict):
         raise PrunetuneError(f"config section '{prefix or 'root'}' must be a mapping, got {type(data).__name__}")
@@ -180,10 +214,12 @@ def _build(cls, data: Any, prefix: str):
 
 def _coerce(name: str, value: Any, default: Any, annotation: str = ""):
     if value is None:
+        if default is not None:  # `output_dir: null`, `--set model.name_or_path=~`: no meaningful "unset" here
+            raise PrunetuneError(f"config key '{name}' must not be null (default: {default!r})")
         return value
     if default is None:  # optional field: check against its annotation
         kind = next((t for t in ("int", "float", "str", "list") if annotation.startswith(t)), None)
-        return _coerce(name, value, {"int": 0, "float": 0.0, "str": "", "list": []}[kind]) if kind else value
+        return _coerce(name, value, {"int": 0, "float": 0.0, "str": "", "list": []}[kind], annotation) if kind else value
     if isinstance(default, bool):
         if not isinstance(value, bool):
             raise PrunetuneError(f"config key '{name}' must be true/false, got {value!r}")
@@ -205,9 +241,23 @@ def _coerce(name: str, value: Any, default: Any, annotation: str = ""):
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, list):
             raise PrunetuneError(f"config key '{name}' must be a list, got {value!r}")
-        return value
+        return _check_items(name, value, annotation)
     if isinstance(default, str) and not isinstance(value, str):
         raise PrunetuneError(f"config key '{name}' must be a string, got {value!r}")
+    return value
+
+
+def _check_items(name: str, value: list, annotation: str) -> list:
+    """Items of a list key: names (list[str], distinct, non-empty) or finite numbers (list[float])."""
+    if annotation.startswith("list[float]"):
+        if any(isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) for v in value):
+            raise PrunetuneError(f"config key '{name}' must be a list of numbers, got {value!r}")
+        return [float(v) for v in value]
+    if any(not isinstance(v, str) or not v.strip() for v in value):  # e.g. a nested list [[q, v]]
+        raise PrunetuneError(f"config key '{name}' must be a list of names, got {value!r}")
+    twice = sorted({v for v in value if value.count(v) > 1})
+    if twice:
+        raise PrunetuneError(f"config key '{name}' lists {', '.join(map(repr, twice))} more than once: {value!r}")
     return value
 
 
@@ -218,7 +268,21 @@ def _get(cfg: RunConfig, dotted: str):
     return obj
 
 
+_PATHS = ["model.name_or_path", "data.data_dir", "data.train_file", "data.dev_file", "output_dir",
+          "search.warmup_cache", "train.tensorboard_dir"]
+
+
+def _expand_home(cfg: RunConfig) -> None:
+    """`~/x` from YAML or --set (no shell to expand it) would otherwise become a folder literally named '~'."""
+    for key in _PATHS:
+        value = _get(cfg, key)
+        if isinstance(value, str) and value.startswith("~"):
+            section, _, name = key.rpartition(".")
+            setattr(_get(cfg, section) if section else cfg, name, str(Path(value).expanduser()))
+
+
 def validate(cfg: RunConfig) -> RunConfig:
+    _expand_home(cfg)
     for key, allowed in _CHOICES.items():
         if _get(cfg, key) not in allowed:
             raise PrunetuneError(f"config key '{key}' must be one of {sorted(allowed)}, got {_get(cfg, key)!r}")
@@ -239,16 +303,31 @@ def validate(cfg: RunConfig) -> RunConfig:
     for key, v in positive.items():
         if v is not None and v < 1:
             raise PrunetuneError(f"config key '{key}' must be >= 1, got {v}")
-    if cfg.train.epochs <= 0 and not cfg.train.max_steps:
-        raise PrunetuneError("train.epochs must be > 0 (or set train.max_steps)")
+    if cfg.train.epochs < 0 or (cfg.train.epochs == 0 and not cfg.train.max_steps):
+        raise PrunetuneError(f"train.epochs must be > 0 (or 0 with train.max_steps set), got {cfg.train.epochs}")
     if cfg.train.lr <= 0:
         raise PrunetuneError(f"train.lr must be > 0, got {cfg.train.lr}")
+    _validate_ranges(cfg)
+    _validate_data(cfg.data)
     _validate_search(cfg.search)
     _validate_target(cfg)
     for key in ("data.train_file", "data.dev_file", "data.data_dir"):
         path = _get(cfg, key)
         if path is not None and not Path(path).exists():
             raise PrunetuneError(f"{key}: no such file or folder: {path}")
+        if path is not None and Path(path).is_dir() != (key == "data.data_dir"):
+            raise PrunetuneError(f"{key}: {path} is a {'file' if key == 'data.data_dir' else 'folder'}; "
+                                 f"use data.data_dir for a folder of train/dev files, data.train_file / "
+                                 f"data.dev_file for single files")
+    for key in ("search.warmup_cache", "train.tensorboard_dir"):  # folders written to later, mid-run
+        _check_folder(key, _get(cfg, key))
+    if not cfg.output_dir.strip():  # Path("") is the current folder: never what was meant
+        raise PrunetuneError("config key 'output_dir' must not be empty")
+    if not cfg.model.name_or_path.strip():
+        raise PrunetuneError("config key 'model.name_or_path' must not be empty")
+    from .models import check_not_export
+
+    check_not_export(cfg.model.name_or_path)  # before any work: from_pretrained would re-initialise pruned tensors
     return cfg
 
 
@@ -277,6 +356,65 @@ def _validate_target(cfg: RunConfig) -> None:
                              "is not on that scale (use taylor)")
 
 
+# key -> (lowest allowed, lowest included?, highest allowed, highest included?); None = unbounded / unset allowed
+_RANGES = {
+    "train.seed": (0, True, 2**32 - 1, True),  # numpy's seed range
+    "peft.dropout": (0.0, True, 1.0, False),  # 1 drops everything
+    "peft.alpha": (0.0, False, None, None),  # LoRA scale alpha / r: <= 0 flips or zeroes the update
+    "search.lora_alpha": (0.0, False, None, None),
+    "train.max_grad_norm": (0.0, True, None, None),  # 0 = no clipping; < 0 would flip the gradients
+    "train.weight_decay": (0.0, True, None, None),
+    "train.warmup_ratio": (0.0, True, 1.0, True),
+    "train.log_every": (0, True, None, None),
+    "train.save_every": (0, True, None, None),  # 0 = phase ends only
+    "estimate.mask_lr": (0.0, False, None, None),
+    "estimate.lambda_heads": (0.0, True, None, None),
+    "estimate.lambda_ffn": (0.0, True, None, None),
+    "estimate.steps": (1, True, None, None),
+    "estimate.small_task_rows": (0, True, None, None),
+    "search.round_steps": (1, True, None, None),
+    "search.threshold": (0.0, True, None, None),
+    "data.num_labels": (1, True, None, None),  # 1 = regression
+    "data.max_train_samples": (1, True, None, None),
+    "data.max_eval_samples": (1, True, None, None),
+}
+
+
+def _validate_ranges(cfg: RunConfig) -> None:
+    for key, (lo, lo_in, hi, hi_in) in _RANGES.items():
+        v = _get(cfg, key)
+        if v is None:
+            continue
+        if (lo is not None and (v < lo if lo_in else v <= lo)) or (hi is not None and (v > hi if hi_in else v >= hi)):
+            low = "" if lo is None else ("[" if lo_in else "(") + str(lo)
+            high = "inf)" if hi is None else str(hi) + ("]" if hi_in else ")")
+            raise PrunetuneError(f"config key '{key}' must lie in {low}, {high}, got {v}")
+
+
+def _validate_data(dc: DataConfig) -> None:
+    if dc.text_fields is not None and not 1 <= len(dc.text_fields) <= 2:
+        raise PrunetuneError(f"config key 'data.text_fields' takes 1 or 2 column names, got {dc.text_fields}")
+    if dc.label_field is not None and not dc.label_field.strip():
+        raise PrunetuneError("config key 'data.label_field' must not be empty (leave it unset for the task's default)")
+    if dc.label_field is not None and dc.text_fields and dc.label_field in dc.text_fields:
+        raise PrunetuneError(f"data.label_field '{dc.label_field}' is also listed in data.text_fields: "
+                             f"the model would read the answer")
+
+
+def _check_folder(key: str, path: str | None) -> None:
+    """A folder the run creates later must not be (or lie under) an existing file."""
+    if path is None:
+        return
+    p = Path(path).expanduser()
+    if not str(path).strip():
+        raise PrunetuneError(f"config key '{key}' must not be empty (leave it unset for the default)")
+    for q in (p, *p.parents):
+        if q.exists():
+            if not q.is_dir():
+                raise PrunetuneError(f"{key}: {q} is a file, not a folder" + ("" if q == p else f" (in {path})"))
+            return
+
+
 def _validate_search(sc: SearchConfig) -> None:
     from .scores.criteria import CRITERIA
     from .units.structure import UNIT_TYPES
@@ -294,8 +432,8 @@ def _validate_search(sc: SearchConfig) -> None:
         raise PrunetuneError(f"search.k must be a whole number of units or a fraction in (0, 1), got {sc.k}")
     if not 0 < sc.data_fraction <= 1:
         raise PrunetuneError(f"search.data_fraction must lie in (0, 1], got {sc.data_fraction}")
-    if sorted(sc.bands) != list(sc.bands) or any(not 0 < b < 1 for b in sc.bands):
-        raise PrunetuneError(f"search.bands must be increasing fractions in (0, 1), got {sc.bands}")
+    if any(a >= b for a, b in zip(sc.bands, sc.bands[1:])) or any(not 0 < b < 1 for b in sc.bands):
+        raise PrunetuneError(f"search.bands must be strictly increasing fractions in (0, 1), got {sc.bands}")
     for key in ("lora_r", "adapter_size", "warmup_samples", "warmup_round_steps", "proxy_samples"):
         if getattr(sc, key) < 1:
             raise PrunetuneError(f"search.{key} must be >= 1, got {getattr(sc, key)}")
@@ -323,9 +461,16 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         if not p.is_file():
             raise PrunetuneError(f"config file not found: {p}")
         try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise PrunetuneError(f"config file {p} is not valid YAML: {str(exc).splitlines()[0]}") from None
+            text = p.read_bytes().decode("utf-8-sig")  # tolerate a byte-order mark (Windows editors)
+        except UnicodeDecodeError as exc:
+            raise PrunetuneError(f"config file {p} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset "
+                                 f"{exc.start}); save it as UTF-8") from None
+        except OSError as exc:
+            raise PrunetuneError(f"cannot read config file {p}: {exc.strerror or exc}") from None
+        try:
+            data = yaml_load(text) or {}
+        except PrunetuneError as exc:
+            raise PrunetuneError(f"config file {p} is not valid YAML: {exc}") from None
         if not isinstance(data, dict):
             raise PrunetuneError(f"config file {p} must hold a mapping at the top level")
     for dotted, value in (overrides or {}).items():

@@ -103,8 +103,52 @@ def convert_gguf(gguf: str | Path, name: str | None = None) -> Path:
     return target
 
 
+EXPORT_MANIFEST = "prunetune.json"  # marks a prunetune export (export/manifest.py)
+
+
+def check_not_export(name_or_path: str) -> None:
+    """Refuse a prunetune export (or a run folder holding one) as a base model: its tensors have pruned shapes,
+    which from_pretrained(ignore_mismatched_sizes=True) would silently replace with random ones."""
+    folder = Path(str(name_or_path)).expanduser()
+    for export, run in ((folder, None), (folder / "model", folder)):
+        if (export / EXPORT_MANIFEST).is_file():
+            what = f"run folder {run} holds the prunetune export {export}" if run else f"{export} is a prunetune export"
+            raise PrunetuneError(
+                f"model.name_or_path: {what} (pruned shapes), not a base model: evaluate it with "
+                f"`prunetune eval {export}`, load it in Python with prunetune.load('{export}'), "
+                f"or fine-tune from the base model it was pruned from")
+
+
+def position_limit(path: str) -> int | None:
+    """Longest input (tokens) the model's position embeddings allow, from its config; None when unknown."""
+    try:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(path)
+    except Exception:  # noqa: BLE001 - the model load that follows reports an unreadable folder
+        return None
+    limit = next((getattr(config, k) for k in ("max_position_embeddings", "n_positions", "n_ctx")
+                  if isinstance(getattr(config, k, None), int)), None)
+    if limit is not None and config.model_type in ("roberta", "xlm-roberta", "camembert"):
+        # RoBERTa-style positions start after the padding index: 514 embeddings hold 512 tokens
+        limit -= (config.pad_token_id or 0) + 1
+    return limit if limit and limit > 0 else None
+
+
+def cap_max_length(path: str, max_length: int) -> int:
+    """data.max_length capped at the model's position limit (longer inputs would index past the embeddings)."""
+    limit = position_limit(path)
+    if limit is None or max_length <= limit:
+        return max_length
+    from .dist import log
+
+    log(f"data.max_length {max_length} capped at {limit}: the model has {limit} positions")
+    return limit
+
+
 def resolve_model_path(name_or_path: str, gguf_file: str | None = None) -> str:
     """A loadable checkpoint folder (or hub id) for an alias, folder, hub id or GGUF file (converted once)."""
+    check_not_export(name_or_path)
     if name_or_path in GGUF_ALIASES:
         package, fname = GGUF_ALIASES[name_or_path]
         return str(convert_gguf(_package_dir(package, name_or_path) / fname, name_or_path))

@@ -190,7 +190,7 @@ def select_modules(importance: dict[str, float], rho: float) -> list[str]:
 def select_ranks(rank_scores: dict[str, torch.Tensor], modules: list[str], rho: float) -> dict[str, list[int]]:
     """Globally remove the rho fraction of ranks (over surviving modules); modules left empty are dropped."""
     flat = sorted((float(rank_scores[n][i]), modules.index(n), i) for n in modules for i in range(len(rank_scores[n])))
-    drop = {(m, i) for _s, m, i in flat[: n_remove(rho, len(flat))]}
+    drop = {(m, i) for _s, m, i in flat[: min(n_remove(rho, len(flat)), len(flat) - 1)]}  # keep >= 1 (PEFT needs a module)
     out = {}
     for mi, n in enumerate(modules):
         kept = [i for i in range(len(rank_scores[n])) if (mi, i) not in drop]

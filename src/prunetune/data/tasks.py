@@ -44,8 +44,11 @@ def _class_label(names: list[str]) -> Callable[[Any], int]:
         s = str(raw).strip()
         if s in names:
             return names.index(s)
-        value = int(float(s))
-        if value != float(s) or not 0 <= value < len(names):
+        number = float(s)
+        if not math.isfinite(number):
+            raise ValueError(f"not a finite number; expected one of {names} or 0..{len(names) - 1}")
+        value = int(number)
+        if value != number or not 0 <= value < len(names):
             raise ValueError(f"expected one of {names} or 0..{len(names) - 1}")
         return value
     return parse
@@ -92,7 +95,7 @@ def _read_file(path: Path, headerless: list[str] | None = None) -> tuple[list[st
     if ext not in _EXTS:
         raise PrunetuneError(f"unsupported data file type '{ext}' for {path} (use {', '.join(_EXTS)})")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_bytes().decode("utf-8-sig")  # a byte-order mark would glue onto the first column name
     except (OSError, UnicodeDecodeError) as exc:
         raise PrunetuneError(f"cannot read data file {path}: {exc}") from None
     if ext in (".json", ".jsonl"):
@@ -105,12 +108,21 @@ def _read_file(path: Path, headerless: list[str] | None = None) -> tuple[list[st
     return columns, records
 
 
+_FIELD_LIMIT = 2**31 - 1  # csv's default 131072 characters is less than one long document; C long on every OS
+
+
 def _read_delimited(path: Path, text: str, ext: str, headerless: list[str] | None):
     if ext == ".tsv":  # GLUE sentences contain quotes: no quoting at all
         reader = csv.reader(text.splitlines(), delimiter="\t", quoting=csv.QUOTE_NONE)
     else:
         reader = csv.reader(text.splitlines())
-    lines = [(reader.line_num, row) for row in reader if row and any(c.strip() for c in row)]
+    limit = csv.field_size_limit(_FIELD_LIMIT)  # a long text is truncated to max_length later, not an error
+    try:
+        lines = [(reader.line_num, row) for row in reader if row and any(c.strip() for c in row)]
+    except csv.Error as exc:
+        raise PrunetuneError(f"malformed row in {path} line {reader.line_num + 1}: {exc}") from None
+    finally:
+        csv.field_size_limit(limit)
     if not lines:
         return [], []
     first = lines[0][1]
@@ -118,6 +130,9 @@ def _read_delimited(path: Path, text: str, ext: str, headerless: list[str] | Non
         columns = headerless
     else:
         columns = [c.strip() for c in first]
+        twice = sorted({c for c in columns if columns.count(c) > 1})
+        if twice:  # dict(zip(...)) would silently keep the last of the same-named columns
+            raise PrunetuneError(f"header of {path} names column(s) {', '.join(map(repr, twice))} more than once")
         lines = lines[1:]
     records = []
     for lineno, row in lines:
@@ -155,6 +170,7 @@ def _read_json(path: Path, text: str, ext: str) -> list[tuple[str, dict]]:
 
 def _extract(path: Path, columns: list[str], records, text_fields: list[str], label_field: str):
     """[(location, text, text_pair, raw_label)], checking the needed columns exist."""
+    _check_fields(text_fields, label_field, str(path))
     for kind, names in (("label", [label_field]), ("text", text_fields)):
         for name in names:
             if name not in columns:
@@ -164,9 +180,20 @@ def _extract(path: Path, columns: list[str], records, text_fields: list[str], la
         missing = [f for f in [*text_fields, label_field] if f not in rec]
         if missing:
             raise PrunetuneError(f"malformed row in {where}: missing field(s) {', '.join(missing)}")
+        bad = next((f for f in text_fields if rec[f] is None or isinstance(rec[f], (list, dict))), None)
+        if bad is not None:  # str() would train on "None" / "['a', 'b']"
+            raise PrunetuneError(f"malformed row in {where}: text field '{bad}' is {rec[bad]!r}, not text")
         texts = [str(rec[f]).strip() for f in text_fields]
         out.append((where, texts[0], texts[1] if len(texts) > 1 else None, rec[label_field]))
     return out
+
+
+def _check_fields(text_fields: list[str], label_field: str, where: str) -> None:
+    if not 1 <= len(text_fields) <= 2:
+        raise PrunetuneError(f"data.text_fields takes 1 or 2 column names, got {text_fields}")
+    if label_field in text_fields:
+        raise PrunetuneError(f"label column '{label_field}' is also a text column (data.text_fields {text_fields}) "
+                             f"in {where}: the model would read the answer")
 
 
 def _rows(items, parse: Callable[[Any], Any]) -> list[Row]:
@@ -174,7 +201,7 @@ def _rows(items, parse: Callable[[Any], Any]) -> list[Row]:
     for where, text, pair, raw in items:
         try:
             label = parse(raw)
-        except (ValueError, TypeError) as exc:
+        except (ValueError, TypeError, OverflowError) as exc:
             raise PrunetuneError(f"cannot parse label {raw!r} in {where}: {exc}") from None
         rows.append({"text": text, "text_pair": pair, "label": label})
     return rows
@@ -207,7 +234,15 @@ def _infer_labels(items, num_labels: int | None, names: list[str] | None = None)
         if num_labels == 1 or any(not n.is_integer() for n in numbers):
             return _float_label, 1, None
         values = sorted({int(n) for n in numbers})
+        if len(values) < 2 and not num_labels:  # nothing to tell apart: a head would learn a constant
+            raise PrunetuneError(f"all labels are {raws[0]!r} (in {items[0][0]} and every other row): a classifier "
+                                 f"needs 2 or more distinct labels (or data.num_labels: 1 for regression)")
         if values[0] >= 0:  # class ids as given
+            if num_labels is None and values[-1] + 1 > 2 * len(values):  # sparse ids: not class ids
+                where = items[[int(n) for n in numbers].index(values[-1])][0]
+                raise PrunetuneError(
+                    f"label {values[-1]} in {where} would make a {values[-1] + 1}-class head for "
+                    f"{len(values)} distinct labels; set data.num_labels (1 = regression) if that is meant")
             n = num_labels or max(values[-1] + 1, 2)
             if values[-1] >= n:
                 raise PrunetuneError(f"label {values[-1]} is out of range for data.num_labels={n}")
@@ -218,6 +253,9 @@ def _infer_labels(items, num_labels: int | None, names: list[str] | None = None)
         bad = next(i for i, n in enumerate(numbers) if n is None)
         raise PrunetuneError(f"cannot parse label {raws[bad]!r} in {items[bad][0]}: regression (num_labels=1) needs numbers")
     names = sorted({str(r).strip() for r in raws})
+    if len(names) < 2 and not num_labels:  # nothing to tell apart: a head would learn a constant
+        raise PrunetuneError(f"all labels are {names[0]!r} (in {items[0][0]} and every other row): a classifier "
+                             f"needs 2 or more distinct labels")
     index = {name: i for i, name in enumerate(names)}
     return (lambda r: index[str(r).strip()]), _check_n(len(names), num_labels), names
 
@@ -249,6 +287,9 @@ def _split_file(cfg: DataConfig, split: str, allow_any_ext: bool) -> Path:
 
 def _load_known(key: str, cfg: DataConfig):
     base, label_field, parse = _KNOWN[key]
+    if cfg.num_labels is not None and cfg.num_labels != base.num_labels:  # the head is the task's, not the config's
+        raise PrunetuneError(f"data.num_labels={cfg.num_labels} does not fit task '{key}' ({base.num_labels} "
+                             f"label{'s' if base.num_labels > 1 else ', regression'}); leave it unset or use task 'custom'")
     task = Task(base.name, list(cfg.text_fields or base.text_fields), base.num_labels, base.metric,
                 list(base.label_names) if base.label_names else None)
     label_field = cfg.label_field or label_field
@@ -305,6 +346,7 @@ def _load_hub(name: str, cfg: DataConfig):
     known = _KNOWN.get(_canonical(parts[-1]))
     fields = list(cfg.text_fields or (known[0].text_fields if known else _guess_fields(ds["train"].column_names)))
     label_field = cfg.label_field or "label"
+    _check_fields(fields, label_field, name)
     items = []
     for split in ("train", dev_split):
         table = ds[split]

@@ -16,7 +16,7 @@ from ..config import RunConfig
 from ..data import encode, load_task, make_collate
 from ..dist import device as dist_device
 from ..dist import init_from_env, is_main, log
-from ..models import check_tokenizer_matches, load_model, load_tokenizer, resolve_model_path
+from ..models import cap_max_length, check_tokenizer_matches, load_model, load_tokenizer, resolve_model_path
 from ..train import PeakMemory, TrainState, evaluate, make_loader
 from ..train.checkpoint import check_resumable, load_checkpoint, recover_checkpoints, save_checkpoint
 from ..surgery.base import apply_plan
@@ -72,6 +72,7 @@ def prepare(cfg: RunConfig) -> Context:
     task, train_rows, dev_rows = load_task(cfg.data)
     path = resolve_model_path(cfg.model.name_or_path, cfg.model.gguf_file)  # GGUF: converted once, cached
     tok = load_tokenizer(path)
+    cfg.data.max_length = cap_max_length(path, cfg.data.max_length)  # longer inputs would overrun the positions
     collate = make_collate(tok)
     train_ds = encode(train_rows, tok, cfg.data.max_length)
     dev_ds = encode(dev_rows, tok, cfg.data.max_length)
@@ -86,6 +87,12 @@ def default_structure(arch: Arch, cfg: RunConfig) -> PeftStructure:
     """PEFT at every candidate position: LoRA on cfg.peft.targets, or adapters after attention and FFN."""
     p = cfg.peft
     if p.kind == "lora":
+        if not arch.peft_targets(p.targets):  # e.g. [gate] on BERT: PEFT would wrap nothing
+            from ..errors import PrunetuneError
+
+            have = [r for r in ("q", "k", "v", "o", "up", "gate", "down") if arch.peft_targets([r])]
+            raise PrunetuneError(f"peft.targets {p.targets} match no module of this {arch.family} model "
+                                 f"(it has {', '.join(have)})")
         return PeftStructure(lora={n: p.r for n in arch.peft_targets(p.targets)}, lora_alpha=p.alpha,
                              lora_r_base=p.r, lora_dropout=p.dropout)
     return PeftStructure(adapters={n: p.adapter_size for n in adapter_positions(arch)})
