@@ -10,13 +10,19 @@ SST-2 rows: prompt "Is this review positive or negative? <sentence>", response "
 with SmolLM2's chat template, loss on the response only). The causal dev metric is the perplexity of the response
 tokens (lower is better); the answer accuracy (does the first response token rank "positive" vs "negative"
 right?) is printed alongside. Both runs of a task share seed, data order, schedule and hyperparameters.
+
+On a GPU (benchmarks/gpu_check.sh): `--device cuda` (refuse to fall back to the CPU) and `--mixed-precision bf16`;
+each side then also reports `torch.cuda.max_memory_allocated` over its training (weights included).
+`--data-root bundled` uses the SST-2 sample shipped in the package instead of GLUE folders.
 """
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -26,10 +32,10 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from light_peft import GLUE_DIRS, compare_row, latency_ms, table  # noqa: E402
+from light_peft import GLUE_DIRS, compare_row, table  # noqa: E402
 
 from prunetune.config import DataConfig, from_dict  # noqa: E402
-from prunetune.data import load_task  # noqa: E402
+from prunetune.data import load_task, sample_path  # noqa: E402
 from prunetune.methods.common import prepare  # noqa: E402
 from prunetune.methods.light_peft import train_light, train_vanilla  # noqa: E402
 
@@ -37,9 +43,62 @@ QUESTION = "Is this review positive or negative?"
 LABELS = ["negative", "positive"]
 
 
+MB = 2**20
+
+
+def glue_dir(args, task: str) -> str:
+    """The task's GLUE folder under --data-root; `bundled` = the SST-2 sample shipped in the package."""
+    if args.data_root == "bundled":
+        if task != "sst2":
+            raise SystemExit(f"--data-root bundled has SST-2 only, not {task}")
+        return str(sample_path())
+    return str(Path(args.data_root) / GLUE_DIRS[task])
+
+
+def latency_ms(model, batch: dict, repeats: int) -> float:
+    """Median forward latency of one dev batch (eval mode, no grad), synchronised on CUDA (kernels are async)."""
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) for k, v in batch.items()}
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    model.eval()
+    times = []
+    with torch.no_grad():
+        for i in range(3 + repeats):
+            sync()
+            t0 = time.perf_counter()
+            model(**batch)
+            sync()
+            if i >= 3:  # the first calls warm up kernels and caches
+                times.append(time.perf_counter() - t0)
+    return 1e3 * sorted(times)[len(times) // 2]
+
+
+class CudaMax:
+    """`torch.cuda.max_memory_allocated` over a region, in MB (None off CUDA). The library's own PeakMemory
+    regions inside reset the peak counter too, so the region's figure is the max of what they reported and
+    of the counter at exit."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.mb = device, None
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            gc.collect()
+            torch.cuda.empty_cache()
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.mb = torch.cuda.max_memory_allocated(self.device) / MB
+        return False
+
+
 def instruction_files(args, folder: Path) -> tuple[Path, Path, list[dict]]:
     """The SST-2 rows the classification run uses, as prompt/response jsonl (train, dev); dev rows returned."""
-    cfg = DataConfig(task="sst2", data_dir=str(Path(args.data_root) / GLUE_DIRS["sst2"]),
+    cfg = DataConfig(task="sst2", data_dir=glue_dir(args, "sst2"),
                      max_train_samples=args.train_samples, max_eval_samples=args.eval_samples)
     _, train, dev = load_task(cfg)
     folder.mkdir(parents=True, exist_ok=True)
@@ -57,13 +116,14 @@ def answer_accuracy(model, tokenizer, rows: list[dict], max_length: int, batch: 
     from prunetune.data.causal import collate_causal, encode_row
 
     ids = [tokenizer(w, add_special_tokens=False)["input_ids"][0] for w in LABELS]
+    device = next(model.parameters()).device
     model.eval()
     correct = 0
     for i in range(0, len(rows), batch):
         chunk = rows[i:i + batch]
         items = [encode_row({"prompt": r["prompt"], "response": LABELS[r["label"]]}, tokenizer, max_length)
                  for r in chunk]
-        b = collate_causal(items, tokenizer.pad_token_id)
+        b = {k: v.to(device) for k, v in collate_causal(items, tokenizer.pad_token_id).items()}
         logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
         for j, (item, r) in enumerate(zip(items, chunk)):
             pos = item["labels"].index(next(t for t in item["labels"] if t != -100)) - 1  # last prompt token
@@ -80,13 +140,14 @@ def bench_task(task: str, args) -> dict:
         train_file, dev_file, dev_rows = instruction_files(args, out / "data")
         data.update(task="causal_lm", train_file=str(train_file), dev_file=str(dev_file))
     else:
-        data.update(task=task, data_dir=str(Path(args.data_root) / GLUE_DIRS[task]))
+        data.update(task=task, data_dir=glue_dir(args, task))
     cfg = from_dict({
-        "model": {"name_or_path": args.model},
+        "model": {"name_or_path": args.model, "dtype": args.dtype},
         "data": data,
         "prune": {"heads": args.heads, "ffn": args.ffn, "ffn_scope": args.ffn_scope},
         "train": {"epochs": args.epochs, "batch_size": args.batch_size, "eval_batch_size": args.eval_batch_size,
-                  "lr": args.lr, "seed": args.seed},
+                  "lr": args.lr, "seed": args.seed, "mixed_precision": args.mixed_precision,
+                  "max_steps": args.max_steps},
         "output_dir": str(out),
     })
     ctx = prepare(cfg)
@@ -94,13 +155,15 @@ def bench_task(task: str, args) -> dict:
           f"{ctx.total_steps} steps, batch {args.batch_size}, max_length {args.max_length}", flush=True)
     batch = next(iter(ctx.dev_loader))
     batch = {k: v for k, v in batch.items() if k != "labels"}
-    van = train_vanilla(ctx)
+    with CudaMax(ctx.device) as van_mem:
+        van = train_vanilla(ctx)
     van_model = van.pop("_model")
     van["latency_ms"] = latency_ms(van_model, batch, args.repeats)
     if dev_rows is not None:
         van["answer_accuracy"] = answer_accuracy(van_model, ctx.tokenizer, dev_rows, args.max_length)
     del van_model
-    light = train_light(ctx, Path(args.export) / task if args.export else None)
+    with CudaMax(ctx.device) as light_mem:
+        light = train_light(ctx, Path(args.export) / task if args.export else None)
     light.pop("_plan")
     light_model = light.pop("_model")
     light["latency_ms"] = latency_ms(light_model, batch, args.repeats)
@@ -108,6 +171,16 @@ def bench_task(task: str, args) -> dict:
         light["answer_accuracy"] = answer_accuracy(light_model, ctx.tokenizer, dev_rows, args.max_length)
     del light_model
     row = compare_row(task, ctx, van, light)
+    row.update(device=str(ctx.device), mixed_precision=args.mixed_precision, dtype=args.dtype,
+               estimation_steps=light["estimation_steps"])
+    if ctx.device.type == "cuda":
+        # max_memory_allocated of each side's whole run (training + its evaluations; Light-PEFT: estimation
+        # included), and the training-phase peaks (vanilla: all of it; Light-PEFT: the pruned fine-tuning)
+        row.update(vanilla_cuda_max_allocated_mb=van_mem.mb,
+                   light_cuda_max_allocated_mb=max(light_mem.mb, light["cuda_estimation_peak_mb"] or 0.0),
+                   vanilla_cuda_train_peak_mb=van["cuda_peak_mb"], light_cuda_finetune_peak_mb=light["cuda_peak_mb"],
+                   light_cuda_estimation_peak_mb=light["cuda_estimation_peak_mb"],
+                   cuda_memory_ratio=light["cuda_peak_mb"] / van["cuda_peak_mb"])
     if dev_rows is not None:
         row["vanilla_answer_accuracy"], row["light_answer_accuracy"] = van["answer_accuracy"], light["answer_accuracy"]
     print(json.dumps(row, indent=1), flush=True)
@@ -131,19 +204,39 @@ def main(argv=None) -> int:
     p.add_argument("--ffn-scope", default="global", choices=["global", "layer"])
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--max-steps", type=int, help="cap the schedule at this many optimizer steps")
+    p.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"], help="train.mixed_precision")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="model.dtype")
+    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"],
+                   help="auto: CUDA when available; cuda: fail unless a CUDA device is there; cpu: hide CUDA")
     p.add_argument("--out", default="runs/bench_smollm")
     p.add_argument("--export", help="also export each Light-PEFT model to EXPORT/<task>")
     p.add_argument("--json", help="also write the rows to this JSON file")
     args = p.parse_args(argv)
+    if args.device == "cpu":  # before CUDA is initialised (torch reads it then)
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    elif args.device == "cuda" and not torch.cuda.is_available():
+        print(f"smollm.py: error: --device cuda, but no CUDA device is available (torch {torch.__version__}, "
+              f"CUDA build {torch.version.cuda})", file=sys.stderr)
+        return 2
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
-          f"device {'cuda' if torch.cuda.is_available() else 'cpu'}, model {args.model}", flush=True)
+          f"device {torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}, model {args.model}, "
+          f"mixed precision {args.mixed_precision}, dtype {args.dtype}", flush=True)
     rows = [bench_task(t.strip(), args) for t in args.tasks.split(",") if t.strip()]
     print("\n" + table(rows))
+    for r in rows:
+        if "cuda_memory_ratio" in r:
+            print(f"\n{r['task']}: torch.cuda.max_memory_allocated (MB), whole run: vanilla "
+                  f"{r['vanilla_cuda_max_allocated_mb']:.0f} -> Light-PEFT {r['light_cuda_max_allocated_mb']:.0f}; "
+                  f"training: vanilla {r['vanilla_cuda_train_peak_mb']:.0f} -> Light-PEFT fine-tuning "
+                  f"{r['light_cuda_finetune_peak_mb']:.0f} ({r['cuda_memory_ratio']:.2f}x), estimation "
+                  f"{r['light_cuda_estimation_peak_mb']:.0f}")
     for r in rows:
         if "vanilla_answer_accuracy" in r:
             print(f"\n{r['task']}: answer accuracy (first response token, positive vs negative): "
                   f"vanilla {r['vanilla_answer_accuracy']:.4f} -> Light-PEFT {r['light_answer_accuracy']:.4f}")
     if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(rows, indent=1))
     return 0
 

@@ -20,6 +20,7 @@ from test_pipeline import assert_metrics_close, cli_eval, light, save_tiny_bert,
 from test_resume import _args, _cli, _summary
 
 import prunetune
+import prunetune.methods.common as common_mod
 import prunetune.methods.light_peft as light_mod
 
 MB = 2**20
@@ -64,7 +65,8 @@ def spy_models(monkeypatch):
                 m.register_forward_hook(hook)
         return out
 
-    monkeypatch.setattr(light_mod, "build_model", build)
+    monkeypatch.setattr(light_mod, "build_model", build)  # Light-PEFT
+    monkeypatch.setattr(common_mod, "build_model", build)  # train_fixed: the vanilla baseline
     return seen
 
 
@@ -246,7 +248,8 @@ def test_reported_cuda_peak_covers_the_training_state(bert_dir, sst2_dir, tmp_pa
         if not ON_CUDA:
             assert res["cuda_peak_mb"] is None
             continue
-        later_mb = 3 * res["trainable_params"] * 4 / MB  # fp32 grads + AdamW's two moments
+        # fp32 grads + AdamW's two moments, and a little for AdamW's step counters (kept on the CPU)
+        later_mb = 3 * res["trainable_params"] * 4 / MB + 1 / 16
         assert res["cuda_peak_mb"] >= res["peak_mb"] - later_mb, (method, res["cuda_peak_mb"], res["peak_mb"])
     if ON_CUDA:
         assert results["vanilla"]["cuda_peak_mb"] >= weights_mb
