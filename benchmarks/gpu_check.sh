@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU check, one script (about 5 minutes, at most 8, on one H100):
-#   1. the CUDA tests: pytest -m cuda tests/test_cuda.py (bf16 end to end, fp16 + GradScaler, SIGKILL + resume
-#      on the GPU per precision, CUDA memory figures vs torch.cuda.max_memory_allocated);
+#   1. the CUDA tests: pytest -m cuda tests/ - tests/test_cuda.py (bf16 end to end, fp16 + GradScaler, SIGKILL +
+#      resume on the GPU per precision, CUDA memory figures vs torch.cuda.max_memory_allocated) and every other
+#      test marked cuda (tests/test_poisoning.py: scores resumed on the GPU);
 #   2. SmolLM2-135M-Instruct, vanilla LoRA vs Light-PEFT, bf16 autocast on CUDA (benchmarks/smollm.py, causal
 #      instruction task on the bundled SST-2 sample): step speedup and torch.cuda.max_memory_allocated per side.
 #
@@ -54,7 +55,7 @@ if "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"
 else
   MODE=cpu-dry-run
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-  PYTEST_ARGS=(-m cuda)  # PRUNETUNE_GPU_CHECK_ALLOW_CPU=1: test_cuda.py runs its tests on CPU
+  PYTEST_ARGS=(-m cuda)  # PRUNETUNE_GPU_CHECK_ALLOW_CPU=1: test_cuda.py runs its tests on CPU (others skip)
   SMOLLM_ARGS=(--device cpu --train-samples 16 --eval-samples 8 --max-length 32 --batch-size 4
                --eval-batch-size 8 --repeats 1)
   PYTEST_LIMIT=1800; SMOLLM_LIMIT=1200
@@ -63,7 +64,7 @@ echo "gpu_check: mode $MODE, results in $DEST"
 
 # ---- 1. the CUDA tests
 t0=$(date +%s)
-timeout "$PYTEST_LIMIT" "$PY" -m pytest -q -p no:cacheprovider "${PYTEST_ARGS[@]}" tests/test_cuda.py \
+timeout "$PYTEST_LIMIT" "$PY" -m pytest -q -p no:cacheprovider "${PYTEST_ARGS[@]}" tests/ \
   --junitxml="$DEST/pytest.xml" >"$DEST/pytest.log" 2>&1
 PYTEST_RC=$?
 PYTEST_S=$(( $(date +%s) - t0 ))
