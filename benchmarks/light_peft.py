@@ -34,17 +34,21 @@ from prunetune.report.stats import mean_std, paired_summary  # noqa: E402
 GLUE_DIRS = {"sst2": "SST-2", "rte": "RTE", "cola": "CoLA", "stsb": "STS-B"}
 
 
-@torch.no_grad()
 def latency_ms(model, batch: dict, repeats: int) -> float:
-    """Median forward latency of one dev batch (eval mode, no grad)."""
+    """Median forward latency of one dev batch (eval mode, no grad), synchronised on CUDA (kernels are async)."""
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) for k, v in batch.items()}
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     model.eval()
-    for _ in range(3):
-        model(**batch)
     times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        model(**batch)
-        times.append(time.perf_counter() - t0)
+    with torch.no_grad():
+        for i in range(3 + repeats):
+            sync()
+            t0 = time.perf_counter()
+            model(**batch)
+            sync()
+            if i >= 3:  # the first calls warm up kernels and caches
+                times.append(time.perf_counter() - t0)
     return 1e3 * sorted(times)[len(times) // 2]
 
 

@@ -37,6 +37,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TQDM_DISABLE", "1")  # before torch: importing torch imports tqdm, which reads it then
 
 import torch  # noqa: E402
+from light_peft import GLUE_DIRS  # noqa: E402  (benchmarks/ is on sys.path when a script here runs)
 
 from prunetune.arch import get_arch  # noqa: E402
 from prunetune.config import from_dict  # noqa: E402
@@ -45,7 +46,6 @@ from prunetune.methods.prune_peft import iterative_prune, search, search_cost, s
 from prunetune.report.stats import mean_std, paired_summary  # noqa: E402
 from prunetune.units.structure import UNIT_TYPES, PeftStructure, unit_positions  # noqa: E402
 
-GLUE_DIRS = {"sst2": "SST-2", "rte": "RTE", "cola": "CoLA", "stsb": "STS-B"}
 CONFIGS = ("lora-everywhere", "adapters-everywhere", "uniform-lora", "random-prune", "prunepeft", "chosen-fixed")
 FIXED = ("lora-everywhere", "adapters-everywhere")
 

@@ -32,7 +32,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from light_peft import GLUE_DIRS, compare_row, table  # noqa: E402
+from light_peft import GLUE_DIRS, compare_row, latency_ms, table  # noqa: E402
 
 from prunetune.config import DataConfig, from_dict  # noqa: E402
 from prunetune.data import load_task, sample_path  # noqa: E402
@@ -53,24 +53,6 @@ def glue_dir(args, task: str) -> str:
             raise SystemExit(f"--data-root bundled has SST-2 only, not {task}")
         return str(sample_path())
     return str(Path(args.data_root) / GLUE_DIRS[task])
-
-
-def latency_ms(model, batch: dict, repeats: int) -> float:
-    """Median forward latency of one dev batch (eval mode, no grad), synchronised on CUDA (kernels are async)."""
-    device = next(model.parameters()).device
-    batch = {k: v.to(device) for k, v in batch.items()}
-    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-    model.eval()
-    times = []
-    with torch.no_grad():
-        for i in range(3 + repeats):
-            sync()
-            t0 = time.perf_counter()
-            model(**batch)
-            sync()
-            if i >= 3:  # the first calls warm up kernels and caches
-                times.append(time.perf_counter() - t0)
-    return 1e3 * sorted(times)[len(times) // 2]
 
 
 class CudaMax:

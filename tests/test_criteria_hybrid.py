@@ -168,7 +168,8 @@ def test_tracker_unit_stats_are_per_unit_means_over_steps():
                 a_side = [net._lora[pos].lora_A[ADAPTER].weight for pos in u.positions]
                 # per module sum(A*gA) == sum(B*gB): summing both sides would count LoRA twice
                 for w_a, w_b in zip(a_side, out):
-                    assert float((w_a * w_a.grad).sum()) == pytest.approx(float((w_b * w_b.grad).sum()), rel=1e-4)
+                    assert float((w_a * w_a.grad).sum().detach()) == pytest.approx(
+                        float((w_b * w_b.grad).sum().detach()), rel=1e-4)
             taylor_seen[u.name].append(float(sum((p.detach() * p.grad).sum() for p in out if p.grad is not None)))
         tracker.after_backward()
         opt.step()

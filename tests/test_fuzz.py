@@ -408,7 +408,7 @@ def test_long_fields_and_byte_order_mark_load(tmp_path):
 
 def test_max_length_capped_at_position_limit(world, tmp_path, capsys):
     """Inputs longer than the model's 64 positions were a RuntimeError in the embeddings; data.max_length is now
-    capped at max_position_embeddings (and the capped value is what the run records)."""
+    capped at max_position_embeddings (the run records the capped value as the task's)."""
     d = tmp_path / "d"
     d.mkdir()
     for split in ("train.tsv", "dev.tsv"):
@@ -418,7 +418,8 @@ def test_max_length_capped_at_position_limit(world, tmp_path, capsys):
                  "--max-steps", "1", "--batch-size", "2", "--set", "data.max_length=1000"]) == 0
     assert "capped at 64" in capsys.readouterr().out
     results = json.loads((out / "results.json").read_text())
-    assert results["config"]["data"]["max_length"] == 64
+    assert results["task"]["max_length"] == 64  # what ran (and what eval truncates to)
+    assert results["config"]["data"]["max_length"] == 1000  # what the user asked
 
 
 def test_eval_accepts_a_run_folder(world, capsys):

@@ -38,6 +38,7 @@ class Context:
     train_loader: object
     dev_loader: object
     device: torch.device
+    max_length: int  # tokens per example as encoded: data.max_length capped at the model's position limit
 
     @property
     def steps_per_epoch(self) -> int:
@@ -72,15 +73,16 @@ def prepare(cfg: RunConfig) -> Context:
     task, train_rows, dev_rows = load_task(cfg.data)
     path = resolve_model_path(cfg.model.name_or_path, cfg.model.gguf_file)  # GGUF: converted once, cached
     tok = load_tokenizer(path)
-    cfg.data.max_length = cap_max_length(path, cfg.data.max_length)  # longer inputs would overrun the positions
+    # longer inputs would overrun the positions; the config keeps what the user asked (checkpoints fingerprint it)
+    max_length = cap_max_length(path, cfg.data.max_length)
     collate = make_collate(tok)
-    train_ds = encode(train_rows, tok, cfg.data.max_length)
-    dev_ds = encode(dev_rows, tok, cfg.data.max_length)
+    train_ds = encode(train_rows, tok, max_length)
+    dev_ds = encode(dev_rows, tok, max_length)
     init_from_env()
     device = dist_device()
     return Context(cfg, task, tok, path,
                    make_loader(train_ds, collate, cfg.train.batch_size, True, cfg.train.seed),
-                   make_loader(dev_ds, collate, cfg.train.eval_batch_size, False, cfg.train.seed), device)
+                   make_loader(dev_ds, collate, cfg.train.eval_batch_size, False, cfg.train.seed), device, max_length)
 
 
 def default_structure(arch: Arch, cfg: RunConfig) -> PeftStructure:
@@ -167,7 +169,7 @@ def task_info(ctx: Context) -> dict:
     t = ctx.task
     return {"name": t.name, "num_labels": t.num_labels, "metric": t.metric, "label_names": t.label_names,
             "text_fields": t.text_fields, "label_field": ctx.cfg.data.label_field,
-            "max_length": ctx.cfg.data.max_length}
+            "max_length": ctx.max_length}
 
 
 def eval_seconds(ctx: Context, model) -> float:
