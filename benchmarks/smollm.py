@@ -22,7 +22,6 @@ import gc
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")

@@ -16,7 +16,7 @@ import signal
 import pytest
 import torch
 from test_causal_lm import chat_tokenizer, instruction_rows, save_tiny_causal_llama, write_jsonl
-from test_pipeline import assert_metrics_close, cli_eval, light, save_tiny_bert, write_sst2
+from test_pipeline import assert_metrics_close, bert_dir, cli_eval, light, sst2_dir, write_sst2  # noqa: F401 (fixtures)
 from test_resume import _args, _cli, _summary
 
 import prunetune
@@ -33,15 +33,6 @@ pytestmark = [
     pytest.mark.skipif(DEVICE is None, reason="needs a CUDA device (PRUNETUNE_GPU_CHECK_ALLOW_CPU=1: run on CPU)"),
 ]
 
-
-@pytest.fixture(scope="module")
-def bert_dir(tmp_path_factory):
-    return save_tiny_bert(tmp_path_factory.mktemp("bert"))
-
-
-@pytest.fixture(scope="module")
-def sst2_dir(tmp_path_factory):
-    return write_sst2(tmp_path_factory.mktemp("sst2"))
 
 
 @pytest.fixture

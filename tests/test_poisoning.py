@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from models import batch, tiny_lora
-from test_pipeline import light, save_tiny_bert, write_sst2
+from test_pipeline import bert_dir, light, save_tiny_bert, sst2_dir, write_sst2  # noqa: F401 (fixtures)
 
 from prunetune.errors import PrunetuneError
 from prunetune.plan import make_plan
@@ -20,15 +20,6 @@ from prunetune.train import TrainState
 LABELS = torch.tensor([0, 1, 1])
 SCORE_KEYS = ("module_norm_ratio", "module_taylor", "rank_importance", "head_taylor", "head_masks", "ffn_mask_summary")
 
-
-@pytest.fixture(scope="module")
-def bert_dir(tmp_path_factory):
-    return save_tiny_bert(tmp_path_factory.mktemp("bert"))
-
-
-@pytest.fixture(scope="module")
-def sst2_dir(tmp_path_factory):
-    return write_sst2(tmp_path_factory.mktemp("sst2"))
 
 
 def _plan(out) -> dict:

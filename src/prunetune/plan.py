@@ -421,7 +421,6 @@ def make_target_plan(arch, cost, head_scores, ffn_scores, module_importance: dic
 
     base = cost.unpruned().seconds
     goal = base / target_speedup
-    cuts = sorted({cost.block_of(m) for m in modules})
     most = 1.0
 
     def prepare(c: int):

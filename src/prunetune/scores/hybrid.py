@@ -16,7 +16,6 @@ of that unit's mean; a unit left with none gets a uniform draw. "eq1" is the pap
 from __future__ import annotations
 
 import bisect
-import math
 
 import torch
 
