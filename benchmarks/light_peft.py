@@ -161,9 +161,11 @@ def seed_table(sums: list[dict]) -> str:
 
 
 def write_json(path_pattern: str, task: str, rows: list[dict], model: str, argv: list[str]) -> None:
-    """One file per task: `summary` (first variant), `summaries` (all variants), the command and every row."""
+    """One file per task: `summary` (the target-mode variant when one ran, else the first), `summaries` (all
+    variants), the command and every row."""
     task_rows = [r for r in rows if r["task"] == task]
     sums = summaries(task_rows, model)
+    sums.sort(key=lambda s: s["target_speedup"] is None)  # stable: target mode first, then the given order
     path = Path(path_pattern.format(task=task))
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"summary": sums[0], "summaries": sums,

@@ -339,3 +339,27 @@ def test_light_run_killed_inside_the_window_resumes_on_gpu(tmp_path):
         assert a[key] == b[key], key
     for key in SCORE_KEYS:
         assert _flat(a["meta"][key]) == pytest.approx(_flat(b["meta"][key]), rel=1e-4, abs=1e-6), key
+
+
+def test_fp16_loss_scale_survives_a_checkpoint(tmp_path):
+    """Resuming fp16 must continue with the scale the run had backed off to: a fresh scale would overflow (and skip)
+    other steps than the uninterrupted run."""
+    from prunetune.config import TrainConfig
+    from prunetune.train.checkpoint import load_checkpoint, save_checkpoint
+
+    pm, hf, arch, names = tiny_lora("bert", seed=9)
+    data = [dict(batch(seed=s), labels=LABELS) for s in range(4)]
+
+    def fresh():
+        st = TrainState(pm, hf, {}, TrainConfig(log_every=0, save_every=0), data, 8, torch.device("cpu"))
+        st.scaler = OverflowAt({1})  # step 1 overflows: the scale backs off from 1.0 to 0.5
+        return st
+
+    state = fresh()
+    state.run(3)
+    assert state.scaler.skipped == 1 and state.scaler.get_scale() == 0.5
+    save_checkpoint(tmp_path / "ck", state.state_dict(), {"x": 1})
+    again = fresh()
+    again.load_state_dict(load_checkpoint(tmp_path / "ck", {"x": 1}))
+    assert again.scaler.get_scale() == 0.5
+    assert again.scaler.state_dict() == state.scaler.state_dict()

@@ -152,6 +152,8 @@ class TrainState:
             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
             "history": self.history, "step_times": self.step_times,
+            # fp16: the loss scale and its growth counter decide which later steps overflow and are skipped
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
         }
 
     @torch.no_grad()
@@ -175,6 +177,8 @@ class TrainState:
         random.setstate(rng["python"])
         if rng.get("cuda") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
+        if self.scaler is not None and payload.get("scaler"):
+            self.scaler.load_state_dict(payload["scaler"])
         self.step = payload["step"]
         self.history, self.step_times = list(payload["history"]), list(payload["step_times"])
         self._batches = self._batch_iter(self.step * self.cfg.grad_accum)
