@@ -24,9 +24,8 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TQDM_DISABLE", "1")  # before torch: importing torch imports tqdm, which reads it then
 
 import torch  # noqa: E402
-import yaml  # noqa: E402
 
-from prunetune.config import from_dict, set_dotted  # noqa: E402
+from prunetune.config import from_dict, set_dotted, yaml_load  # noqa: E402
 from prunetune.methods.common import prepare  # noqa: E402
 from prunetune.methods.light_peft import train_light, train_vanilla  # noqa: E402
 from prunetune.report.stats import mean_std, paired_summary  # noqa: E402
@@ -79,7 +78,7 @@ def parse_variant(spec: str) -> tuple[str, dict]:
     over = {}
     for item in filter(None, rest.split(",")):
         key, _, value = item.partition("=")
-        over[key.strip()] = yaml.safe_load(value)
+        over[key.strip()] = yaml_load(value)  # as --set parses it: 1e-3 is a number
     return name.strip(), over
 
 
@@ -234,7 +233,7 @@ def main(argv=None) -> int:
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if args.json and len(tasks) > 1 and "{task}" not in args.json:
         p.error("--json needs `{task}` in the file name when several tasks run (one file per task)")
-    args.common = {k.strip(): yaml.safe_load(v) for k, _, v in (item.partition("=") for item in args.set)}
+    args.common = {k.strip(): yaml_load(v) for k, _, v in (item.partition("=") for item in args.set)}
     seeds = parse_seeds(args.seeds, args.seed)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"device {'cuda' if torch.cuda.is_available() else 'cpu'}, seeds {seeds}", flush=True)
