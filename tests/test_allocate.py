@@ -194,13 +194,21 @@ def test_allocation_summary_adds_up_to_the_predicted_saving():
     ({"target_speedup": 1.5, "heads": 0.5}, {}, "prune.heads: fixed ratios"),
     ({"target_speedup": 1.5}, {"structure_score": "mask"}, "estimate.structure_score=mask"),
     ({"target_params": 0.6}, {"module_score": "norm_ratio"}, "estimate.module_score=norm_ratio"),
+    ({"target_speedup": 1.5}, {"module_score": "path", "rank_score": "reference"}, "estimate.rank_score=reference"),
 ])
 def test_target_config_is_validated(prune, estimate, match):
     with pytest.raises(PrunetuneError, match=match):
         from_dict({"prune": prune, "estimate": estimate})
 
 
+def test_merge_removed_needs_lora():
+    with pytest.raises(PrunetuneError, match="merge_removed needs peft.kind=lora"):
+        from_dict({"prune": {"merge_removed": True}, "peft": {"kind": "adapter"}})
+    assert from_dict({"prune": {"merge_removed": True}}).prune.merge_removed is True
+
+
 def test_target_config_accepted_and_fixed_ratio_mode_stays_the_default():
+    assert from_dict({"prune": {"target_speedup": 1.6}, "estimate": {"module_score": "path"}})
     cfg = from_dict({"prune": {"target_speedup": 1.6}})
     assert cfg.prune.target_speedup == 1.6 and cfg.prune.target_params is None
     d = from_dict({}).prune

@@ -351,3 +351,36 @@ def test_kept_parameters_keep_their_sliced_adamw_state(kind):
         for k in ("exp_avg", "exp_avg_sq"):
             torch.testing.assert_close(st[k], apply_ops(before[n][k], ops[n]), atol=0, rtol=0)
         assert int(st["step"]) == 2
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_merge_removed_keeps_what_removed_lora_learned(family):
+    """prune.merge_removed: masked model with every LoRA rank still live == pruned model whose removed modules and
+    ranks were merged into the base (heads and neurons removed too, masks folded)."""
+    pm, hf, arch, names = tiny_lora(family, R, ALPHA, seed=30)
+    masks = StructureMasks(arch).attach(hf)
+    random_masks(masks, 33)
+    plan = random_plan(arch, masks, names, R, 1 / 3, 1 / 3, 0.5, 0.5, seed=34, model_type=hf.config.model_type)
+    assert 0 < len(plan.peft_ranks) < len(plan.peft_orig_ranks)
+    assert any(len(v) < R for v in plan.peft_ranks.values())  # rank pruning inside kept modules is covered too
+    zero_pruned_masks(masks, plan)  # removed heads / neurons are off; removed LoRA is NOT zeroed
+    b = batch(seed=3)
+    ref = _logits(pm, b)
+    dropped = None
+    if family == "bert":  # without the merge the same plan changes the outputs (the merge really matters)
+        pm2, hf2, arch2, _ = tiny_lora(family, R, ALPHA, seed=30)
+        masks2 = StructureMasks(arch2).attach(hf2)
+        random_masks(masks2, 33)
+        zero_pruned_masks(masks2, plan)
+        masks2.detach()
+        dropped = _logits(prune_lora_model(pm2, arch2, plan, R, ALPHA, 0.0, masks2.head_values(),
+                                           masks2.ffn_values())[0], b)
+    masks.detach()
+    new, _ = prune_lora_model(pm, arch, plan, R, ALPHA, 0.0, masks.head_values(), masks.ffn_values(),
+                              merge_removed=True)
+    out = _logits(new, b)
+    torch.testing.assert_close(out, ref, atol=ATOL, rtol=0)
+    if dropped is not None:
+        assert (dropped - ref).abs().max() > 1e-3
+    kept = {n: layer.lora_A["default"].weight.shape[0] for n, layer in lora_layers(new.base_model.model).items()}
+    assert kept == {n: len(v) for n, v in plan.peft_ranks.items()}  # still pruned: only what they learned stayed

@@ -55,7 +55,9 @@ class EstimateConfig:
     lambda_heads: float = 1e-4
     lambda_ffn: float = 1e-4
     mask_lr: float | None = None  # None = the training learning rate
-    module_score: str = "taylor"  # PEFT modules ranked by: taylor (|sum of rank Taylor terms|) | norm_ratio (paper)
+    # PEFT modules (and, with path, their ranks) ranked by: taylor (|sum of rank Taylor terms|) | norm_ratio (paper)
+    # | path (the loss decrease the module's own updates bought over the whole estimation phase)
+    module_score: str = "taylor"
     rank_score: str = "taylor"  # taylor | reference (|mean(A*gA)| + |mean(B*gB)|)
     structure_score: str = "taylor"  # heads/neurons ranked by: taylor (mean |m*dL/dm|) | mask (paper: learned value)
     optimizer_state: str = "slice"  # slice | reset
@@ -70,6 +72,8 @@ class PruneConfig:
     modules: float = 0.75  # fraction of PEFT modules removed (global)
     ranks: float = 0.5  # fraction of the surviving ranks removed (global)
     fold_masks: bool = False  # fold learned mask values into o/down weights instead of dropping them
+    # LoRA: merge what removed modules / ranks have learned into their frozen base weights instead of dropping it
+    merge_removed: bool = False
     # target mode (instead of the paper's fixed ratios above): heads, neurons, PEFT modules and ranks chosen
     # jointly for the least Taylor loss estimate that reaches one target
     target_speedup: float | None = None  # predicted fine-tune step speedup over unpruned PEFT (> 1)
@@ -150,7 +154,7 @@ _CHOICES = {
     "peft.kind": {"lora", "adapter"},
     "estimate.rank_score": {"taylor", "reference"},
     "estimate.structure_score": {"mask", "taylor"},
-    "estimate.module_score": {"norm_ratio", "taylor"},
+    "estimate.module_score": {"norm_ratio", "taylor", "path"},
     "estimate.optimizer_state": {"slice", "reset"},
     "prune.ffn_scope": {"global", "layer"},
     "train.mixed_precision": {"no", "bf16", "fp16"},
@@ -307,6 +311,9 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise PrunetuneError(f"train.epochs must be > 0 (or 0 with train.max_steps set), got {cfg.train.epochs}")
     if cfg.train.lr <= 0:
         raise PrunetuneError(f"train.lr must be > 0, got {cfg.train.lr}")
+    if cfg.prune.merge_removed and cfg.peft.kind != "lora":
+        raise PrunetuneError("prune.merge_removed needs peft.kind=lora: an adapter is non-linear and cannot be merged "
+                             "into the base weights")
     _validate_ranges(cfg)
     _validate_data(cfg.data)
     _validate_search(cfg.search)
@@ -350,10 +357,13 @@ def _validate_target(cfg: RunConfig) -> None:
         raise PrunetuneError(f"{', '.join(changed)}: fixed ratios do not apply in target mode (the allocator "
                              "chooses them); drop them or the target")
     scores = {k: getattr(cfg.estimate, k) for k in ("structure_score", "module_score", "rank_score")}
-    bad = [f"estimate.{k}={v}" for k, v in scores.items() if v != "taylor"]
+    # path importance is a loss estimate too (the loss a module's updates bought); module_score=path also ranks
+    # the ranks by it, so rank_score does not apply then
+    ok = {"structure_score": {"taylor"}, "module_score": {"taylor", "path"}, "rank_score": {"taylor"}}
+    bad = [f"estimate.{k}={v}" for k, v in scores.items() if v not in ok[k]]
     if bad:
-        raise PrunetuneError(f"target mode compares units by their Taylor loss estimates; {', '.join(bad)} "
-                             "is not on that scale (use taylor)")
+        raise PrunetuneError(f"target mode compares units by their loss estimates; {', '.join(bad)} "
+                             "is not on that scale (use taylor, or path for module_score)")
 
 
 # key -> (lowest allowed, lowest included?, highest allowed, highest included?); None = unbounded / unset allowed

@@ -81,6 +81,7 @@ def train_light(ctx: Context, export_dir: Path | None = None) -> dict:
                 tracker.start()
 
         def after_backward(step):
+            tracker.accumulate_path(finite=state.step_finite)  # path importance counts every estimation step
             if step >= window_start:  # a step the fp16 scaler skips (non-finite gradients) is not scored
                 tracker.after_backward(finite=state.step_finite)
                 masks.accumulate_taylor(cfg.estimate.lambda_heads, cfg.estimate.lambda_ffn, finite=state.step_finite)
@@ -99,7 +100,10 @@ def train_light(ctx: Context, export_dir: Path | None = None) -> dict:
                                  "train.mixed_precision=bf16, or widen estimate.window")
         norm_ratio, rank_imp = tracker.finalize()
         module_taylor = tracker.module_taylor()
-        module_imp = module_taylor if cfg.estimate.module_score == "taylor" else norm_ratio
+        path_modules, path_ranks = tracker.path_scores()
+        module_imp = {"taylor": module_taylor, "norm_ratio": norm_ratio, "path": path_modules}[cfg.estimate.module_score]
+        if cfg.estimate.module_score == "path":  # ranks by what they bought too (the point Taylor term is ~0 early)
+            rank_imp = path_ranks
         head_vals, ffn_vals = masks.head_values(), masks.ffn_values()
         head_scores, ffn_scores = masks.structure_scores(cfg.estimate.structure_score)
         p = cfg.prune
@@ -107,7 +111,7 @@ def train_light(ctx: Context, export_dir: Path | None = None) -> dict:
         plan_meta = {"estimation_steps": est, "window_start": window_start, "total_steps": total,
                      "window_skipped_steps": tracker.skipped,
                      "module_importance": module_imp,  # the chosen score; both kept for reports
-                     "module_norm_ratio": norm_ratio, "module_taylor": module_taylor,
+                     "module_norm_ratio": norm_ratio, "module_taylor": module_taylor, "module_path": path_modules,
                      "rank_importance": {k: v.tolist() for k, v in rank_imp.items()},
                      "structure_score": cfg.estimate.structure_score,
                      "module_score": cfg.estimate.module_score,
@@ -139,7 +143,8 @@ def train_light(ctx: Context, export_dir: Path | None = None) -> dict:
     masks.detach()
     fold = [[torch.tensor(v) for v in vals] for vals in fold_values] if fold_values else (None, None)
     if adapters is None:
-        model, ops = prune_lora_model(model, arch, plan, cfg.peft.r, cfg.peft.alpha, cfg.peft.dropout, *fold)
+        model, ops = prune_lora_model(model, arch, plan, cfg.peft.r, cfg.peft.alpha, cfg.peft.dropout, *fold,
+                                      merge_removed=cfg.prune.merge_removed)
         hf = model.base_model.model
         extras = {}
     else:

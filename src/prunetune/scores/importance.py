@@ -67,6 +67,11 @@ class ImportanceTracker:
         self.rank_sum: dict[str, torch.Tensor] = {}
         self.module_taylor_sum: dict[str, torch.Tensor] = {}
         self.rank_n = 0
+        # path importance (`accumulate_path`): per module / rank, the loss decrease its own updates bought so far
+        self.path_module_sum: dict[str, torch.Tensor] = {}
+        self.path_rank_sum: dict[str, torch.Tensor] = {}
+        self.path_steps = 0
+        self._path_pending: dict[str, list[torch.Tensor]] = {}  # module -> [params, grads] of the step in flight
         self.skipped = 0  # window steps dropped because their gradients / statistics were not finite
         self._handles: list = []
         self._base_out: dict[str, torch.Tensor] = {}
@@ -166,6 +171,71 @@ class ImportanceTracker:
             self.taylor_sum[unit] = self.taylor_sum.get(unit, 0.0) + taylors[unit]
         self.rank_n += 1
 
+    # -- path importance (every estimation step, from step 0) ----------------------------------------
+    @torch.no_grad()
+    def accumulate_path(self, finite: bool = True) -> None:
+        """Call once per optimizer step with its unclipped gradients (before the update), from the first step.
+
+        A PEFT module starts at zero (LoRA B = 0, adapter up = 0), so the point Taylor term B*dL/dB says removing
+        it is free until it has trained: it measures the slope where the module is now, not what it has bought.
+        The path integral (Zenke et al. 2017, "synaptic intelligence") sums, over the steps so far,
+        -g_t . (theta_{t+1} - theta_t) for the module's own parameters: the first-order loss decrease its updates
+        produced, i.e. the loss its removal gives back. Per rank i the same sum over row i of A and column i of B
+        (an adapter's unit i: row i of down, its bias, column i of up). The update of step t is only known at the
+        next call (or `settle_path`), so this first settles the previous step, then records this one."""
+        self.settle_path()
+        if not finite:  # the scaler skips this step: no update, nothing to attribute
+            return
+        for name, params in self._path_params():
+            if all(p.grad is not None for p in params):
+                self._path_pending[name] = [t for p in params for t in (p.detach().clone(), p.grad.detach().float().clone())]
+
+    @torch.no_grad()
+    def settle_path(self) -> None:
+        """Attribute the update of the step recorded last (the optimizer has applied it since)."""
+        if not self._path_pending:
+            return
+        parts = {}
+        for name, params in self._path_params():
+            pending = self._path_pending.get(name)
+            if pending is None:
+                continue
+            contrib = [-(g * (p.detach().float() - p0.float())) for p, p0, g in zip(params, pending[0::2], pending[1::2])]
+            parts[name] = (self._per_rank(name, contrib), sum(c.sum() for c in contrib))
+        self._path_pending = {}
+        if not _all_finite([t for pair in parts.values() for t in pair], self._device()):
+            return
+        for name, (ranks, total) in parts.items():
+            self.path_rank_sum[name] = self.path_rank_sum.get(name, 0.0) + ranks
+            self.path_module_sum[name] = self.path_module_sum.get(name, 0.0) + total
+        self.path_steps += 1
+
+    def _path_params(self):
+        """(module, its parameters in a fixed order): LoRA [A, B]; adapters [down.w, down.b, up.w, up.b]."""
+        if self.adapters is not None:
+            for name in self.adapters.names():
+                ad = self.adapters.get(name)
+                yield name, [ad.down.weight, ad.down.bias, ad.up.weight, ad.up.bias]
+        for name, layer in lora_layers(self.hf_model).items():
+            yield name, [layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight]
+
+    def _per_rank(self, name: str, contrib: list[torch.Tensor]) -> torch.Tensor:
+        """A module's per-parameter contributions summed per rank (adapter unit); an adapter's up bias is
+        module-wide and only counts for the whole module."""
+        if len(contrib) == 2:  # LoRA: A is [r, in], B is [out, r]
+            return contrib[0].sum(1) + contrib[1].sum(0)
+        down_w, down_b, up_w, _up_b = contrib  # adapter: down [size, hidden], up [hidden, size]
+        return down_w.sum(1) + down_b + up_w.sum(0)
+
+    def path_scores(self) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+        """(module, rank) path importance: the loss decrease bought so far, clamped at 0 (a unit whose updates
+        did not lower the loss on balance is worth nothing to keep). Identical on every DDP rank: it is built from
+        the all-reduced gradients and the replicated parameters."""
+        self.settle_path()
+        modules = {n: max(0.0, float(v)) for n, v in sorted(self.path_module_sum.items())}
+        ranks = {n: v.detach().float().cpu().clamp_min(0.0) for n, v in sorted(self.path_rank_sum.items())}
+        return modules, ranks
+
     def _device(self) -> torch.device:
         """Where the live PEFT parameters are (the sums are kept there)."""
         for module in (self.adapters, self.hf_model):
@@ -206,7 +276,7 @@ class ImportanceTracker:
 
     # -- checkpoints -----------------------------------------------------------------------------
     STATE_KEYS = ("module_sum", "module_n", "rank_sum", "rank_n", "act_sum", "grad_sum", "taylor_sum",
-                  "module_taylor_sum", "skipped")
+                  "module_taylor_sum", "skipped", "path_module_sum", "path_rank_sum", "path_steps", "_path_pending")
 
     def state_dict(self) -> dict:
         """Nested dicts of CPU tensors and plain values; step keys as strings (a JSON-backed checkpoint

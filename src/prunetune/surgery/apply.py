@@ -5,21 +5,30 @@ from ..arch import Arch
 from ..plan import PruningPlan
 from ..units.adapters import AdapterSet
 from ..units.lora import attach_lora, extract_lora, load_lora, lora_config
-from .base import apply_plan, fold_masks
+from .base import apply_plan, fold_masks, merge_lora_delta
 from .peft import lora_param_ops, slice_adapters, slice_lora_tensors
 
 
 def prune_lora_model(peft_model, arch: Arch, plan: PruningPlan, r: int, alpha: float, dropout: float,
-                     head_masks=None, ffn_masks=None):
+                     head_masks=None, ffn_masks=None, merge_removed: bool = False):
     """Returns (new PeftModel, {param name relative to the HF model: slicing ops}) for optimizer-state carry-over.
 
     head_masks/ffn_masks (lists of tensors) are folded into o/down weights when given; otherwise dropped.
+    merge_removed: the learned update of every removed LoRA module and rank (scaling * B[:, gone] @ A[gone]) is
+    merged into its frozen base weight instead of being thrown away: the module stops training, but what it has
+    learned stays (with no heads or neurons removed, the pruned model's outputs are unchanged).
     """
     hf = peft_model.base_model.model
     tensors = extract_lora(hf)
     hf = peft_model.unload()
     if head_masks is not None:
         fold_masks(hf, arch, head_masks, ffn_masks, lora=tensors)
+    if merge_removed:  # before the base is sliced: the delta has the unpruned shape
+        for name, t in tensors.items():
+            kept = set(plan.peft_ranks.get(name, []))
+            gone = [i for i in range(t["A"].shape[0]) if i not in kept]
+            if gone:
+                merge_lora_delta(hf.get_submodule(name), t["A"][gone], t["B"][:, gone], t["scaling"])
     struct = apply_plan(hf, arch, plan)
     sliced, ranks, alphas = slice_lora_tensors(tensors, plan.peft_ranks, struct)
     config = lora_config(arch, list(sliced), r, alpha, dropout, ranks, alphas)

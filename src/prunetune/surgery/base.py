@@ -83,6 +83,14 @@ def apply_plan(hf_model, arch: Arch, plan: PruningPlan) -> dict[str, Op]:
 
 
 @torch.no_grad()
+@torch.no_grad()
+def merge_lora_delta(module: nn.Module, a: torch.Tensor, b: torch.Tensor, scaling: float) -> None:
+    """W += scaling * B @ A (A: r x in, B: out x r), in W's layout (Conv1D keeps in x out) and dtype."""
+    delta = scaling * (b.float() @ a.float())
+    w = module.weight
+    w.add_((delta.T if _is_conv1d(module) else delta).to(device=w.device, dtype=w.dtype))
+
+
 def fold_masks(hf_model, arch: Arch, head_masks, ffn_masks, lora: dict[str, dict] | None = None) -> None:
     """Fold learned mask values into the o / down input columns (and LoRA A columns) before slicing."""
     width = arch.heads_per_unit * arch.head_dim
