@@ -50,13 +50,21 @@ class ImportanceTracker:
     """Accumulates module and rank importance for the LoRA layers (or adapters) of a model."""
 
     def __init__(self, hf_model, adapters: AdapterSet | None = None, rank_score: str = "taylor",
-                 groups: dict[str, list[str]] | None = None):
+                 groups: dict[str, list[str]] | None = None, spans: dict[str, tuple[int, int]] | None = None):
         """groups: unit name -> the LoRA modules / adapter positions it consists of (PrunePEFT units);
-        when given, gradient statistics per unit are accumulated too (see `unit_stats`)."""
+        when given, gradient statistics per unit are accumulated too (see `unit_stats`). spans: unit name ->
+        the [lo, hi) ranks (adapter bottleneck units) of its positions it owns (rank-granular search); a unit
+        without a span owns its positions whole."""
         self.hf_model = hf_model
         self.adapters = adapters
         self.rank_fn = RANK_SCORES[rank_score]
         self.groups = groups or {}
+        self.spans = spans or {}
+        # position -> [(statistics key, lo, hi)] for the rank chunks that units own there
+        self._chunks: dict[str, list[tuple[str, int, int]]] = {}
+        for unit, (lo, hi) in sorted(self.spans.items()):
+            for pos in self.groups.get(unit, []):
+                self._chunks.setdefault(pos, []).append((chunk_key(pos, lo), lo, hi))
         self.act_sum: dict[str, torch.Tensor] = {}
         self.grad_sum: dict[str, torch.Tensor] = {}
         self.taylor_sum: dict[str, torch.Tensor] = {}
@@ -84,12 +92,13 @@ class ImportanceTracker:
         self.stop()
         if self.adapters is not None:
             for name in self.adapters.names():
-                self.adapters.get(name).observer = lambda d, h, n=name: self._add_module(n, d, h)
+                self.adapters.get(name).observer = lambda d, h, z, n=name: self._add_adapter(n, d, h, z)
         for name, layer in lora_layers(self.hf_model).items():
             self._handles.append(layer.base_layer.register_forward_hook(
                 lambda _m, _i, out, n=name: self._base_out.__setitem__(n, out.detach()) if self._recording() else None))
             self._handles.append(layer.lora_B[ADAPTER].register_forward_hook(
-                lambda _m, _i, out, n=name, l=layer: self._add_lora(n, out * l.scaling[ADAPTER])))
+                lambda m, inp, out, n=name, l=layer: self._add_lora(n, out * l.scaling[ADAPTER], inp[0], m.weight,
+                                                                    l.scaling[ADAPTER])))
         return self
 
     def _recording(self) -> bool:
@@ -97,10 +106,22 @@ class ImportanceTracker:
         under no_grad (`train.evaluate`), and must leave the scores exactly as they are."""
         return torch.is_grad_enabled() and self.hf_model.training
 
-    def _add_lora(self, name: str, delta: torch.Tensor) -> None:
+    def _add_lora(self, name: str, delta: torch.Tensor, hidden: torch.Tensor, b: torch.Tensor, scaling: float) -> None:
         base = self._base_out.pop(name, None)
-        if base is not None:  # None: the base output was not a recorded (training) forward
-            self._add_module(name, delta, base)
+        if base is None:  # not a recorded (training) forward
+            return
+        self._add_module(name, delta, base)
+        for key, lo, hi in self._chunks.get(name, []):  # a rank chunk's own output: B[:, lo:hi] (A x)[lo:hi]
+            with torch.no_grad():
+                self._add_module(key, hidden[..., lo:hi].detach() @ b[:, lo:hi].detach().T * scaling, base)
+
+    def _add_adapter(self, name: str, delta: torch.Tensor, base: torch.Tensor, hidden: torch.Tensor) -> None:
+        self._add_module(name, delta, base)
+        if name in self._chunks and self._recording():
+            up = self.adapters.get(name).up.weight.detach()
+            with torch.no_grad():  # a chunk of bottleneck units: up[:, lo:hi] z[lo:hi] (the up bias is shared)
+                for key, lo, hi in self._chunks[name]:
+                    self._add_module(key, hidden[..., lo:hi].detach() @ up[:, lo:hi].T, base)
 
     def stop(self) -> None:
         for h in self._handles:
@@ -141,7 +162,8 @@ class ImportanceTracker:
             # whole module: |sum_i S_i|, the first-order loss change of removing every rank at once
             module_taylor[name] = (b * gb).sum().abs()
         for unit, positions in self.groups.items():
-            pairs = [(p, p.grad) for pos in positions for p in self._params(pos) if p.grad is not None]
+            span = self.spans.get(unit)
+            pairs = [pg for pos in positions for pg in self._slices(pos, span, output=False)]
             if not pairs:
                 continue
             n = sum(p.numel() for p, _ in pairs)
@@ -149,7 +171,7 @@ class ImportanceTracker:
             # removal effect: first-order loss change of zeroing the unit's output side (LoRA B, an adapter's up
             # projection). Summing w*g over all parameters counted LoRA twice (sum A*gA = sum B*gB exactly) and
             # added an adapter's down projection, which removing the adapter does not scale.
-            out = [(p, p.grad) for pos in positions for p in self._output_params(pos) if p.grad is not None]
+            out = [pg for pos in positions for pg in self._slices(pos, span, output=True)]
             taylors[unit] = sum((p * g).sum() for p, g in out).abs() if out else pairs[0][1].new_zeros(())
         parts = [t for d in (ranks, module_taylor, grads, taylors) for t in d.values()]
         parts += [t for forwards in pending.values() for acc, act in forwards for t in (acc, act) if t is not None]
@@ -244,6 +266,25 @@ class ImportanceTracker:
                     return p.device
         return torch.device("cpu")
 
+    def _slices(self, position: str, span: tuple[int, int] | None, output: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(weights, gradients) a unit owns at a position: whole parameters, or with a span the rank rows /
+        columns of it (LoRA A[lo:hi], B[:, lo:hi]; adapter down rows and bias, up columns). output: only the
+        side whose zeroing removes the unit (LoRA B, adapter up; a chunk does not own the shared up bias)."""
+        params = self._output_params(position) if output else self._params(position)
+        if span is None:
+            return [(p, p.grad) for p in params if p.grad is not None]
+        lo, hi = span
+        if self.adapters is not None and position in self.adapters.names():
+            ad = self.adapters.get(position)
+            rows, cols = [ad.down.weight, ad.down.bias], [ad.up.weight]
+        else:
+            if self._lora is None:
+                self._lora = lora_layers(self.hf_model)
+            layer = self._lora[position]
+            rows, cols = [layer.lora_A[ADAPTER].weight], [layer.lora_B[ADAPTER].weight]
+        out = [(p[lo:hi], p.grad[lo:hi]) for p in rows if not output and p.grad is not None]
+        return out + [(p[:, lo:hi], p.grad[:, lo:hi]) for p in cols if p.grad is not None]
+
     def _params(self, position: str) -> list[torch.nn.Parameter]:
         if self.adapters is not None and position in self.adapters.names():
             return list(self.adapters.get(position).parameters())
@@ -322,11 +363,18 @@ class ImportanceTracker:
         steps = max(self.rank_n, 1) * world_size()
         out: dict[str, dict[str, float]] = {"norm_ratio": {}, "activation": {}, "gradient": {}, "taylor": {}}
         for unit, positions in self.groups.items():
-            out["norm_ratio"][unit] = _avg([modules.get(p) for p in positions])
-            out["activation"][unit] = _avg([act.get(p) for p in positions])
+            span = self.spans.get(unit)
+            keys = [p if span is None else chunk_key(p, span[0]) for p in positions]
+            out["norm_ratio"][unit] = _avg([modules.get(k) for k in keys])
+            out["activation"][unit] = _avg([act.get(k) for k in keys])
             for key, acc in (("gradient", self.grad_sum), ("taylor", self.taylor_sum)):
                 out[key][unit] = _reduced_over(acc.get(unit, 0.0), steps)
         return out
+
+
+def chunk_key(position: str, lo: int) -> str:
+    """Statistics key of the rank chunk starting at `lo` of a position (never a module name: contains '#')."""
+    return f"{position}#{lo}"
 
 
 def _all_finite(tensors: list[torch.Tensor], device: torch.device) -> bool:

@@ -21,19 +21,27 @@ class BottleneckAdapter(nn.Module):
         nn.init.zeros_(self.down.bias)
         nn.init.zeros_(self.up.weight)  # starts as the identity
         nn.init.zeros_(self.up.bias)
-        self.observer = None  # optional callable(delta, h) for importance tracking
+        self.observer = None  # optional callable(delta, h, z) for importance tracking (z: bottleneck activations)
+        self.unit_mask: torch.Tensor | None = None  # optional 0/1 per bottleneck unit (rank-granular search)
 
     @property
     def size(self) -> int:
         return self.down.out_features
 
+    def delta_and_hidden(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(up(z), z) with z = act(down(h)), masked per bottleneck unit when unit_mask is set."""
+        z = self.act(self.down(h))
+        if self.unit_mask is not None:
+            z = z * self.unit_mask.to(device=z.device, dtype=z.dtype)
+        return self.up(z), z
+
     def delta(self, h: torch.Tensor) -> torch.Tensor:
-        return self.up(self.act(self.down(h)))
+        return self.delta_and_hidden(h)[0]
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        d = self.delta(h)
+        d, z = self.delta_and_hidden(h)
         if self.observer is not None:
-            self.observer(d, h)
+            self.observer(d, h, z)
         return h + d
 
 
@@ -91,9 +99,9 @@ PARALLEL = "=>"
 
 
 def _add_parallel(adapter: BottleneckAdapter, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    d = adapter.delta(x)
+    d, z = adapter.delta_and_hidden(x)
     if adapter.observer is not None:
-        adapter.observer(d, out)
+        adapter.observer(d, out, z)
     return out + d
 
 

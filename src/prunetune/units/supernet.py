@@ -14,35 +14,60 @@ from .structure import UNIT_TYPES, PeftStructure, unit_positions
 
 @dataclass(frozen=True)
 class Unit:
-    name: str  # "<type>@<layer>"
+    name: str  # "<type>@<layer>", or "<type>@<layer>#<chunk>" in a rank-granular search
     type: str
     layer: int
     positions: tuple[str, ...]  # LoRA module names or adapter positions
+    span: tuple[int, int] | None = None  # rank-granular: the [lo, hi) ranks / bottleneck units it owns there
 
     @property
     def kind(self) -> str:
         return UNIT_TYPES[self.type]["kind"]
 
+    @property
+    def group(self) -> str:
+        """The whole unit (type at layer) a chunk belongs to."""
+        return f"{self.type}@{self.layer}"
+
 
 class Supernet:
     """Builds the full structure on a frozen HF model; `remove()` switches a unit off for good
-    (adapters are unhooked; LoRA modules get scaling 0 and frozen weights)."""
+    (adapters are unhooked; LoRA modules get scaling 0 and frozen weights).
+
+    chunk: rank-granular search. Every unit type at every layer becomes width / chunk units of `chunk` ranks
+    (LoRA) or bottleneck units (adapters) each, switched off by a 0/1 mask on the rank axis (LoRA: the input of
+    B, i.e. A x; adapters: the bottleneck activations), so a removed chunk contributes nothing and gets zero
+    gradients; when the last chunk of a module goes, the module is removed as a whole unit would be."""
 
     def __init__(self, hf, arch: Arch, space: list[str], lora_r: int = 8, lora_alpha: float = 16.0,
-                 lora_dropout: float = 0.05, adapter_size: int = 16, ranks: dict[str, int] | None = None):
+                 lora_dropout: float = 0.05, adapter_size: int = 16, ranks: dict[str, int] | None = None,
+                 chunk: int | None = None):
         unknown = [t for t in space if t not in UNIT_TYPES]
         if unknown or not space:
             raise PrunetuneError(f"unknown unit type(s) {unknown} in search space (known: {', '.join(UNIT_TYPES)})")
-        self.hf, self.arch = hf, arch
-        self.units = [Unit(f"{t}@{layer}", t, layer, tuple(unit_positions(arch, t, layer)))
-                      for t in space for layer in range(arch.num_layers)]
+        self.hf, self.arch, self.chunk = hf, arch, chunk
+        size = {t: (ranks or {}).get(t) for t in space}
+        full = {t: size[t] or (lora_r if UNIT_TYPES[t]["kind"] == "lora" else adapter_size) for t in space}
+        if chunk is not None and (chunk < 1 or any(full[t] % chunk for t in space)):
+            raise PrunetuneError(f"search.chunk={chunk} must be >= 1 and divide every unit's width "
+                                 f"({', '.join(f'{t}: {w}' for t, w in full.items())})")
+        self.units = []
+        for t in space:
+            for layer in range(arch.num_layers):
+                positions = tuple(unit_positions(arch, t, layer))
+                if chunk is None:
+                    self.units.append(Unit(f"{t}@{layer}", t, layer, positions))
+                else:
+                    self.units += [Unit(f"{t}@{layer}#{c}", t, layer, positions, (c * chunk, (c + 1) * chunk))
+                                   for c in range(full[t] // chunk)]
+        twice = sorted({t for t in space if space.count(t) > 1})
+        if twice:
+            raise PrunetuneError(f"search space units overlap: {', '.join(twice)} listed twice")
         owner: dict[str, str] = {}
         for u in self.units:
             for pos in u.positions:
-                if pos in owner:
-                    raise PrunetuneError(f"search space units overlap: {owner[pos]} and {u.name} both use {pos}")
-                owner[pos] = u.name
-        size = {t: (ranks or {}).get(t) for t in space}
+                if owner.setdefault(pos, u.group) != u.group:
+                    raise PrunetuneError(f"search space units overlap: {owner[pos]} and {u.group} both use {pos}")
         structure = PeftStructure(
             lora={p: size[u.type] or lora_r for u in self.units if u.kind == "lora" for p in u.positions},
             adapters={p: size[u.type] or adapter_size for u in self.units if u.kind == "adapter" for p in u.positions},
@@ -53,9 +78,29 @@ class Supernet:
         self._lora = lora_layers(hf)
         self.alive: list[str] = [u.name for u in self.units]
         self.by_name = {u.name: u for u in self.units}
+        self._masks: dict[str, torch.Tensor] = {}  # rank-granular: position -> 0/1 per rank / bottleneck unit
+        self._handles: list = []
+        if chunk is not None:
+            for pos in owner:
+                if pos in structure.adapters:
+                    self._masks[pos] = torch.ones(structure.adapters[pos])
+                    self.adapters.get(pos).unit_mask = self._masks[pos]
+                else:
+                    self._masks[pos] = torch.ones(structure.lora[pos])
+                    self._handles.append(self._lora[pos].lora_B[ADAPTER].register_forward_pre_hook(
+                        lambda _m, args, mask=self._masks[pos]: (args[0] * mask.to(args[0]),) + tuple(args[1:])))
 
-    def unit_params(self, name: str) -> list[torch.nn.Parameter]:
+    def unit_params(self, name: str) -> list[torch.Tensor]:
+        """The unit's parameters; a chunk's are views of its rank rows / columns (LoRA A[lo:hi], B[:, lo:hi];
+        adapter down rows and bias, up columns: the up bias is shared by the chunks and owned by none)."""
         u = self.by_name[name]
+        if u.span is not None:
+            lo, hi = u.span
+            if u.kind == "adapter":
+                return [t for pos in u.positions for ad in (self.adapters.get(pos),)
+                        for t in (ad.down.weight[lo:hi], ad.down.bias[lo:hi], ad.up.weight[:, lo:hi])]
+            return [t for pos in u.positions for t in (self._lora[pos].lora_A[ADAPTER].weight[lo:hi],
+                                                       self._lora[pos].lora_B[ADAPTER].weight[:, lo:hi])]
         if u.kind == "adapter":
             return [p for pos in u.positions for p in self.adapters.get(pos).parameters()]
         return [w for pos in u.positions for w in (self._lora[pos].lora_A[ADAPTER].weight, self._lora[pos].lora_B[ADAPTER].weight)]
@@ -66,6 +111,17 @@ class Supernet:
         """The unit contributes nothing inside the block (LoRA scaling 0; an adapter's up projection, its output
         side, zeroed), and is restored exactly afterwards. For forward-only probes (the held-out loss proxy)."""
         u = self.by_name[name]
+        if u.span is not None:  # a chunk: its mask entries off
+            lo, hi = u.span
+            saved = [self._masks[pos][lo:hi].clone() for pos in u.positions]
+            for pos in u.positions:
+                self._masks[pos][lo:hi] = 0.0
+            try:
+                yield
+            finally:
+                for pos, m in zip(u.positions, saved):
+                    self._masks[pos][lo:hi] = m
+            return
         if u.kind == "adapter":
             ups = [self.adapters.get(pos).up for pos in u.positions]
             saved = [(m.weight.clone(), m.bias.clone()) for m in ups]
@@ -92,8 +148,10 @@ class Supernet:
         return sum(p.numel() for p in self.unit_params(name))
 
     def width(self, name: str) -> int:
-        """A unit's LoRA rank or adapter bottleneck size."""
+        """A unit's LoRA rank or adapter bottleneck size (a chunk's: its number of ranks)."""
         u = self.by_name[name]
+        if u.span is not None:
+            return u.span[1] - u.span[0]
         table = self.base_structure.adapters if u.kind == "adapter" else self.base_structure.lora
         return table[u.positions[0]]
 
@@ -103,21 +161,48 @@ class Supernet:
         u = self.by_name[name]
         if u.kind == "adapter":
             h = self.arch.hidden_size
-            return len(u.positions) * (width * (2 * h + 1) + h)
+            # a chunk brings the shared up bias back only where no chunk of its adapter is alive
+            shared = h if u.span is None or not self._alive_width().get(u.positions[0]) else 0
+            return len(u.positions) * (width * (2 * h + 1) + shared)
         layers = [self._lora[p] for p in u.positions]
         return width * sum(m.lora_A[ADAPTER].weight.shape[1] + m.lora_B[ADAPTER].weight.shape[0] for m in layers)
 
     def trainable(self) -> int:
-        """Trainable PEFT parameters of the alive units (task head excluded)."""
-        return sum(self.unit_size(n) for n in self.alive)
+        """Trainable PEFT parameters of the alive units (task head excluded): per position, its alive width
+        (LoRA: width x (in + out); adapter: width x (2h + 1) + h)."""
+        h, total = self.arch.hidden_size, 0
+        for pos, w in self._alive_width().items():
+            if w and pos in self.base_structure.adapters:
+                total += w * (2 * h + 1) + h
+            elif w:
+                a, b = self._lora[pos].lora_A[ADAPTER].weight, self._lora[pos].lora_B[ADAPTER].weight
+                total += w * (a.shape[1] + b.shape[0])
+        return total
+
+    def _alive_width(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for n in self.alive:
+            for pos in self.by_name[n].positions:
+                out[pos] = out.get(pos, 0) + self.width(n)
+        return out
 
     def groups(self) -> dict[str, list[str]]:
         return {n: list(self.by_name[n].positions) for n in self.alive}
+
+    def spans(self) -> dict[str, tuple[int, int]]:
+        """Rank-granular search: alive chunk -> the ranks it owns (for the tracker's per-chunk statistics)."""
+        return {n: self.by_name[n].span for n in self.alive if self.by_name[n].span is not None}
 
     @torch.no_grad()
     def remove(self, names: list[str]) -> None:
         for name in names:
             u = self.by_name[name]
+            self.alive.remove(name)
+            if u.span is not None:  # a chunk: masked off; the module goes with its last chunk
+                for pos in u.positions:
+                    self._masks[pos][u.span[0]:u.span[1]] = 0.0
+                if any(self.by_name[n].group == u.group for n in self.alive):
+                    continue
             if u.kind == "adapter":
                 for pos in u.positions:
                     self.adapters.remove(pos)
@@ -128,7 +213,6 @@ class Supernet:
                     for w in (layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight):
                         w.requires_grad_(False)
                         w.grad = None
-            self.alive.remove(name)
         if self.adapters is not None:
             self.adapters.attach(self.hf)
 
@@ -136,8 +220,9 @@ class Supernet:
     def reinit(self, seed: int) -> None:
         """Re-initialise the alive units (the `reinit` option between rounds)."""
         g = torch.Generator().manual_seed(seed)
-        for name in self.alive:
-            u = self.by_name[name]
+        # per alive module once (its chunks share it; a removed chunk's slice stays masked off)
+        for name in dict.fromkeys(self.by_name[n].group for n in self.alive):
+            u = next(self.by_name[n] for n in self.alive if self.by_name[n].group == name)
             if u.kind == "adapter":
                 for pos in u.positions:
                     ad = self.adapters.get(pos)
@@ -156,8 +241,10 @@ class Supernet:
         """The alive units as a PeftStructure (what the retrain builds), plus removed units brought back
         at a smaller width (`partial`: unit name -> rank / bottleneck size)."""
         base, partial = self.base_structure, partial or {}
-        width = {p: self.width(n) for n in self.alive for p in self.by_name[n].positions}
-        width.update({p: w for n, w in partial.items() for p in self.by_name[n].positions})
+        width = self._alive_width()
+        for n, w in partial.items():
+            for p in self.by_name[n].positions:
+                width[p] = width.get(p, 0) + w
         return PeftStructure(
             lora={p: width[p] for p in base.lora if p in width},
             adapters={p: width[p] for p in base.adapters if p in width},

@@ -1,0 +1,70 @@
+"""Light-PEFT side only, one seed, for screening quality levers cheaply against an already measured vanilla run.
+
+    python benchmarks/light_levers.py SEED NAME [section.key=value ...]   # e.g. 42 path prune.target_speedup=1.6
+
+Same base config as `benchmarks/light_peft.py --tasks sst2 --train-samples 4000 --epochs 3` (MiniLM, batch 32,
+lr 5e-4, max_length 128, full dev set), so a seed's result pairs with that script's vanilla run of the same seed
+(vanilla does not depend on any Light-PEFT option). Writes benchmarks/results/levers/NAME-SEED.json. A lever
+that screens well must then be run with light_peft.py over paired seeds: one seed is an anecdote.
+PATH_SCALE=k (diagnostic) multiplies the path importance of PEFT modules and ranks by k.
+ROWS=n changes the training rows (default 4000); SST2_DIR the data folder.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TQDM_DISABLE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+from prunetune.config import from_dict, set_dotted, yaml_load  # noqa: E402
+from prunetune.methods.common import prepare  # noqa: E402
+from prunetune.methods.light_peft import train_light  # noqa: E402
+from prunetune.scores.importance import ImportanceTracker  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent
+
+
+def main(argv: list[str]) -> int:
+    seed, name, overrides = int(argv[0]), argv[1], argv[2:]
+    scale = float(os.environ.get("PATH_SCALE", "1"))
+    if scale != 1:  # diagnostic: how the allocation moves when PEFT modules are made k times dearer
+        original = ImportanceTracker.path_scores
+
+        def scaled(self):
+            modules, ranks = original(self)
+            return {k: v * scale for k, v in modules.items()}, {k: v * scale for k, v in ranks.items()}
+
+        ImportanceTracker.path_scores = scaled
+    data_dir = os.environ.get("SST2_DIR", str(ROOT.parents[1] / "shared" / "data" / "SST-2"))
+    base = {"model": {"name_or_path": "minilm"},
+            "data": {"task": "sst2", "data_dir": data_dir, "max_train_samples": int(os.environ.get("ROWS", "4000")),
+                     "max_length": 128},
+            "train": {"epochs": 3, "batch_size": 32, "lr": 5e-4, "seed": seed},
+            "output_dir": f"runs/levers/{name}-{seed}"}
+    for item in overrides:
+        key, _, value = item.partition("=")
+        set_dotted(base, key, yaml_load(value))
+    ctx = prepare(from_dict(base))
+    t0 = time.time()
+    result = train_light(ctx)
+    result.pop("_model")
+    plan = result.pop("_plan")
+    out = {"name": name, "seed": seed, "overrides": overrides, "path_scale": scale, "final": result["final"],
+           "evals": result["evals"], "plan": result["plan"], "predicted_step_speedup": result["predicted_step_speedup"],
+           "step_ms": 1e3 * result["step_seconds"], "wall_s": time.time() - t0,
+           "kept_modules": sorted(plan.peft_ranks), "heads_per_layer": [len(k) for k in plan.kept_heads],
+           "neurons_per_layer": [len(k) for k in plan.kept_neurons], "allocation": plan.meta["allocation"]["types"],
+           "command": "python benchmarks/light_levers.py " + " ".join(argv)}
+    path = ROOT / "results" / "levers" / f"{name}-{seed}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=1))
+    print(json.dumps({k: out[k] for k in ("name", "seed", "final", "plan", "predicted_step_speedup")}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
