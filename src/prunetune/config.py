@@ -585,7 +585,7 @@ def _build(cls, data: Any, prefix: str):
             raise PrunetuneError(f"unknown config key '{name}' (known: {', '.join(known)})")
         elif direct[key].metadata.get("section"):
             sub = _hints(cls)[key]
-            kwargs[key] = _build(sub, {} if value is None else value, name)
+            kwargs[key] = value if isinstance(value, sub) else _build(sub, {} if value is None else value, name)
         else:
             kwargs[key] = value
     for name, sub_cls in inline.items():
