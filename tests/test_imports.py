@@ -114,3 +114,22 @@ def test_leaf_modules_import_alone_in_a_fresh_interpreter():
         proc = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True, text=True, env=env,
                               timeout=300)
         assert proc.returncode == 0, f"{module}: {proc.stderr[-2000:]}"
+
+
+def test_module_and_attribute_names_live_in_arch():
+    """Family strings, block paths and config attribute names are arch/'s knowledge (descriptor attributes and
+    helpers), not repeated elsewhere in the package."""
+    import re
+
+    pattern = re.compile(r'"\.0\."|lm_head|n_embd|n_positions|base_model_prefix|max_position_embeddings|'
+                         r'== "(?:bert|gpt2|opt|llama|roberta)"|"Conv1D"')
+    hits = [f"{f.relative_to(PKG)}:{i}: {line.strip()}" for f in sorted(PKG.rglob("*.py"))
+            if f.relative_to(PKG).parts[0] != "arch"
+            for i, line in enumerate(f.read_text().splitlines(), 1) if pattern.search(line.split("#")[0])]
+    assert hits == []
+
+
+def test_prune_peft_builds_models_through_common():
+    """PrunePEFT's supernet base comes from methods/common.load_base (causal-LM head, tokenizer check), not a copy."""
+    source = (PKG / "methods" / "prune_peft.py").read_text()
+    assert "load_base(ctx)" in source and "load_model(" not in source and "get_arch(" not in source

@@ -749,6 +749,9 @@ def check_environment(cfg: RunConfig) -> RunConfig:
     return cfg
 
 
+validate = check_environment  # the former name (values are now checked when a config is constructed)
+
+
 def from_dict(data: dict[str, Any] | None) -> RunConfig:
     """A RunConfig from a nested dict, checked against this machine too (check_environment)."""
     return check_environment(RunConfig.from_dict(data or {}))
