@@ -46,14 +46,14 @@ _MISSING = dataclasses.MISSING
 
 
 def option(default: Any = _MISSING, *, help: str, factory=None, ge=None, gt=None, le=None, lt=None,
-           choices=None, nonempty: bool = False, path: bool = False, deprecated: str | None = None):
+           choices=None, nonempty: bool = False, path: bool = False):
     """A config field: default (or factory), help text and checks, all in the field's metadata.
 
     ge/gt/le/lt: numeric bounds; choices: a function returning the allowed names of a registry (fixed choices are
     `Literal` types instead); nonempty: a list needs an item, a string a non-blank value; path: `~` is expanded.
     """
     meta = {"help": help, "ge": ge, "gt": gt, "le": le, "lt": lt, "choices": choices, "nonempty": nonempty,
-            "path": path, "deprecated": deprecated}
+            "path": path}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -328,12 +328,11 @@ class TrainConfig(ConfigBase):
         "checkpoint every N optimizer steps into output_dir/checkpoints (and at phase ends; 0 = phase ends only)"))
     resume: bool = option(False, help="continue from output_dir/checkpoints (same config, data and model)")
     report_to: list[str] = option(factory=list, choices=_metric_backends, help=(
-        "metric loggers for loss / lr: tensorboard, wandb, mlflow (each needs its package installed); "
-        "empty = none"))
+        "metric loggers for loss and learning rate (a list, or one name; each backend needs its package "
+        "installed); empty = none"))
     logging_dir: str | None = option(None, path=True, nonempty=True, help=(
         "where the metric loggers write; unset = output_dir/logs"))
-    tensorboard_dir: str | None = option(None, path=True, nonempty=True,
-                                         deprecated="train.report_to: [tensorboard] and train.logging_dir", help=(
+    tensorboard_dir: str | None = option(None, path=True, nonempty=True, help=(  # kept so older configs load
         "deprecated: same as report_to: [tensorboard] with logging_dir set to this folder"))
 
     def _check(self) -> None:
@@ -672,7 +671,8 @@ def format_keys(width: int = 100) -> str:
         default = "unset" if k.default is None else k.default
         if isinstance(default, float) and not float(default).is_integer():
             default = f"{default:.6g}"
-        lines.append(f"  {k.key}  ({k.type}; default {default})")
+        registry = f"; from: {', '.join(k.choices)}" if k.choices and " | " not in k.type else ""
+        lines.append(f"  {k.key}  ({k.type}; default {default}{registry})")
         lines += textwrap.wrap(k.help, width=width, initial_indent="      ", subsequent_indent="      ")
     return "\n".join(lines)
 
