@@ -66,6 +66,12 @@ def test_literal_choice_errors_name_the_key_and_the_choices(key):
         assert _get(RunConfig.from_dict(_nested(key, choice)), key) == choice
 
 
+def test_peft_roles_are_the_arch_roles():
+    from prunetune.arch.base import ROLES
+
+    assert config_module.PEFT_ROLES == ROLES  # the Literal type of peft.targets names the projections arch/ has
+
+
 def test_list_of_literals_checks_each_item():
     with pytest.raises(PrunetuneError, match=r"'peft.targets' must list names from \['q'"):
         PeftModulesConfig(targets=["q", "qkv"])

@@ -7,6 +7,9 @@ from torch import nn
 
 
 
+ROLES = ("q", "k", "v", "o", "up", "gate", "down")  # the projections of a block (config.PeftRole spells them too)
+
+
 @dataclass(frozen=True)
 class LayerNames:
     """Full dotted module names of one block. For fused qkv (GPT-2) q == k == v == the fused module."""
@@ -100,7 +103,7 @@ class Arch:
 
     def role_of(self, module_name: str) -> tuple[int, str]:
         for i, layer in enumerate(self.layers):
-            for role in ("q", "k", "v", "o", "up", "gate", "down"):
+            for role in ROLES:
                 if layer.role(role) == module_name:
                     return i, role
         raise KeyError(module_name)
