@@ -265,3 +265,33 @@ def test_gguf_error_on_cli(tmp_path, monkeypatch, capsys):
     assert main(["light", "--model", str(tmp_path / "nope.gguf"), "--output-dir", str(tmp_path / "o"),
                  "--max-steps", "1"]) == 2
     assert "GGUF file not found" in capsys.readouterr().err
+
+
+def test_prune_peft_search_on_a_causal_lm(tmp_path, monkeypatch):
+    """PrunePEFT builds its supernet through methods/common.load_base: a causal-LM task gets the LM head (its
+    former copy of the model building loaded a sequence classifier and skipped the tokenizer check)."""
+    from prunetune.config import from_dict
+    from prunetune.methods import common, prune_peft
+
+    built = []
+    real = common.load_base
+
+    def spy(ctx, plan=None):
+        hf, arch = real(ctx, plan)
+        built.append(type(hf).__name__)
+        return hf, arch
+
+    monkeypatch.setattr(prune_peft, "load_base", spy)
+    tok = chat_tokenizer()
+    model_dir = save_tiny_causal_llama(tmp_path / "llama", tok)
+    train = write_jsonl(tmp_path / "train.jsonl", instruction_rows(32))
+    dev = write_jsonl(tmp_path / "dev.jsonl", instruction_rows(8))
+    results = prune_peft.run(from_dict({
+        "model": {"name_or_path": str(model_dir)},
+        "data": {"task": "causal_lm", "train_file": str(train), "dev_file": str(dev), "max_length": 48},
+        "train": {"max_steps": 2, "batch_size": 8, "eval_batch_size": 8},
+        "search": {"warmup": False, "round_steps": 2, "criteria": ["taylor", "magnitude"],
+                   "warmup_cache": str(tmp_path / "cache")},
+        "output_dir": str(tmp_path / "run")}), export=False)
+    assert built and all(name.endswith("ForCausalLM") for name in built)
+    assert results["rounds"] and "perplexity" in results["retrain"]["final"]

@@ -1,11 +1,11 @@
 """prunetune: cheaper parameter-efficient fine-tuning by pruning (Light-PEFT, PrunePEFT)."""
-from .config import RunConfig, load_config
+from .config import LightPeftConfig, PrunePeftConfig, RunConfig, load_config
 from .errors import PrunetuneError
 from .export import load, save_export
 from .plan import PruningPlan
 
 __version__ = "0.1.0"
-__all__ = ["RunConfig", "load_config", "PrunetuneError", "load", "save_export", "PruningPlan", "light_peft"]
+__all__ = ["RunConfig", "LightPeftConfig", "PrunePeftConfig", "load_config", "PrunetuneError", "load", "save_export", "PruningPlan", "light_peft"]
 
 
 def light_peft(config: RunConfig | dict | None = None, **overrides) -> dict:

@@ -1,4 +1,4 @@
-"""prunetune command line: light | eval | export."""
+"""prunetune command line: light | search | config | eval | export (run flags generated from prunetune.config)."""
 from __future__ import annotations
 
 import argparse
@@ -9,24 +9,27 @@ import sys
 from .errors import PrunetuneError
 
 
-def _overrides(args) -> dict:
-    """CLI flags -> dotted config overrides (only the flags the user gave)."""
-    o = {}
-    flags = {"model": "model.name_or_path", "gguf_file": "model.gguf_file", "task": "data.task",
+# flag -> config key: type, choices and help come from the config dataclasses (prunetune.config)
+RUN_FLAGS = {"model": "model.name_or_path", "gguf_file": "model.gguf_file", "task": "data.task",
              "data_dir": "data.data_dir", "train_file": "data.train_file", "dev_file": "data.dev_file",
              "output_dir": "output_dir", "epochs": "train.epochs", "max_steps": "train.max_steps",
              "batch_size": "train.batch_size", "lr": "train.lr", "seed": "train.seed",
              "max_train_samples": "data.max_train_samples", "max_eval_samples": "data.max_eval_samples"}
-    for flag, key in flags.items():
+SWITCHES = {"resume": "train.resume", "overwrite": "overwrite"}  # store_true flags
+
+
+def _overrides(args) -> dict:
+    """CLI flags -> dotted config overrides (only the flags the user gave)."""
+    o = {}
+    for flag, key in RUN_FLAGS.items():
         value = getattr(args, flag, None)
         if value is not None:
             o[key] = value
     if getattr(args, "baseline", None) is not None:
         o["baseline"] = args.baseline
-    if getattr(args, "resume", False):
-        o["train.resume"] = True
-    if getattr(args, "overwrite", False):
-        o["overwrite"] = True
+    for flag, key in SWITCHES.items():
+        if getattr(args, flag, False):
+            o[key] = True
     from .config import yaml_load
 
     for item in getattr(args, "set", None) or []:
@@ -40,26 +43,52 @@ def _overrides(args) -> dict:
     return o
 
 
+def _flag_type(key: str):
+    """argparse type of a flag, from the field's type hint (int / float / str)."""
+    from .config import field_type
+
+    base = field_type(key)
+    return base if base in (int, float, str) else str
+
+
+def _flag(p: argparse.ArgumentParser, flag: str, key: str) -> None:
+    from .config import key_info
+
+    info = key_info(key)
+    p.add_argument("--" + flag.replace("_", "-"), dest=flag, type=_flag_type(key),
+                   choices=list(info.choices) if info.choices else None, help=f"{info.help} [{key}]")
+
+
 def _add_run_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="YAML run configuration (see README: configuration reference)")
-    p.add_argument("--model", help="local folder, hub id, or 'minilm' (embedded default)")
-    p.add_argument("--gguf-file", dest="gguf_file", help="GGUF file inside --model to load")
-    p.add_argument("--task", help="sst2 | cola | rte | stsb | custom | hub name (e.g. glue/sst2)")
-    p.add_argument("--data-dir", dest="data_dir", help="folder with train.tsv / dev.tsv")
-    p.add_argument("--train-file", dest="train_file")
-    p.add_argument("--dev-file", dest="dev_file")
-    p.add_argument("--output-dir", dest="output_dir")
-    p.add_argument("--epochs", type=float)
-    p.add_argument("--max-steps", dest="max_steps", type=int)
-    p.add_argument("--batch-size", dest="batch_size", type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--max-train-samples", dest="max_train_samples", type=int)
-    p.add_argument("--max-eval-samples", dest="max_eval_samples", type=int)
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any config key, e.g. prune.heads=0.5")
-    p.add_argument("--resume", action="store_true", help="continue from the checkpoints in --output-dir")
-    p.add_argument("--overwrite", action="store_true",
-                   help="write into a non-empty --output-dir that is not a prunetune run folder (replaces its model/)")
+    from .config import key_info
+
+    p.add_argument("--config", help="YAML run configuration (keys below; `prunetune config --list`)")
+    for flag, key in RUN_FLAGS.items():
+        _flag(p, flag, key)
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any config key below, e.g. prune.heads=0.5")
+    for flag, key in SWITCHES.items():
+        p.add_argument("--" + flag, action="store_true", help=f"{key_info(key).help} [{key}]")
+
+
+def _keys_epilog() -> str:
+    from .config import format_keys
+
+    return "configuration keys (YAML --config, or --set KEY=VALUE):\n" + format_keys(width=88)
+
+
+def cmd_config(args) -> int:
+    """Print the key reference (--list), or the configuration a run would use (config file + --set) as YAML."""
+    from .config import format_keys, load_config
+
+    if args.list:
+        print(format_keys())
+        return 0
+    cfg = load_config(args.config, _overrides(args))
+    if args.format == "json":
+        print(json.dumps(cfg.to_dict(), indent=1))
+    else:
+        print(cfg.to_yaml(), end="")
+    return 0
 
 
 def cmd_light(args) -> int:
@@ -84,7 +113,7 @@ def cmd_search(args) -> int:
 def cmd_eval(args) -> int:
     from pathlib import Path
 
-    from .config import RunConfig, _build, validate
+    from .config import from_dict
     from .data import encode, load_task, make_collate
     from .export import load
     from .export.manifest import MANIFEST, read_manifest
@@ -108,7 +137,7 @@ def cmd_eval(args) -> int:
     if task_name == "custom" or trained.get("name") == "custom":
         data.update(text_fields=trained.get("text_fields"), num_labels=trained.get("num_labels"),
                     label_field=trained.get("label_field"))
-    cfg = validate(_build(RunConfig, {"data": {k: v for k, v in data.items() if v is not None}}, ""))
+    cfg = from_dict({"data": {k: v for k, v in data.items() if v is not None}})
     task, _train, dev = load_task(cfg.data)
     _check_eval_task(task, info, path)
     label_names = trained.get("label_names")
@@ -179,18 +208,28 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .config import key_info
+
     parser = _Parser(prog="prunetune", description="Cheaper PEFT by pruning (Light-PEFT, PrunePEFT).")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("light", help="Light-PEFT: estimate, prune, fine-tune, export")
+    keys = {"epilog": _keys_epilog(), "formatter_class": argparse.RawDescriptionHelpFormatter}
+    p = sub.add_parser("light", help="Light-PEFT: estimate, prune, fine-tune, export", **keys)
     _add_run_flags(p)
     p.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=None,
-                   help="also train vanilla PEFT with identical hyperparameters and print the comparison")
+                   help=f"{key_info('baseline').help} [baseline]")
     p.add_argument("--no-export", action="store_true", help="do not write the model export")
     p.set_defaults(func=cmd_light)
-    p = sub.add_parser("search", help="PrunePEFT: search where PEFT units go, retrain, export")
+    p = sub.add_parser("search", help="PrunePEFT: search where PEFT units go, retrain, export", **keys)
     _add_run_flags(p)
     p.add_argument("--no-export", action="store_true", help="do not write the model export")
     p.set_defaults(func=cmd_search)
+    p = sub.add_parser("config", help="list the configuration keys, or print the configuration a run would use",
+                       **keys)
+    p.add_argument("--config", help="YAML run configuration")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any config key, e.g. prune.heads=0.5")
+    p.add_argument("--list", action="store_true", help="list every key with its type, default and help")
+    p.add_argument("--format", choices=["yaml", "json"], default="yaml")
+    p.set_defaults(func=cmd_config)
     p = sub.add_parser("eval", help="evaluate an export on a task's dev set")
     p.add_argument("path")
     p.add_argument("--task")
@@ -228,6 +267,9 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         release_run_dirs()  # unlock the output folder; one left empty by a refused run is removed
+        metric_logging = sys.modules.get("prunetune.train.metric_logging")
+        if metric_logging is not None:  # flush TensorBoard / wandb / mlflow before the process ends
+            metric_logging.close_metric_loggers()
 
 
 if __name__ == "__main__":

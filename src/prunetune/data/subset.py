@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 import random
 
-from .tasks import EncodedDataset
+from .base import EncodedDataset
 
 
 def stratified_subset(dataset: EncodedDataset, size: float, seed: int = 0) -> EncodedDataset:

@@ -1,42 +1,21 @@
 """Task definitions, loading of GLUE/custom/hub data into plain rows, tokenization and dynamic-padding collate."""
 from __future__ import annotations
 
-import csv
-import json
+import dataclasses
 import math
 import random
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
-from ..config import DataConfig
 from ..errors import PrunetuneError
+from .base import EncodedDataset, Row, Task
+from .causal import collate_causal, encode_causal, is_causal_rows, load_causal
+from .files import _read_file, _split_file
 
-Row = dict  # {"text": str, "text_pair": str | None, "label": int | float}
-
-
-@dataclass
-class Task:
-    name: str
-    text_fields: list[str]
-    num_labels: int  # 1 = regression
-    metric: str  # main metric key in compute_metrics' output
-    label_names: list[str] | None = None
-    causal_lm: bool = False  # causal-LM fine-tuning (data/causal.py): token labels, loss / perplexity
-
-    @property
-    def is_regression(self) -> bool:
-        return self.num_labels == 1
-
-    @property
-    def greater_is_better(self) -> bool:
-        """Direction of the main metric (perplexity / loss: lower is better)."""
-        from .metrics import greater_is_better
-
-        return greater_is_better(self.metric)
-
+if TYPE_CHECKING:  # the config layer sits above data/: no runtime import (no cycle)
+    from ..config import DataConfig
 
 def _class_label(names: list[str]) -> Callable[[Any], int]:
     """Parser for class labels given as ids ("0"/"1") or as the names themselves."""
@@ -73,7 +52,6 @@ _KNOWN: dict[str, tuple[Task, str, Callable[[Any], Any]]] = {
 }
 KNOWN_TASKS = sorted(_KNOWN)
 _COLA_COLUMNS = ["source", "label", "original_label", "sentence"]  # GLUE CoLA tsv has no header
-_EXTS = (".tsv", ".csv", ".jsonl", ".json")
 
 
 def sample_path() -> Path:
@@ -83,89 +61,6 @@ def sample_path() -> Path:
 
 def _canonical(name: str) -> str:
     return name.strip().lower().replace("-", "").replace("_", "")
-
-
-# ---------------------------------------------------------------- file reading
-
-def _read_file(path: Path, headerless: list[str] | None = None) -> tuple[list[str], list[tuple[str, dict]]]:
-    """Return (columns, [(location, record)]) for a .tsv/.csv/.json/.jsonl file; location is "file:line"."""
-    if not path.is_file():
-        raise PrunetuneError(f"data file not found: {path}")
-    ext = path.suffix.lower()
-    if ext not in _EXTS:
-        raise PrunetuneError(f"unsupported data file type '{ext}' for {path} (use {', '.join(_EXTS)})")
-    try:
-        text = path.read_bytes().decode("utf-8-sig")  # a byte-order mark would glue onto the first column name
-    except (OSError, UnicodeDecodeError) as exc:
-        raise PrunetuneError(f"cannot read data file {path}: {exc}") from None
-    if ext in (".json", ".jsonl"):
-        records = _read_json(path, text, ext)
-        columns = list(records[0][1]) if records else []
-    else:
-        columns, records = _read_delimited(path, text, ext, headerless)
-    if not records:
-        raise PrunetuneError(f"data file {path} is empty (no data rows)")
-    return columns, records
-
-
-_FIELD_LIMIT = 2**31 - 1  # csv's default 131072 characters is less than one long document; C long on every OS
-
-
-def _read_delimited(path: Path, text: str, ext: str, headerless: list[str] | None):
-    if ext == ".tsv":  # GLUE sentences contain quotes: no quoting at all
-        reader = csv.reader(text.splitlines(), delimiter="\t", quoting=csv.QUOTE_NONE)
-    else:
-        reader = csv.reader(text.splitlines())
-    limit = csv.field_size_limit(_FIELD_LIMIT)  # a long text is truncated to max_length later, not an error
-    try:
-        lines = [(reader.line_num, row) for row in reader if row and any(c.strip() for c in row)]
-    except csv.Error as exc:
-        raise PrunetuneError(f"malformed row in {path} line {reader.line_num + 1}: {exc}") from None
-    finally:
-        csv.field_size_limit(limit)
-    if not lines:
-        return [], []
-    first = lines[0][1]
-    if headerless and len(first) == len(headerless) and first[1].strip() in ("0", "1"):
-        columns = headerless
-    else:
-        columns = [c.strip() for c in first]
-        twice = sorted({c for c in columns if columns.count(c) > 1})
-        if twice:  # dict(zip(...)) would silently keep the last of the same-named columns
-            raise PrunetuneError(f"header of {path} names column(s) {', '.join(map(repr, twice))} more than once")
-        lines = lines[1:]
-    records = []
-    for lineno, row in lines:
-        if len(row) != len(columns):
-            raise PrunetuneError(f"malformed row in {path} line {lineno}: expected {len(columns)} columns "
-                                 f"({', '.join(columns)}), got {len(row)}")
-        records.append((f"{path} line {lineno}", dict(zip(columns, row))))
-    return columns, records
-
-
-def _read_json(path: Path, text: str, ext: str) -> list[tuple[str, dict]]:
-    if ext == ".jsonl":
-        items = []
-        for lineno, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    items.append((f"{path} line {lineno}", json.loads(line)))
-                except json.JSONDecodeError as exc:
-                    raise PrunetuneError(f"malformed row in {path} line {lineno}: invalid JSON ({exc.msg})") from None
-    else:
-        try:
-            data = json.loads(text) if text.strip() else []
-        except json.JSONDecodeError as exc:
-            raise PrunetuneError(f"{path} is not valid JSON (line {exc.lineno}: {exc.msg})") from None
-        if isinstance(data, dict) and isinstance(data.get("data"), list):
-            data = data["data"]
-        if not isinstance(data, list):
-            raise PrunetuneError(f"{path} must hold a JSON list of objects (or {{\"data\": [...]}})")
-        items = [(f"{path} record {i}", rec) for i, rec in enumerate(data, 1)]
-    for where, rec in items:
-        if not isinstance(rec, dict):
-            raise PrunetuneError(f"malformed row in {where}: expected a JSON object, got {type(rec).__name__}")
-    return items
 
 
 def _extract(path: Path, columns: list[str], records, text_fields: list[str], label_field: str):
@@ -268,23 +163,6 @@ def _check_n(found: int, num_labels: int | None) -> int:
 
 # ---------------------------------------------------------------- loaders
 
-def _split_file(cfg: DataConfig, split: str, allow_any_ext: bool) -> Path:
-    given = cfg.train_file if split == "train" else cfg.dev_file
-    if given:
-        return Path(given)
-    if not cfg.data_dir:
-        raise PrunetuneError(f"task '{cfg.task}' needs data.data_dir (a folder with train.tsv/dev.tsv) "
-                             f"or data.train_file and data.dev_file")
-    folder = Path(cfg.data_dir)
-    stems = ["train"] if split == "train" else ["dev", "validation"]
-    exts = _EXTS if allow_any_ext else (".tsv",)
-    for stem in stems:
-        for ext in exts:
-            if (folder / f"{stem}{ext}").is_file():
-                return folder / f"{stem}{ext}"
-    return folder / f"{stems[0]}.tsv"  # reported as missing by _read_file
-
-
 def _load_known(key: str, cfg: DataConfig):
     base, label_field, parse = _KNOWN[key]
     if cfg.num_labels is not None and cfg.num_labels != base.num_labels:  # the head is the task's, not the config's
@@ -294,7 +172,7 @@ def _load_known(key: str, cfg: DataConfig):
                 list(base.label_names) if base.label_names else None)
     label_field = cfg.label_field or label_field
     if key == "sst2" and not (cfg.data_dir or cfg.train_file or cfg.dev_file):
-        cfg = DataConfig(**{**cfg.__dict__, "data_dir": str(sample_path())})
+        cfg = dataclasses.replace(cfg, data_dir=str(sample_path()))
     splits = []
     for split in ("train", "dev"):
         path = _split_file(cfg, split, allow_any_ext=False)
@@ -385,7 +263,6 @@ def load_task(cfg: DataConfig) -> tuple[Task, list[Row], list[Row]]:
     elif key == "custom":
         task, train, dev = _load_custom(cfg)
     elif key == "causallm":
-        from .causal import load_causal
 
         task, train, dev = load_causal(cfg)
     elif name:
@@ -406,25 +283,11 @@ def load_task(cfg: DataConfig) -> tuple[Task, list[Row], list[Row]]:
 
 # ---------------------------------------------------------------- tokenization
 
-class EncodedDataset(torch.utils.data.Dataset):
-    """A list of tokenized examples (dicts of python lists/ints/floats)."""
-
-    def __init__(self, items: list[dict]):
-        self.items = items
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int) -> dict:
-        return self.items[i]
-
-
 def encode(rows: list[Row], tokenizer, max_length: int) -> EncodedDataset:
     """Tokenize all rows at once (truncation, no padding); labels stay int (classes) or float (regression).
     Causal-LM rows (prompt/response, see data/causal.py) get token labels with the prompt masked to -100."""
     if not rows:
         return EncodedDataset([])
-    from .causal import encode_causal, is_causal_rows
 
     if is_causal_rows(rows):
         return encode_causal(rows, tokenizer, max_length)
@@ -448,7 +311,6 @@ def make_collate(tokenizer) -> Callable[[list[dict]], dict[str, torch.Tensor]]:
     token labels (causal LM) are right-padded with -100."""
     if getattr(tokenizer, "pad_token", None) is None:
         raise PrunetuneError("the tokenizer has no pad token; set one first (e.g. tokenizer.pad_token = tokenizer.eos_token)")
-    from .causal import collate_causal
     warned = getattr(tokenizer, "deprecation_warnings", None)
     if isinstance(warned, dict):  # silence "use __call__ instead of pad" advice: inputs are pre-tokenized
         warned["Asking-to-pad-a-fast-tokenizer"] = True

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from ..arch import get_arch
+from ..arch import get_arch, output_embedding_keys
 from ..errors import PrunetuneError
 from ..plan import PruningPlan
 from ..surgery.base import apply_plan
@@ -47,7 +47,8 @@ def load_base(path: Path, info: dict, plan: PruningPlan):
         state.update(load_file(str(f)))
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = set(getattr(model, "_tied_weights_keys", None) or [])
-    missing = [k for k in missing if k not in tied and not k.endswith("lm_head.weight")]
+    tied |= output_embedding_keys(model)  # an LM head tied to the input embedding is not saved separately
+    missing = [k for k in missing if k not in tied]
     if missing or unexpected:
         raise PrunetuneError(f"export {path} does not match its plan: missing {missing[:3]}, unexpected {unexpected[:3]}")
     if hasattr(model, "tie_weights"):

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
+from ..arch import get_arch, is_causal_lm
 from ..arch.families import uniform_config_update
 from ..errors import PrunetuneError
 from ..io import atomic_dir, check_target
@@ -56,18 +57,18 @@ def save_export(out: str | Path, hf_model, plan: PruningPlan, tokenizer=None, pe
             save_file({k: v.detach().cpu().contiguous() for k, v in adapters.state_dict().items()},
                       str(tmp / "adapters.safetensors"))
         if card:
-            (tmp / "README.md").write_text(card)
+            from ..report.card import with_front_matter
+
+            # plain from_pretrained rebuilds a merged export with a config-expressible shape: no prunetune needed
+            library = "transformers" if merge and plain else "prunetune"
+            (tmp / "README.md").write_text(with_front_matter(card, library_name=library))
         write_manifest(tmp, {
             "kind": "export",
             "peft": kind,
             "adapter_sizes": adapters.sizes() if adapters is not None else None,
             "plain_from_pretrained": bool(plain),
-            "causal_lm": bool(getattr(base.config, "is_decoder", False)) or _is_causal(base),
+            "causal_lm": bool(getattr(base.config, "is_decoder", False)) or is_causal_lm(base),
             "task": task_info or {},
-            "hidden_size": int(getattr(base.config, "hidden_size", 0) or getattr(base.config, "n_embd", 0)),
+            "hidden_size": get_arch(base).hidden_size,
         })
     return out
-
-
-def _is_causal(model) -> bool:
-    return type(model).__name__.endswith("ForCausalLM") or type(model).__name__.endswith("LMHeadModel")

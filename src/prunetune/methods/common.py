@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from ..arch import Arch, get_arch
-from ..config import RunConfig
+from ..config import PEFT_ROLES, RunConfig
 from ..data import encode, load_task, make_collate
 from ..dist import device as dist_device
 from ..dist import init_from_env, is_main, log
@@ -92,7 +92,7 @@ def default_structure(arch: Arch, cfg: RunConfig) -> PeftStructure:
         if not arch.peft_targets(p.targets):  # e.g. [gate] on BERT: PEFT would wrap nothing
             from ..errors import PrunetuneError
 
-            have = [r for r in ("q", "k", "v", "o", "up", "gate", "down") if arch.peft_targets([r])]
+            have = [r for r in PEFT_ROLES if arch.peft_targets([r])]
             raise PrunetuneError(f"peft.targets {p.targets} match no module of this {arch.family} model "
                                  f"(it has {', '.join(have)})")
         return PeftStructure(lora={n: p.r for n in arch.peft_targets(p.targets)}, lora_alpha=p.alpha,
@@ -100,9 +100,10 @@ def default_structure(arch: Arch, cfg: RunConfig) -> PeftStructure:
     return PeftStructure(adapters={n: p.adapter_size for n in adapter_positions(arch)})
 
 
-def build_model(ctx: Context, structure: PeftStructure | None = None, plan=None):
-    """Fresh seeded base model (physically pruned first when a plan is given) with a PEFT structure attached
-    (default: everywhere). Returns (forward model, HF model, arch, AdapterSet | None)."""
+def load_base(ctx: Context, plan=None):
+    """Fresh seeded base model for the task (sequence classifier, or causal LM for causal_lm tasks), checked
+    against the tokenizer, physically pruned first when a plan is given. Returns (HF model, arch). Every method
+    builds its models here (Light-PEFT, the baseline, PrunePEFT's supernet and retrain)."""
     cfg = ctx.cfg
     seed_everything(cfg.train.seed)
     hf = load_model(ctx.model_path, ctx.task.num_labels, causal_lm=getattr(ctx.task, "causal_lm", False),
@@ -111,7 +112,14 @@ def build_model(ctx: Context, structure: PeftStructure | None = None, plan=None)
     arch = get_arch(hf)
     if plan is not None:
         apply_plan(hf, arch, plan)
-    model, adapters = (structure or default_structure(arch, cfg)).build(hf, arch)
+    return hf, arch
+
+
+def build_model(ctx: Context, structure: PeftStructure | None = None, plan=None):
+    """load_base() with a PEFT structure attached (default: everywhere).
+    Returns (forward model, HF model, arch, AdapterSet | None)."""
+    hf, arch = load_base(ctx, plan)
+    model, adapters = (structure or default_structure(arch, ctx.cfg)).build(hf, arch)
     return model, hf, arch, adapters
 
 
@@ -123,7 +131,7 @@ def adapter_positions(arch: Arch) -> list[str]:
 def base_param_counts(hf, arch: Arch) -> dict[str, int]:
     """Base (non-PEFT) parameters: whole body, and transformer blocks only."""
     body = blocks = 0
-    block_prefix = arch.layers[0].q.rsplit(".0.", 1)[0] + "." if arch.layers else ""
+    block_prefix = arch.blocks_prefix + "." if arch.layers and arch.blocks_prefix else ""
     for name, p in hf.named_parameters():
         if "lora_" in name or not name.startswith(arch.body_prefix):
             continue
@@ -232,7 +240,8 @@ def train_fixed(ctx: Context, structure: PeftStructure | None = None, plan=None,
 
         save_export(export_dir, hf, plan, ctx.tokenizer, peft_model=model if model is not hf else None,
                     adapters=adapters, task_info=task_info(ctx), overwrite=cfg.overwrite,
-                    card=model_card(plan, task_info(ctx), result, method="PrunePEFT" if structure else "PEFT"))
+                    card=model_card(plan, task_info(ctx), result, method="PrunePEFT" if structure else "PEFT",
+                                    base_model=cfg.model.name_or_path))
         result["export"] = str(export_dir)
     save("done", result={k: v for k, v in result.items() if k != "_model"})
     return result

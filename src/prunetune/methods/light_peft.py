@@ -192,7 +192,7 @@ def train_light(ctx: Context, export_dir: Path | None = None) -> dict:
         from ..report.card import model_card
 
         save_export(export_dir, hf, plan, ctx.tokenizer, peft_model=model if adapters is None else None,
-                    adapters=adapters, task_info=task_info(ctx), card=model_card(plan, task_info(ctx), result),
+                    adapters=adapters, task_info=task_info(ctx), card=model_card(plan, task_info(ctx), result, base_model=cfg.model.name_or_path),
                     overwrite=cfg.overwrite)
         result["export"] = str(export_dir)
     result["_plan"], result["_model"] = plan, state.model

@@ -21,8 +21,6 @@ from ..data import stratified_split, stratified_subset
 from ..dist import is_main, log
 from ..errors import PrunetuneError
 from ..io import atomic_write_text
-from ..models import load_model
-from ..arch import get_arch
 from ..plan import PruningPlan, make_plan
 from ..scores import ImportanceTracker, StructureMasks
 from ..scores.criteria import DYNAMIC, HELD_OUT, WEIGHT_SPACE, score_units
@@ -31,7 +29,7 @@ from ..scores.hybrid import assign_criteria, block_of, combine, informative
 from ..train import TrainState, make_loader
 from ..units.structure import PeftStructure
 from ..units.supernet import Supernet
-from .common import Context, checkpoint_root, prepare, seed_everything, start_run, task_info, train_fixed
+from .common import Context, checkpoint_root, load_base, prepare, start_run, task_info, train_fixed
 
 
 @dataclass
@@ -93,10 +91,7 @@ def iterative_prune(ctx: Context, loader, block_criteria: dict[str, list[str]] |
     until the trainable-parameter budget is met. block_criteria None = every block uses `criteria`.
     held_out: batches for the drop_loss criterion; record: criteria whose scores each round keeps (warm-up)."""
     cfg, sc = ctx.cfg, ctx.cfg.search
-    seed_everything(cfg.train.seed)
-    hf = load_model(ctx.model_path, ctx.task.num_labels, dtype=cfg.model.dtype, gguf_file=cfg.model.gguf_file,
-                    pad_token_id=ctx.tokenizer.pad_token_id)
-    arch = get_arch(hf)
+    hf, arch = load_base(ctx)  # seeded; causal-LM head for causal_lm tasks; tokenizer checked
     net = Supernet(hf, arch, sc.space, sc.lora_r, sc.lora_alpha, cfg.peft.dropout, sc.adapter_size)
     extras = {"adapters": net.adapters} if net.adapters is not None else {}
     masks = StructureMasks(arch).attach(hf) if with_masks else None
@@ -171,7 +166,8 @@ def iterative_prune(ctx: Context, loader, block_criteria: dict[str, list[str]] |
 # and data.max_length is part of the cache key; the task's data is not (the mapping is reused across tasks).
 _NOT_IN_WARMUP_KEY = {"search": {"round_steps", "data_fraction", "fill", "warmup", "warmup_cache",
                                  "prune_foundation"},
-                      "train": {"resume", "save_every", "log_every", "tensorboard_dir", "eval_each_epoch",
+                      "train": {"resume", "save_every", "log_every", "tensorboard_dir", "report_to", "logging_dir",
+                                "eval_each_epoch",
                                 "eval_batch_size", "epochs", "max_steps", "warmup_ratio"}}  # rounds: constant lr
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..arch import Arch
+from ..arch import Arch, is_conv1d
 from ..arch.families import set_head_count
 from ..plan import PruningPlan
 
@@ -42,23 +42,19 @@ def structure_ops(arch: Arch, plan: PruningPlan) -> dict[str, Op]:
     return ops
 
 
-def _is_conv1d(module: nn.Module) -> bool:
-    return type(module).__name__ == "Conv1D"  # transformers.pytorch_utils.Conv1D: weight is (in, out)
-
-
 @torch.no_grad()
 def slice_module(module: nn.Module, op: Op) -> None:
     axis, idx = op
     w = module.weight
     idx = idx.to(w.device)
-    out_dim, in_dim = (1, 0) if _is_conv1d(module) else (0, 1)
+    out_dim, in_dim = (1, 0) if is_conv1d(module) else (0, 1)
     dim = out_dim if axis == "out" else in_dim
     module.weight = nn.Parameter(w.index_select(dim, idx).clone(), requires_grad=w.requires_grad)
     if axis == "out" and getattr(module, "bias", None) is not None:
         b = module.bias
         module.bias = nn.Parameter(b.index_select(0, idx).clone(), requires_grad=b.requires_grad)
     n = len(idx)
-    if _is_conv1d(module):
+    if is_conv1d(module):
         if axis == "out":
             module.nf = n
     elif axis == "out":
@@ -98,7 +94,7 @@ def fold_masks(hf_model, arch: Arch, head_masks, ffn_masks, lora: dict[str, dict
         for name, scale in ((layer.o, head_masks[i].repeat_interleave(width)), (layer.down, ffn_masks[i])):
             module = hf_model.get_submodule(name)
             s = scale.to(module.weight)
-            if _is_conv1d(module):
+            if is_conv1d(module):
                 module.weight.mul_(s[:, None])
             else:
                 module.weight.mul_(s[None, :])

@@ -28,7 +28,7 @@ STATE = "state.json"
 LEGACY = "state.pt"  # the pickle format of earlier versions: refused, never loaded
 FORMAT = 2
 IGNORED = {("output_dir",), ("overwrite",), ("train", "resume"), ("train", "save_every"), ("train", "log_every"),
-           ("baseline",)}
+           ("train", "report_to"), ("train", "logging_dir"), ("train", "tensorboard_dir"), ("baseline",)}
 DATA_STEMS = {"train", "dev", "validation"}  # the split files tasks read from data.data_dir
 MODEL_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth", ".gguf", ".json", ".txt", ".model", ".msgpack"}
 

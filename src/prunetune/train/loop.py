@@ -7,7 +7,7 @@ import random
 import signal
 import time
 from contextlib import nullcontext
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import numpy as np
 import torch
@@ -15,12 +15,16 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from ..config import TrainConfig
+from ..arch.base import body_path
 from ..data.metrics import compute_metrics
 from ..errors import PrunetuneError
 from ..dist import GlobalBatchSampler, average_gradients, is_main
 from ..surgery.peft import apply_ops
 from .memory import StepMemory
+from .metric_logging import MetricLogger, get_metric_logger
+
+if TYPE_CHECKING:  # the config layer sits above train/: no runtime import (no cycle)
+    from ..config import TrainConfig
 
 AMP = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -55,11 +59,12 @@ def lr_factor(step: int, total: int, warmup: int) -> float:
 
 class TrainState:
     """model: what forward() is called on (PeftModel or HF model); hf: the HF model (naming root);
-    extras: modules outside the HF model whose parameters also train (masks, adapters)."""
+    extras: modules outside the HF model whose parameters also train (masks, adapters); metric_logger: where
+    loss / lr go every cfg.log_every steps (default: the train.report_to backends, rank 0 only)."""
 
     def __init__(self, model: nn.Module, hf: nn.Module, extras: dict[str, nn.Module], cfg: TrainConfig,
                  loader: DataLoader, total_steps: int, device: torch.device, mask_lr: float | None = None,
-                 desc: str = "train", constant_lr: bool = False):
+                 desc: str = "train", constant_lr: bool = False, metric_logger: MetricLogger | None = None):
         self.cfg, self.loader, self.total_steps, self.device = cfg, loader, total_steps, device
         self.mask_lr = mask_lr or cfg.lr
         self.constant_lr = constant_lr  # search rounds: warm-up then flat (their number is not known ahead)
@@ -71,7 +76,7 @@ class TrainState:
         self.history: list[dict] = []
         self.desc = desc
         self.memory = StepMemory()  # reset by the caller per phase
-        self.writer = _tensorboard(cfg.tensorboard_dir)
+        self.metric_logger = metric_logger if metric_logger is not None else get_metric_logger(cfg.report_to, cfg.logging_dir)
         self._batches = self._batch_iter()
         self.steps_per_epoch = max(1, math.ceil(len(loader) / cfg.grad_accum))
         amp = AMP.get(cfg.mixed_precision)
@@ -236,9 +241,7 @@ class TrainState:
                 bar.set_postfix(loss=f"{loss_value:.4f}")
                 self.history.append({"step": self.step, "loss": loss_value, "task_loss": float(task_loss),
                                      "lr": self.cfg.lr * f})
-                if self.writer is not None:
-                    self.writer.add_scalar(f"{self.desc}/loss", loss_value, self.step)
-                    self.writer.add_scalar(f"{self.desc}/lr", self.cfg.lr * f, self.step)
+                self.metric_logger.log_dict({f"{self.desc}/loss": loss_value, f"{self.desc}/lr": self.cfg.lr * f}, self.step)
             if on_epoch_end and self.step % self.steps_per_epoch == 0:
                 on_epoch_end(self.step // self.steps_per_epoch)
                 self.model.train()
@@ -246,17 +249,6 @@ class TrainState:
                 on_checkpoint()
                 _debug_kill(desc or self.desc, self.step)
         bar.close()
-
-
-def _tensorboard(log_dir: str | None):
-    """A SummaryWriter when a folder is configured and tensorboard is installed (rank 0 only)."""
-    if not log_dir or not is_main():
-        return None
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        return None
-    return SummaryWriter(log_dir)
 
 
 def _debug_kill(phase: str, step: int) -> None:
@@ -267,7 +259,7 @@ def _debug_kill(phase: str, step: int) -> None:
 
 
 def _is_head(name: str, hf) -> bool:
-    prefix = getattr(hf, "base_model_prefix", "")
+    prefix = body_path(hf)
     return bool(prefix) and not name.startswith(prefix + ".") and not name.startswith(("masks.", "adapters."))
 
 

@@ -22,7 +22,7 @@ def lora_config(arch: Arch, modules: list[str], r: int, alpha: float, dropout: f
         target_modules=list(modules),
         rank_pattern={re.escape(k): v for k, v in (ranks or {}).items()},
         alpha_pattern={re.escape(k): v for k, v in (alphas or {}).items()},
-        fan_in_fan_out=arch.family == "gpt2",  # GPT-2 uses Conv1D (weight is in x out)
+        fan_in_fan_out=arch.conv1d,  # GPT-2 uses Conv1D (weight is in x out)
         bias="none",
     )
 
