@@ -749,3 +749,173 @@ def test_cli_search_overlapping_space(bert_dir, sst2_dir, tmp_path, capsys):
                  "--set", "search.space=[lora_ffn,adapter_ffn]", "--set", "search.warmup=false"]) == 2
     assert "overlap" in _one_error_line(capsys)
     assert not out.exists()
+
+
+# ------------------------------------------------------------------------------ rank-granular (search.chunk)
+def _lora_count(model) -> int:
+    return sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_chunk_units_and_their_removal_is_exact(family):
+    """Chunks of 2 ranks: removing one == zeroing its B columns / adapter up columns; its slices get no gradient;
+    switched_off restores exactly; trainable() counts what the retrain of the structure holds."""
+    space = ["lora_qv", "adapter_attn"]
+    net = _supernet(family, space, lora_r=4, adapter_size=4, chunk=2)
+    assert len(net.units) == 2 * 2 * 2 and {u.span for u in net.units} == {(0, 2), (2, 4)}
+    full = net.trainable()
+    assert full == _supernet(family, space, lora_r=4, adapter_size=4).trainable()
+    _perturb(net)
+    b = batch()
+    before = _logits(net.model, b)
+    lora_chunk, ad_chunk = "lora_qv@1#0", "adapter_attn@0#1"
+    with net.switched_off(lora_chunk):
+        off = _logits(net.model, b)
+    torch.testing.assert_close(_logits(net.model, b), before, atol=0, rtol=0)
+    assert (off - before).abs().max() > 1e-6
+    # reference: the same function with the chunk's output side zeroed by hand
+    with torch.no_grad():
+        saved = {}
+        for pos in net.by_name[lora_chunk].positions:
+            w = net._lora[pos].lora_B[ADAPTER].weight
+            saved[pos] = w.clone()
+            w[:, 0:2] = 0
+        up = net.adapters.get(net.by_name[ad_chunk].positions[0]).up.weight
+        saved_up = up.clone()
+        up[:, 2:4] = 0
+        ref = _logits(net.model, b)
+        for pos, w in saved.items():
+            net._lora[pos].lora_B[ADAPTER].weight.copy_(w)
+        up.copy_(saved_up)
+    net.remove([lora_chunk, ad_chunk])
+    torch.testing.assert_close(_logits(net.model, b), ref, atol=1e-6, rtol=0)
+    assert lora_chunk not in net.alive and "lora_qv@1#1" in net.alive
+    # gradients: zero on the removed chunks' slices, non-zero on the others
+    net.model.train()
+    net.model(**b, labels=torch.tensor([0, 1, 1])).loss.backward()
+    for name in (lora_chunk, ad_chunk):
+        params = net.unit_params(name)
+        full_params = [p for pos in net.by_name[name].positions for p in
+                       ((net._lora[pos].lora_A[ADAPTER].weight, net._lora[pos].lora_B[ADAPTER].weight)
+                        if net.by_name[name].kind == "lora" else (net.adapters.get(pos).up.weight,))]
+        assert params and all(p.grad is not None for p in full_params)
+    lo_grads = [net._lora[pos].lora_B[ADAPTER].weight.grad for pos in net.by_name[lora_chunk].positions]
+    assert all(float(g[:, 0:2].abs().max()) == 0.0 and float(g[:, 2:4].abs().max()) > 0 for g in lo_grads)
+    up_grad = net.adapters.get(net.by_name[ad_chunk].positions[0]).up.weight.grad
+    assert float(up_grad[:, 2:4].abs().max()) == 0.0 and float(up_grad[:, 0:2].abs().max()) > 0
+    # the structure a retrain builds holds exactly trainable() PEFT parameters
+    structure = net.structure()
+    assert sorted(set(structure.lora.values())) == [2, 4] and sorted(set(structure.adapters.values())) == [2, 4]
+    hf = tiny(family)
+    model, adapters = structure.build(hf, get_arch(hf))
+    assert _lora_count(model) + sum(p.numel() for p in adapters.parameters()) == net.trainable() < full
+
+
+def test_last_chunk_removes_the_module_and_chunk_must_divide_the_width():
+    net = _supernet("bert", ["lora_qv", "adapter_ffn"], lora_r=4, adapter_size=4, chunk=2)
+    net.remove(["lora_qv@0#0", "lora_qv@0#1", "adapter_ffn@1#0", "adapter_ffn@1#1"])
+    structure = net.structure()
+    assert not any(".0." in m for m in structure.lora) and len(structure.adapters) == 1
+    pos = net.by_name["lora_qv@0#0"].positions[0]
+    assert net._lora[pos].scaling[ADAPTER] == 0.0 and not net._lora[pos].lora_A[ADAPTER].weight.requires_grad
+    hf = tiny("bert")
+    model, adapters = structure.build(hf, get_arch(hf))
+    assert _lora_count(model) + sum(p.numel() for p in adapters.parameters()) == net.trainable()
+    with pytest.raises(PrunetuneError, match="must be >= 1 and divide"):
+        _supernet("bert", ["lora_qv"], lora_r=4, chunk=3)
+    with pytest.raises(PrunetuneError, match="search.chunk=3 must divide search.lora_r=8"):
+        from_dict({"search": {"chunk": 3, "space": ["lora_qv"]}})
+    assert from_dict({"search": {"chunk": 4, "space": ["lora_qv"], "adapter_size": 6}}).search.chunk == 4
+
+
+def test_tracker_statistics_per_chunk_are_the_chunks_own():
+    """gradient / taylor over the chunk's slices; activation and norm_ratio of the chunk's own output
+    (B[:, lo:hi] (A x)[lo:hi] * scaling), hand-computed from the same forward."""
+    from prunetune.scores import ImportanceTracker
+
+    net = _supernet("bert", ["lora_qv"], lora_r=4, chunk=2)
+    _perturb(net)
+    name = "lora_qv@1#1"
+    pos = net.by_name[name].positions[0]
+    layer = net._lora[pos]
+    seen = {}
+    h1 = layer.lora_B[ADAPTER].register_forward_hook(lambda _m, inp, _o: seen.__setitem__("z", inp[0].detach()))
+    h2 = layer.base_layer.register_forward_hook(lambda _m, _i, out: seen.__setitem__("base", out.detach()))
+    tracker = ImportanceTracker(net.hf, None, groups=net.groups(), spans=net.spans()).start()
+    b = batch()
+    tracker.token_mask = b["attention_mask"]
+    net.model.train()
+    net.model.zero_grad()
+    net.model(**b, labels=torch.tensor([0, 1, 1])).loss.backward()
+    tracker.after_backward()
+    tracker.stop()
+    h1.remove()
+    h2.remove()
+    stats = tracker.unit_stats()
+    both = [(net._lora[p].lora_A[ADAPTER].weight, net._lora[p].lora_B[ADAPTER].weight)
+            for p in net.by_name[name].positions]  # the unit covers q and v of layer 1
+    grads = torch.cat([t for a, b_ in both for t in (a.grad[2:4].reshape(-1), b_.grad[:, 2:4].reshape(-1))])
+    assert stats["gradient"][name] == pytest.approx(float(grads.abs().mean()), rel=1e-5)
+    taylor = sum((b_[:, 2:4] * b_.grad[:, 2:4]).sum() for _a, b_ in both)
+    assert stats["taylor"][name] == pytest.approx(float(taylor.abs().detach()), rel=1e-5)
+    B = layer.lora_B[ADAPTER].weight
+    delta = seen["z"][..., 2:4] @ B[:, 2:4].detach().T * layer.scaling[ADAPTER]
+    mask = b["attention_mask"].float()
+    act = float((delta.abs().mean(-1) * mask).sum() / mask.sum())
+    ratio = delta.norm(dim=-1) / seen["base"].norm(dim=-1)
+    # forward statistics: the mean over both positions; check q's share by hand
+    other = net.by_name[name].positions[1]
+    assert len(net.by_name[name].positions) == 2 and other != pos
+    modules, _ = tracker.finalize()
+    assert modules[f"{pos}#2"] == pytest.approx(float((ratio * mask).sum() / mask.sum()), rel=1e-4)
+    assert tracker.act_sum[f"{pos}#2"] == pytest.approx(act, rel=1e-4)
+    assert stats["norm_ratio"][name] == pytest.approx((modules[f"{pos}#2"] + modules[f"{other}#2"]) / 2, rel=1e-6)
+    # whole-unit statistics are unchanged by the chunk bookkeeping
+    assert f"{pos}" in modules
+
+
+def test_rank_granular_search_meets_the_budget_and_reports(bert_dir, sst2_dir, tmp_path):
+    from prunetune.report.search import unit_grid
+
+    cfg = _cfg(bert_dir, sst2_dir, tmp_path / "o", warmup=False, criteria=["taylor", "magnitude"], round_steps=1,
+               budget=0.3, k=3, chunk=2, fill=False)
+    ctx = prepare(from_dict(cfg))
+    found, _ = prune_peft.search(ctx)
+    assert found.rounds and found.rounds[-1]["trainable"] <= found.budget_params
+    assert all("#" in u for r in found.rounds for u in r["removed"])
+    widths = list(found.structure.lora.values())
+    assert widths and all(w % 2 == 0 and 0 < w <= 8 for w in widths)
+    assert len(set(widths)) > 1 or len(widths) < 8  # some module lost chunks, not only whole modules
+    results = {"rounds": found.rounds, "fill": found.fill, "config": ctx.cfg.to_dict(),
+               "structure": found.structure.to_dict()}
+    types, layers, cells = unit_grid(results)
+    assert types == ["lora_qv", "lora_ffn"] and layers == 2 and len(cells) == 4
+    assert all(c == "kept" or c.startswith("kept, width ") or c.startswith("round ") for c in cells.values())
+
+
+def test_adapter_chunk_activation_is_its_own_output():
+    from prunetune.scores import ImportanceTracker
+
+    net = _supernet("bert", ["adapter_attn"], adapter_size=4, chunk=2)
+    _perturb(net)
+    name = "adapter_attn@0#0"
+    pos = net.by_name[name].positions[0]
+    ad = net.adapters.get(pos)
+    seen = {}
+    hook = ad.register_forward_pre_hook(lambda _m, args: seen.__setitem__("h", args[0].detach()))
+    tracker = ImportanceTracker(net.hf, net.adapters, groups=net.groups(), spans=net.spans()).start()
+    b = batch()
+    tracker.token_mask = b["attention_mask"]
+    net.model.train()
+    net.model(**b, labels=torch.tensor([0, 1, 1])).loss.backward()
+    tracker.after_backward()
+    tracker.stop()
+    hook.remove()
+    with torch.no_grad():
+        z = ad.act(ad.down(seen["h"]))
+        delta = z[..., 0:2] @ ad.up.weight[:, 0:2].T
+    mask = b["attention_mask"].float()
+    act = float((delta.abs().mean(-1) * mask).sum() / mask.sum())
+    assert tracker.unit_stats()["activation"][name] == pytest.approx(act, rel=1e-4)
+    g = torch.cat([ad.down.weight.grad[0:2].reshape(-1), ad.down.bias.grad[0:2], ad.up.weight.grad[:, 0:2].reshape(-1)])
+    assert tracker.unit_stats()["gradient"][name] == pytest.approx(float(g.abs().mean()), rel=1e-5)

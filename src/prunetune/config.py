@@ -282,7 +282,7 @@ class LightPeftConfig(ConfigBase):
     >>> LightPeftConfig(estimate=EstimateConfig(structure_score="mask"), prune=PruneConfig(target_params=0.6))
     Traceback (most recent call last):
     ...
-    prunetune.errors.PrunetuneError: target mode compares units by their Taylor loss estimates; estimate.structure_score=mask is not on that scale (use taylor)
+    prunetune.errors.PrunetuneError: target mode compares units by their Taylor loss estimates; estimate.structure_score=mask is not on that scale (use taylor, or path for module_score)
     """
 
     estimate: EstimateConfig = section(EstimateConfig, help="early estimation (t' steps with masks)")

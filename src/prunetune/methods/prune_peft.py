@@ -92,7 +92,7 @@ def iterative_prune(ctx: Context, loader, block_criteria: dict[str, list[str]] |
     held_out: batches for the drop_loss criterion; record: criteria whose scores each round keeps (warm-up)."""
     cfg, sc = ctx.cfg, ctx.cfg.search
     hf, arch = load_base(ctx)  # seeded; causal-LM head for causal_lm tasks; tokenizer checked
-    net = Supernet(hf, arch, sc.space, sc.lora_r, sc.lora_alpha, cfg.peft.dropout, sc.adapter_size)
+    net = Supernet(hf, arch, sc.space, sc.lora_r, sc.lora_alpha, cfg.peft.dropout, sc.adapter_size, chunk=sc.chunk)
     extras = {"adapters": net.adapters} if net.adapters is not None else {}
     masks = StructureMasks(arch).attach(hf) if with_masks else None
     if masks is not None:
@@ -119,7 +119,7 @@ def iterative_prune(ctx: Context, loader, block_criteria: dict[str, list[str]] |
             masks.accumulate_taylor(cfg.estimate.lambda_heads, cfg.estimate.lambda_ffn, finite=state.step_finite)
 
     while net.trainable() > target and len(net.alive) > 1:
-        tracker = ImportanceTracker(hf, net.adapters, groups=net.groups()).start()
+        tracker = ImportanceTracker(hf, net.adapters, groups=net.groups(), spans=net.spans()).start()
         state.run(steps, extra_loss=l1 if masks is not None else None,
                   before_forward=lambda b: setattr(tracker, "token_mask", b.get("attention_mask")),
                   after_backward=lambda _s: after_backward(tracker), desc=f"{desc} round {len(result.rounds) + 1}")

@@ -6,17 +6,34 @@ from pathlib import Path
 from ..io import atomic_write_text
 
 
+def _type_layer(name: str) -> tuple[str, int]:
+    """"lora_qv@3" or a rank-granular chunk "lora_qv@3#1" -> ("lora_qv", 3)."""
+    t, _, rest = name.partition("@")
+    return t, int(rest.partition("#")[0])
+
+
 def unit_grid(results: dict) -> tuple[list[str], int, dict[tuple[str, int], str]]:
-    """(unit types, layers, cell per (type, layer)): 'kept', 'kept, width W' (budget fill) or 'round N'."""
+    """(unit types, layers, cell per (type, layer)): 'kept', 'kept, width W' (budget fill, or in a rank-granular
+    search the ranks its kept chunks add up to) or 'round N' (the round its last unit / chunk went)."""
     cells: dict[tuple[str, int], str] = {}
+    chunks: dict[tuple[str, int], set] = {}
     for rd in results["rounds"]:
         for name in rd["removed"]:
-            t, layer = name.split("@")
-            cells[(t, int(layer))] = f"round {rd['round']}"
+            cells[_type_layer(name)] = f"round {rd['round']}"
+            chunks.setdefault(_type_layer(name), set()).add(name)
     fill = results.get("fill") or {}
+    chunk = results["config"]["search"].get("chunk")
+    kept: dict[tuple[str, int], list[int | None]] = {}
     for name in results["structure"]["units"]:
-        t, layer = name.split("@")
-        cells[(t, int(layer))] = f"kept, width {fill[name]}" if name in fill else "kept"
+        kept.setdefault(_type_layer(name), []).append(fill.get(name))
+        chunks.setdefault(_type_layer(name), set()).add(name)
+    for key, widths in kept.items():
+        if chunk is None:
+            cells[key] = f"kept, width {widths[0]}" if widths[0] is not None else "kept"
+        else:
+            width = sum(chunk if w is None else w for w in widths)
+            whole = all(w is None for w in widths) and len(widths) == len(chunks[key])
+            cells[key] = "kept" if whole else f"kept, width {width}"
     space = results["config"]["search"]["space"]
     types = sorted({t for t, _ in cells}, key=space.index)
     return types, 1 + max(layer for _, layer in cells), cells

@@ -111,17 +111,17 @@ class ImportanceTracker:
         if base is None:  # not a recorded (training) forward
             return
         self._add_module(name, delta, base)
-        for key, lo, hi in self._chunks.get(name, []):  # a rank chunk's own output: B[:, lo:hi] (A x)[lo:hi]
-            with torch.no_grad():
-                self._add_module(key, hidden[..., lo:hi].detach() @ b[:, lo:hi].detach().T * scaling, base)
+        # a rank chunk's own output: B[:, lo:hi] (A x)[lo:hi] (detached operands: no graph; not under no_grad,
+        # which _add_module reads as "not a training forward")
+        for key, lo, hi in self._chunks.get(name, []):
+            self._add_module(key, hidden[..., lo:hi].detach() @ b[:, lo:hi].detach().T * scaling, base)
 
     def _add_adapter(self, name: str, delta: torch.Tensor, base: torch.Tensor, hidden: torch.Tensor) -> None:
         self._add_module(name, delta, base)
         if name in self._chunks and self._recording():
             up = self.adapters.get(name).up.weight.detach()
-            with torch.no_grad():  # a chunk of bottleneck units: up[:, lo:hi] z[lo:hi] (the up bias is shared)
-                for key, lo, hi in self._chunks[name]:
-                    self._add_module(key, hidden[..., lo:hi].detach() @ up[:, lo:hi].T, base)
+            for key, lo, hi in self._chunks[name]:  # a chunk of bottleneck units: up[:, lo:hi] z[lo:hi] (no bias)
+                self._add_module(key, hidden[..., lo:hi].detach() @ up[:, lo:hi].T, base)
 
     def stop(self) -> None:
         for h in self._handles:
