@@ -70,3 +70,20 @@ def test_corrupt_and_foreign_checkpoints_are_refused(setup, capsys):
     assert main(_args(model, data, out, "--resume")) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "checksum" in err[0]
+
+
+def test_path_scores_and_merge_resume_exactly(setup):
+    """module_score=path keeps the step in flight (its parameters and gradients) in the checkpoint: a run killed
+    mid-estimation resumes to the same plan and curves; merge_removed's surgery is part of the same run."""
+    root, model, data, _ = setup
+    extra = ["--set", "estimate.module_score=path", "--set", "prune.merge_removed=true"]
+    assert main(_args(model, data, root / "ref-path", *extra)) == 0
+    reference = _summary(root / "ref-path")
+    plan = json.loads((root / "ref-path" / "plan.json").read_text())
+    assert any(v > 0 for v in plan["meta"]["module_path"].values())
+    out = root / "killed-path"
+    proc = _cli(_args(model, data, out, *extra), {"PRUNETUNE_DEBUG_KILL_AT": "estimate:4"})
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    proc = _cli(_args(model, data, out, *extra, "--resume"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert _summary(out) == reference

@@ -84,7 +84,7 @@ def merge_lora_delta(module: nn.Module, a: torch.Tensor, b: torch.Tensor, scalin
     """W += scaling * B @ A (A: r x in, B: out x r), in W's layout (Conv1D keeps in x out) and dtype."""
     delta = scaling * (b.float() @ a.float())
     w = module.weight
-    w.add_((delta.T if _is_conv1d(module) else delta).to(device=w.device, dtype=w.dtype))
+    w.add_((delta.T if is_conv1d(module) else delta).to(device=w.device, dtype=w.dtype))
 
 
 def fold_masks(hf_model, arch: Arch, head_masks, ffn_masks, lora: dict[str, dict] | None = None) -> None:
