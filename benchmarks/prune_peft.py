@@ -110,7 +110,7 @@ def bench_task(task: str, args, seed: int) -> dict:
                  "max_length": args.max_length},
         "train": {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "seed": seed},
         "search": {"space": args.space, "k": args.k, "data_fraction": args.data_fraction,
-                   "warmup_cache": args.cache},
+                   "warmup_cache": args.cache, "chunk": args.chunk},
         "output_dir": str(Path(args.out) / f"{task}-seed{seed}"),
     }
     ctx = prepare(from_dict(base))
@@ -285,6 +285,8 @@ def main(argv=None) -> int:
     p.add_argument("--space", default="lora_qv,adapter_ffn", help="search space (unit types); the fixed "
                    "configurations stay LoRA on q+v and the FFN adapter at every layer")
     p.add_argument("--k", type=float, default=2)
+    p.add_argument("--chunk", type=int, default=None, help="rank-granular search: ranks / bottleneck units per "
+                   "searched unit (search.chunk); unset = whole units")
     p.add_argument("--data-fraction", type=float, default=0.1)
     p.add_argument("--seeds", default="42", help="comma-separated; search and retrains are repeated per seed")
     p.add_argument("--cache", default="runs/bench_prune/cache")
