@@ -23,7 +23,7 @@ from ..errors import PrunetuneError
 from ..io import atomic_write_text
 from ..models import load_model
 from ..arch import get_arch
-from ..plan import PruningPlan, make_plan
+from ..plan import PruningPlan, Scores, make_plan
 from ..scores import ImportanceTracker, StructureMasks
 from ..scores.criteria import DYNAMIC, HELD_OUT, WEIGHT_SPACE, score_units
 from ..scores.proxy import drop_loss, spearman
@@ -160,8 +160,9 @@ def iterative_prune(ctx: Context, loader, block_criteria: dict[str, list[str]] |
     if masks is not None:
         p = cfg.prune
         heads, ffn = masks.structure_scores(cfg.estimate.structure_score)
-        result.plan = make_plan(arch, heads, ffn, {}, {}, p.heads, p.ffn, 0.0, 0.0, p.ffn_scope, p.ffn_floor,
-                                "searched", hf.config.model_type)
+        result.plan = make_plan(arch=arch, scores=Scores(heads, ffn, {}, {}), heads=p.heads, ffn=p.ffn, modules=0.0,
+                                ranks=0.0, ffn_scope=p.ffn_scope, ffn_floor=p.ffn_floor, peft_kind="searched",
+                                model_type=hf.config.model_type)
         masks.detach()
     return result
 
