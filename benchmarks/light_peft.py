@@ -109,9 +109,10 @@ def bench_task(task: str, args, seed: int) -> list[dict]:
         for dotted, value in over.items():
             set_dotted(merged, dotted, value)
         ctx.cfg = from_dict(merged)  # validated like a user config
-        light = train_light(ctx)
-        light.pop("_plan")
-        light["latency_ms"] = latency_ms(light.pop("_model"), batch, args.repeats)
+        done = train_light(ctx)
+        light = done.metrics
+        light["latency_ms"] = latency_ms(done.model, batch, args.repeats)
+        del done
         row = dict(compare_row(task, ctx, van, light), variant=name, overrides=over, seed=seed,
                    predicted_step_speedup=light.get("predicted_step_speedup"),
                    target_speedup=getattr(ctx.cfg.prune, "target_speedup", None))

@@ -144,9 +144,9 @@ def bench_task(task: str, args) -> dict:
         van["answer_accuracy"] = answer_accuracy(van_model, ctx.tokenizer, dev_rows, args.max_length)
     del van_model
     with CudaMax(ctx.device) as light_mem:
-        light = train_light(ctx, Path(args.export) / task if args.export else None)
-    light.pop("_plan")
-    light_model = light.pop("_model")
+        done = train_light(ctx, Path(args.export) / task if args.export else None)
+    light, light_model = done.metrics, done.model
+    del done
     light["latency_ms"] = latency_ms(light_model, batch, args.repeats)
     if dev_rows is not None:
         light["answer_accuracy"] = answer_accuracy(light_model, ctx.tokenizer, dev_rows, args.max_length)
