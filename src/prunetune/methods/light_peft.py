@@ -81,6 +81,17 @@ class LightResult:
     hf: torch.nn.Module | None = None
     adapters: object = None
 
+    def save(self, folder: str | Path, tokenizer=None, merge: bool = False, overwrite: bool = False,
+             task_info: dict | None = None) -> Path:
+        """Write a prunetune export of the pruned model (reload: prunetune.AutoPrunedModel.from_pretrained);
+        with a tokenizer, AutoTokenizer.from_pretrained(folder) loads it too."""
+        from ..export import save_export
+
+        peft_model = self.model if hasattr(self.model, "peft_config") else None
+        hf = self.hf if self.hf is not None else (peft_model.base_model.model if peft_model is not None else self.model)
+        return save_export(folder, hf, self.plan, tokenizer, peft_model=peft_model, adapters=self.adapters,
+                           task_info=task_info, merge=merge, overwrite=overwrite)
+
 
 def score_step(*, cfg: RunConfig, masks: StructureMasks, tracker: ImportanceTracker, finite: bool) -> None:
     """One window step's scoring, on unscaled, fully accumulated, not yet clipped gradients (mask gradients
@@ -157,9 +168,9 @@ class _LightRun:
     """The live objects of one Light-PEFT run of prunetune's own loop (model, masks, tracker, TrainState, the
     checkpoint being resumed and the figures that outlive a restart)."""
 
-    def __init__(self, ctx: Context, model=None, hf=None, arch=None, adapters=None):
+    def __init__(self, ctx: Context, model=None, hf=None, arch=None, adapters=None, checkpoints: bool = True):
         cfg = self.cfg = ctx.cfg
-        self.ctx = ctx
+        self.ctx, self.checkpoints = ctx, checkpoints
         self.ckpt_dir = checkpoint_root(ctx) / "light"
         self.ck = load_checkpoint(self.ckpt_dir, cfg.to_dict()) if cfg.train.resume else None
         if model is None:
@@ -180,7 +191,7 @@ class _LightRun:
         self.t0 = time.perf_counter() - self.info.get("elapsed", 0.0)
 
     def save(self, phase: str, **extra) -> None:
-        if is_main() and self.ctx.cfg.output_dir is not None:
+        if is_main() and self.checkpoints:
             save_checkpoint(self.ckpt_dir, {"phase": phase, **self.state.state_dict(), "evals": self.evals,
                                             "mask_curve": self.mask_curve, "info": self.info, **extra},
                             self.cfg.to_dict())
@@ -227,8 +238,12 @@ def prune_phase(run: _LightRun, est: Estimate) -> Pruned:
     cfg, state = run.cfg, run.state
     t1 = time.perf_counter()
     run.masks.detach()
+    r, alpha, dropout = cfg.peft.r, cfg.peft.alpha, cfg.peft.dropout
+    lora = getattr(run.model, "peft_config", {}).get("default") if run.adapters is None else None
+    if lora is not None:  # a PeftModel given by the caller: its own LoRA hyperparameters
+        r, alpha, dropout = lora.r, lora.lora_alpha, lora.lora_dropout
     pruned = prune(model=run.model, hf=run.hf, arch=run.arch, adapters=run.adapters, estimate=est,
-                   r=cfg.peft.r, alpha=cfg.peft.alpha, dropout=cfg.peft.dropout)
+                   r=r, alpha=alpha, dropout=dropout)
     state.set_model(pruned.model, pruned.hf, pruned.extras, pruned.ops, reset=cfg.estimate.optimizer_state == "reset")
     run.model, run.hf = pruned.model, pruned.hf
     state.memory = StepMemory()
@@ -279,10 +294,11 @@ def finetune(run: _LightRun, est: Estimate) -> dict:
 
 
 def train_light(ctx: Context, export_dir: Path | None = None, model=None, hf=None, arch=None,
-                adapters=None) -> LightResult:
+                adapters=None, checkpoints: bool = True) -> LightResult:
     """Estimate for t' steps, prune, fine-tune. Resumes from output_dir/checkpoints/light with train.resume.
-    model/hf/arch/adapters: a model built by the caller (default: build_model(ctx))."""
-    run = _LightRun(ctx, model, hf, arch, adapters)
+    model/hf/arch/adapters: a model built by the caller (default: build_model(ctx)); checkpoints=False writes
+    none."""
+    run = _LightRun(ctx, model, hf, arch, adapters, checkpoints)
     est = estimate(run)
     prune_phase(run, est)
     metrics = finetune(run, est)
@@ -385,3 +401,112 @@ def run(cfg: RunConfig, export: bool = True) -> dict:
     write_report(out, results, plan)
     log(summary_table(results))
     return results
+
+
+# ---- the model-object API ----------------------------------------------------------------------------------
+def with_peft(model, config: RunConfig | dict | None = None, **overrides):
+    """The LoRA PeftModel prunetune trains: LoRA on config.peft.targets (r, alpha, dropout from config.peft),
+    the task head trainable in full. Seeded with train.seed (LoRA A's initialisation).
+
+    >>> from transformers import BertConfig, BertForSequenceClassification
+    >>> import prunetune
+    >>> tiny = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+    ...                   intermediate_size=32, max_position_embeddings=32)
+    >>> peft_model = prunetune.with_peft(BertForSequenceClassification(tiny), peft__r=4)
+    >>> type(peft_model).__name__
+    'PeftModel'
+    """
+    from ..arch import get_arch
+    from ..integrations.trainer import run_config
+    from .common import default_structure, seed_everything
+
+    cfg = run_config(config, overrides)
+    if cfg.peft.kind != "lora":
+        raise PrunetuneError(f"with_peft builds LoRA models; peft.kind={cfg.peft.kind!r} models are built by "
+                             "prunetune.light_peft_model itself")
+    if hasattr(model, "peft_config"):
+        raise PrunetuneError("the model is already a PeftModel")
+    arch = get_arch(model)
+    seed_everything(cfg.train.seed)
+    peft_model, _adapters = default_structure(arch, cfg).build(model, arch)
+    return peft_model
+
+
+def light_peft_model(model, train_data, *, config: RunConfig | dict | None = None, dev_data=None, tokenizer=None,
+                     collate_fn=None, task=None, **overrides) -> LightResult:
+    """Light-PEFT on a model object: estimate, prune, fine-tune; returns the pruned model, its plan and the
+    metrics (nothing is written to disk; `result.save(folder, tokenizer)` writes an export).
+
+    model: a supported HF model (LoRA or adapters are attached as config.peft says) or a LoRA PeftModel.
+    train_data / dev_data: a DataLoader, or a dataset of tokenized rows (input_ids, attention_mask, labels),
+    e.g. a `datasets.Dataset`, batched with collate_fn, else with padding by `tokenizer`, else stacked as they
+    are. task: a prunetune Task for dev metrics (default: accuracy, or pearson for one regression label).
+
+    >>> import torch, prunetune
+    >>> from transformers import BertConfig, BertForSequenceClassification
+    >>> tiny = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+    ...                   intermediate_size=32, max_position_embeddings=32)
+    >>> rows = [{"input_ids": torch.randint(1, 50, (8,)), "attention_mask": torch.ones(8, dtype=torch.long),
+    ...          "labels": i % 2} for i in range(16)]
+    >>> res = prunetune.light_peft_model(BertForSequenceClassification(tiny), rows, dev_data=rows,
+    ...                                  train__epochs=1, train__batch_size=4, train__eval_each_epoch=False,
+    ...                                  estimate__steps=2, prune__heads=0.5)
+    >>> res.plan.summary()["heads_kept"], "accuracy" in res.metrics["final"]
+    ('1/2', True)
+    """
+    from ..arch import get_arch
+    from ..data.tasks import Task
+    from ..dist import device as dist_device
+    from ..integrations.trainer import run_config
+    from ..train import make_loader
+    from .common import default_structure, seed_everything
+
+    cfg = run_config(config, overrides)
+    if cfg.train.resume:
+        raise PrunetuneError("train.resume needs a run folder: use prunetune.light_peft / the CLI for resumable runs")
+    if hasattr(model, "peft_config"):  # a PeftModel: LoRA as the caller set it up
+        if cfg.peft.kind != "lora":
+            raise PrunetuneError(f"the model is a PeftModel (LoRA) but peft.kind is {cfg.peft.kind!r}")
+        from ..integrations.trainer import _peft_hf
+
+        hf = _peft_hf(model)
+        arch, adapters = get_arch(hf), None
+    else:
+        hf, arch = model, get_arch(model)
+        seed_everything(cfg.train.seed)
+        model, adapters = default_structure(arch, cfg).build(hf, arch)
+    collate = collate_fn
+    if collate is None and tokenizer is not None:
+        from ..data import make_collate
+
+        collate = make_collate(tokenizer)
+
+    def loader(data, shuffle: bool, batch_size: int):
+        if data is None or isinstance(data, torch.utils.data.DataLoader):
+            return data
+        if not hasattr(data, "__len__") or len(data) == 0:
+            raise PrunetuneError("train_data / dev_data must be a DataLoader or a non-empty dataset of rows")
+        data = _TorchRows(data) if hasattr(data, "with_format") else data  # datasets.Dataset: rows of tensors
+        return make_loader(data, collate, batch_size, shuffle, cfg.train.seed)
+
+    train_loader = loader(train_data, True, cfg.train.batch_size)
+    dev_loader = loader(dev_data, False, cfg.train.eval_batch_size)
+    num_labels = int(getattr(hf.config, "num_labels", 2))
+    task = task or Task(name="custom", text_fields=[], num_labels=num_labels,
+                        metric="pearson" if num_labels == 1 else "accuracy")
+    ctx = Context(cfg, task, tokenizer, getattr(hf.config, "_name_or_path", "") or "<model object>", train_loader,
+                  dev_loader, dist_device(), int(getattr(hf.config, "max_position_embeddings", 0) or 0))
+    return train_light(ctx, None, model=model, hf=hf, arch=arch, adapters=adapters, checkpoints=False)
+
+
+class _TorchRows(torch.utils.data.Dataset):
+    """A datasets.Dataset seen as rows of tensors / numbers (the columns a model takes)."""
+
+    def __init__(self, ds):
+        self.ds = ds
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int) -> dict:
+        return dict(self.ds[int(i)])
