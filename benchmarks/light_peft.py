@@ -101,8 +101,10 @@ def bench_task(task: str, args, seed: int) -> list[dict]:
           f"{ctx.total_steps} steps, batch {ctx.cfg.train.batch_size}", flush=True)
     batch = next(iter(ctx.dev_loader))
     batch = {k: v for k, v in batch.items() if k != "labels"}
-    van = train_vanilla(ctx)
-    van["latency_ms"] = latency_ms(van.pop("_model"), batch, args.repeats)
+    done = train_vanilla(ctx)
+    van = done.metrics
+    van["latency_ms"] = latency_ms(done.model, batch, args.repeats)
+    del done
     rows = []
     for name, over in variants:  # every variant against the one vanilla run (same seed, data order, schedule)
         merged = copy.deepcopy(base)

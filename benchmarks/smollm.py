@@ -137,8 +137,9 @@ def bench_task(task: str, args) -> dict:
     batch = next(iter(ctx.dev_loader))
     batch = {k: v for k, v in batch.items() if k != "labels"}
     with CudaMax(ctx.device) as van_mem:
-        van = train_vanilla(ctx)
-    van_model = van.pop("_model")
+        done = train_vanilla(ctx)
+    van, van_model = done.metrics, done.model
+    del done
     van["latency_ms"] = latency_ms(van_model, batch, args.repeats)
     if dev_rows is not None:
         van["answer_accuracy"] = answer_accuracy(van_model, ctx.tokenizer, dev_rows, args.max_length)

@@ -162,6 +162,9 @@ def test_callback_refuses_ddp_and_non_peft_models(setup):
     with pytest.raises(PrunetuneError, match="PeftModel"):
         cb.on_train_begin(SimpleNamespace(world_size=1), SimpleNamespace(max_steps=10, global_step=0), None,
                           model=tiny_model(tok))
+    with pytest.raises(PrunetuneError, match="cannot resume"):
+        cb.on_train_begin(SimpleNamespace(world_size=1), SimpleNamespace(max_steps=10, global_step=3), None,
+                          model=peft_model, train_dataloader=SimpleNamespace(dataset=list(range(40))))
     with pytest.raises(PrunetuneError, match="lora"):
         prunetune.LightPeftCallback(CFG, peft__kind="adapter")
     with pytest.raises(PrunetuneError, match="no plan yet"):

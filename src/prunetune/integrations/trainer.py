@@ -14,7 +14,9 @@ Trainer's loop differs, the callback makes it equivalent:
   optimizer the surviving parameters with their AdamW state sliced, and the mask parameter group leaves the
   optimizer and the LR scheduler, which carry on.
 
-Data-parallel runs are refused (see `_refuse_distributed`).
+Data-parallel runs are refused (see `_refuse_distributed`), and so is resuming a Trainer checkpoint. With
+gradient accumulation the L1 gradient is added once per optimizer step (prunetune's loop adds 1/accum of it per
+micro-batch): equal up to rounding.
 """
 from __future__ import annotations
 
@@ -98,10 +100,10 @@ class LightPeftCallback(TrainerCallback):
         if dataset is None or not hasattr(dataset, "__len__"):
             raise PrunetuneError("LightPeftCallback needs a training dataset with a length (t' is a fraction of it)")
         self.window = Window.of(self.cfg, state.max_steps, len(dataset))
-        if state.global_step >= self.window.steps:
-            raise PrunetuneError(f"the run starts at step {state.global_step}, past the estimation phase (t' = "
-                                 f"{self.window.steps}): resuming a Trainer checkpoint taken before surgery is not "
-                                 "supported by LightPeftCallback")
+        if state.global_step > 0:  # masks, scores and the pruned shapes are not in the Trainer's checkpoints
+            raise PrunetuneError(f"the run starts at step {state.global_step}: LightPeftCallback cannot resume a "
+                                 "Trainer checkpoint (its masks, window scores and pruned shapes are not in it); "
+                                 "start from step 0, or use `prunetune light --resume` for resumable runs")
         self._dataset, self._device = dataset, device
         self._batch = args.per_device_train_batch_size
         self._accum = args.gradient_accumulation_steps

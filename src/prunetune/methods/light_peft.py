@@ -23,7 +23,7 @@ from ..train import PeakMemory, TrainState, evaluate
 from ..train.checkpoint import load_checkpoint, save_checkpoint
 from ..train.memory import StepMemory
 from .common import (Context, base_param_counts, build_model, checkpoint_root, epoch_evaluator, eval_seconds,
-                     mean_step, prepare, start_run, summarize_evals, task_info, train_fixed)
+                     mean_step, prepare, start_run, summarize_evals, task_info, train_fixed, TrainResult)
 
 
 def estimation_steps(cfg: RunConfig, total: int, train_rows: int) -> int:
@@ -35,7 +35,7 @@ def estimation_steps(cfg: RunConfig, total: int, train_rows: int) -> int:
     return max(1, min(steps, total - 1))
 
 
-def train_vanilla(ctx: Context) -> dict:
+def train_vanilla(ctx: Context) -> TrainResult:
     """The baseline: PEFT at every position, same hyperparameters and seed, no pruning."""
     return train_fixed(ctx, desc="vanilla", checkpoint_dir=checkpoint_root(ctx) / "vanilla")
 
@@ -383,8 +383,7 @@ def run(cfg: RunConfig, export: bool = True) -> dict:
     results: dict = {"config": cfg.to_dict(), "task": task_info(ctx)}
     if cfg.baseline:
         log("[1/2] vanilla PEFT baseline (same hyperparameters)")
-        results["vanilla"] = train_vanilla(ctx)
-        results["vanilla"].pop("_model", None)
+        results["vanilla"] = train_vanilla(ctx).metrics
     log(f"[{2 if cfg.baseline else 1}/{2 if cfg.baseline else 1}] Light-PEFT")
     done = train_light(ctx, out / "model" if export else None)
     plan, light = done.plan, done.metrics

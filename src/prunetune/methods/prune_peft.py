@@ -326,8 +326,7 @@ def run(cfg: RunConfig, export: bool = True) -> dict:
     log(f"found {len(found.structure.units)} units ({found.budget_params:,} budget): {found.structure.units}"
         + (f"; brought back to fill the budget (unit: width): {found.fill}" if found.fill else ""))
     retrain = train_fixed(ctx, found.structure, found.plan, out / "model" if export else None, desc="retrain",
-                          checkpoint_dir=checkpoint_root(ctx) / "retrain")
-    retrain.pop("_model", None)
+                          checkpoint_dir=checkpoint_root(ctx) / "retrain").metrics
     metric = ctx.task.metric
     results = {
         "config": cfg.to_dict(), "task": task_info(ctx),
