@@ -162,6 +162,9 @@ def test_callback_refuses_ddp_and_non_peft_models(setup):
     with pytest.raises(PrunetuneError, match="PeftModel"):
         cb.on_train_begin(SimpleNamespace(world_size=1), SimpleNamespace(max_steps=10, global_step=0), None,
                           model=tiny_model(tok))
+    with pytest.raises(PrunetuneError, match="fp16"):
+        cb.on_train_begin(SimpleNamespace(world_size=1, fp16=True), SimpleNamespace(max_steps=10, global_step=0),
+                          None, model=peft_model)
     with pytest.raises(PrunetuneError, match="cannot resume"):
         cb.on_train_begin(SimpleNamespace(world_size=1), SimpleNamespace(max_steps=10, global_step=3), None,
                           model=peft_model, train_dataloader=SimpleNamespace(dataset=list(range(40))))
@@ -184,6 +187,10 @@ def test_model_object_api_with_a_datasets_dataset(setup):
     assert type(res.model).__name__ == "PeftModel"
     with pytest.raises(PrunetuneError):
         prunetune.light_peft_model(tiny_model(tok), [], config=CFG)
+    # no dev data: no evaluation (eval_each_epoch is ignored), the plan and model all the same
+    res = prunetune.light_peft_model(tiny_model(tok), data, tokenizer=tok, config=CFG, train__epochs=1,
+                                     train__eval_each_epoch=True)
+    assert res.metrics["evals"] == [] and res.plan.heads_pruned()
 
 
 def test_auto_pruned_model_refuses_a_non_export(tmp_path):

@@ -93,6 +93,9 @@ class LightPeftCallback(TrainerCallback):
         if self.plan is not None:
             return  # a later train() call (e.g. resumed) of an already pruned model: nothing left to do
         _refuse_distributed(args)
+        if getattr(args, "fp16", False):
+            raise PrunetuneError("LightPeftCallback does not support fp16 (its loss scaling would reach the masks' and "
+                                 "the window's gradients scaled); use bf16=True or full precision")
         hf = _peft_hf(model)
         self._model, self.hf, self.arch = model, hf, get_arch(hf)
         device = next(p for p in model.parameters()).device

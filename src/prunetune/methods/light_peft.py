@@ -186,7 +186,8 @@ class _LightRun:
         ck = self.ck
         self.evals: list[dict] = list(ck["evals"]) if ck else []
         self.mask_curve: list[dict] = list(ck["mask_curve"]) if ck else []
-        self.on_epoch_end = epoch_evaluator(ctx, self.state, self.evals) if cfg.train.eval_each_epoch else None
+        self.on_epoch_end = (epoch_evaluator(ctx, self.state, self.evals)
+                             if cfg.train.eval_each_epoch and ctx.dev_loader is not None else None)
         self.info: dict = dict(ck["info"]) if ck else {}  # estimation-phase figures that outlive a restart
         self.t0 = time.perf_counter() - self.info.get("elapsed", 0.0)
 
