@@ -21,9 +21,11 @@ POS = ["the movie was good and the actors were great", "one of the best films of
        "a charming and often affecting journey"]
 NEG = ["the plot is bad , boring and too long", "it is not a film i would watch again"]
 ROWS, BS, EPOCHS = 32, 4, 3  # 8 steps per epoch, 24 in all
+# max_grad_norm 1e-3: every step is clipped (gradient norms here are ~5e-3), so scores taken from clipped
+# gradients would differ from the own loop's (checked: the equality test fails without the unclipped copies)
 CFG = {"peft": {"r": 4, "alpha": 8, "dropout": 0.0},
        "train": {"lr": 5e-3, "batch_size": BS, "epochs": EPOCHS, "warmup_ratio": 0.0, "weight_decay": 0.01,
-                 "max_grad_norm": 0.5, "seed": 0, "eval_each_epoch": False, "log_every": 1},
+                 "max_grad_norm": 1e-3, "seed": 0, "eval_each_epoch": False, "log_every": 1},
        "estimate": {"steps": 6, "window": 0.5, "lambda_heads": 1e-2, "lambda_ffn": 1e-2},
        "prune": {"heads": 0.5, "ffn": 0.3, "modules": 0.3, "ranks": 0.3}}
 
@@ -44,7 +46,7 @@ def tiny_model(tok):
         max_position_embeddings=64, num_labels=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
 
 
-def trainer_args(tmp_path, max_grad_norm=0.5, **kw):
+def trainer_args(tmp_path, max_grad_norm=1e-3, **kw):
     t = CFG["train"]
     return TrainingArguments(
         output_dir=str(tmp_path / "trainer"), per_device_train_batch_size=BS, num_train_epochs=EPOCHS,
