@@ -92,7 +92,8 @@ def test_allocator_against_brute_force(seed):
     heads, ffn, mods, rank = scores(arch, peft, seed, ranks)
     max_speedup = cost.unpruned().seconds / cost.step_time([1, 1], [1, 1], {arch.layers[1].down: 1}).seconds
     target = 1 + (max_speedup - 1) * (0.3 + 0.1 * seed)
-    plan = make_target_plan(arch=arch, cost=cost, scores=Scores(heads, ffn, mods, rank), target_speedup=target, ffn_floor=0.0)
+    plan = make_target_plan(arch=arch, cost=cost, scores=Scores(heads, ffn, mods, rank),
+                            target_speedup=target, ffn_floor=0.0)
     assert cost.predict(plan).speedup >= target
     opt = brute_force(arch, cost, heads, ffn, mods, rank, target, ranks)
     got = plan_loss(plan, heads, ffn, mods, rank)
@@ -123,7 +124,8 @@ def test_speed_target_met_within_tolerance_with_constraints(kind, cfg, target, p
     arch, cost, (heads, ffn, mods, rank) = setup(kind, cfg)
     mods = {m: v * peft_weight for m, v in mods.items()}
     rank = {m: v * peft_weight for m, v in rank.items()}
-    plan = make_target_plan(arch=arch, cost=cost, scores=Scores(heads, ffn, mods, rank), target_speedup=target, ffn_floor=0.05)
+    plan = make_target_plan(arch=arch, cost=cost, scores=Scores(heads, ffn, mods, rank),
+                            target_speedup=target, ffn_floor=0.05)
     speedup = cost.predict(plan).speedup
     assert speedup >= target
     if peft_weight > 1:  # PEFT kept, the cut stays at block 0: only unit granularity separates plan and target
@@ -142,7 +144,8 @@ def test_speed_target_met_within_tolerance_with_constraints(kind, cfg, target, p
 def test_params_target_removes_only_base_units_and_meets_the_fraction():
     arch, cost, (heads, ffn, mods, rank) = setup("llama", GQA)
     body = 10_000_000
-    plan = make_target_plan(arch=arch, cost=cost, scores=Scores(heads, ffn, mods, rank), target_params=0.85, body_params=body)
+    plan = make_target_plan(arch=arch, cost=cost, scores=Scores(heads, ffn, mods, rank),
+                            target_params=0.85, body_params=body)
     removed = sum(arch.num_units - len(k) for k in plan.kept_heads) * cost.head_params() + \
         sum(arch.intermediate_size - len(k) for k in plan.kept_neurons) * cost.neuron_params()
     assert body - removed <= 0.85 * body
@@ -152,7 +155,8 @@ def test_params_target_removes_only_base_units_and_meets_the_fraction():
 
 def test_uniform_option_gives_the_same_counts_in_every_layer():
     arch, cost, (heads, ffn, mods, rank) = setup("llama", GQA)
-    plan = make_target_plan(arch=arch, cost=cost, scores=Scores(heads, ffn, mods, rank), target_speedup=1.5, uniform=True)
+    plan = make_target_plan(arch=arch, cost=cost, scores=Scores(heads, ffn, mods, rank),
+                            target_speedup=1.5, uniform=True)
     assert plan.uniform_heads() is not None and plan.uniform_neurons() is not None
     assert cost.predict(plan).speedup >= 1.5
 
@@ -171,14 +175,17 @@ def test_plans_are_deterministic():
 def test_unreachable_target_is_refused():
     arch, cost, (heads, ffn, mods, rank) = setup("bert", MINILM)
     with pytest.raises(PrunetuneError, match="not reachable"):
-        make_target_plan(arch=arch, cost=cost, scores=Scores(heads, ffn, mods, rank), target_speedup=500.0)
+        make_target_plan(arch=arch, cost=cost, scores=Scores(heads, ffn, mods, rank),
+                         target_speedup=500.0)
     with pytest.raises(PrunetuneError, match="not reachable"):
-        make_target_plan(arch=arch, cost=cost, scores=Scores(heads, ffn, mods, rank), target_params=0.001, body_params=10_000_000)
+        make_target_plan(arch=arch, cost=cost, scores=Scores(heads, ffn, mods, rank),
+                         target_params=0.001, body_params=10_000_000)
 
 
 def test_allocation_summary_adds_up_to_the_predicted_saving():
     arch, cost, (heads, ffn, mods, rank) = setup("llama", GQA)
-    plan = make_target_plan(arch=arch, cost=cost, scores=Scores(heads, ffn, mods, rank), target_speedup=1.6)
+    plan = make_target_plan(arch=arch, cost=cost, scores=Scores(heads, ffn, mods, rank),
+                            target_speedup=1.6)
     alloc = allocation_summary(plan, cost=cost, scores=Scores(heads, ffn, mods, rank))
     saved = sum(r["saved"] for r in alloc["types"].values())
     assert saved == pytest.approx(1 - 1 / alloc["predicted_speedup"])

@@ -31,29 +31,3 @@ def light_peft(config: RunConfig | dict | None = None, **overrides) -> dict:
     from .methods.light_peft import run
 
     return run(run_config(config, overrides))
-
-
-def __getattr__(name: str):
-    """The training entry points import torch-heavy modules: loaded on first use."""
-    if name in ("light_peft_model", "with_peft", "LightResult"):
-        from .methods import light_peft as _lp
-
-        return getattr(_lp, name)
-    if name == "LightPeftCallback":
-        from .integrations.trainer import LightPeftCallback
-
-        return LightPeftCallback
-    raise AttributeError(f"module 'prunetune' has no attribute {name!r}")
-
-
-def light_peft(config: RunConfig | dict | None = None, **overrides) -> dict:
-    """Run Light-PEFT. `config`: RunConfig or nested dict; overrides: dotted keys, e.g. prune__heads=0.5."""
-    from .config import from_dict, set_dotted
-    from .methods.light_peft import run
-
-    if isinstance(config, RunConfig):
-        config = config.to_dict()
-    data = dict(config or {})
-    for key, value in overrides.items():
-        set_dotted(data, key.replace("__", "."), value)
-    return run(from_dict(data))

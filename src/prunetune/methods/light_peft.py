@@ -278,7 +278,8 @@ def finetune(run: _LightRun, est: Estimate) -> dict:
     return {
         "evals": evals, **summarize_evals(evals, ctx.task.metric),
         "plan": plan.summary(), "estimation_steps": n_est, "total_steps": run.window.total,
-        "step_seconds": mean_step(state.step_times[n_est:]), "estimation_step_seconds": mean_step(state.step_times[:n_est]),
+        "step_seconds": mean_step(state.step_times[n_est:]),
+        "estimation_step_seconds": mean_step(state.step_times[:n_est]),
         "estimation_seconds": info["estimation_seconds"], "surgery_seconds": info["surgery_seconds"],
         "train_seconds": wall, "peak_mb": state.memory.peak_mb, "estimation_peak_mb": info["estimation_peak_mb"],
         "cuda_peak_mb": mem.peak_mb, "cuda_estimation_peak_mb": info["cuda_estimation_peak_mb"],
