@@ -225,3 +225,40 @@ def test_readme_trainer_section_runs(tmp_path, monkeypatch):
     exec(compile(block, "README.md", "exec"), env)  # noqa: S102 - our own README
     assert isinstance(env["callback"].plan, prunetune.PruningPlan)
     assert os.path.isdir(tmp_path / "pruned")
+
+
+DDP_SCRIPT = '''
+import sys, torch, prunetune
+from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainingArguments
+torch.manual_seed(0)
+model = BertForSequenceClassification(BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=1,
+                                                 num_attention_heads=2, intermediate_size=32))
+rows = [{"input_ids": torch.randint(1, 40, (6,)), "attention_mask": torch.ones(6, dtype=torch.long),
+         "labels": i % 2} for i in range(16)]
+callback = prunetune.LightPeftCallback(estimate={"steps": 2})
+trainer = Trainer(model=prunetune.with_peft(model), train_dataset=rows, callbacks=[callback],
+                  args=TrainingArguments(sys.argv[1], per_device_train_batch_size=4, max_steps=4, use_cpu=True,
+                                         ddp_backend="gloo", report_to="none", save_strategy="no"))
+try:
+    trainer.train()
+except prunetune.PrunetuneError as exc:
+    print("REFUSED:", exc, flush=True)
+    sys.exit(0)
+print("TRAINED", flush=True)
+sys.exit(1)
+'''
+
+
+@pytest.mark.skipif(__import__("shutil").which("torchrun") is None, reason="torchrun not installed")
+def test_callback_refuses_a_real_two_process_ddp_run(tmp_path):
+    """torchrun, 2 CPU processes, gloo: both ranks stop at train begin with the one clear error."""
+    import subprocess
+
+    script = tmp_path / "ddp_callback.py"
+    script.write_text(DDP_SCRIPT)
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=src + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run(["torchrun", "--standalone", "--nproc_per_node", "2", str(script), str(tmp_path / "o")],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    assert proc.stdout.count("REFUSED: LightPeftCallback does not support data-parallel training") == 2, proc.stdout
