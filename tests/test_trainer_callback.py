@@ -195,6 +195,18 @@ def test_model_object_api_with_a_datasets_dataset(setup):
     assert res.metrics["evals"] == [] and res.plan.heads_pruned()
 
 
+def test_auto_pruned_model_loads_merged_exports(setup, tmp_path):
+    tok, data, _ = setup
+    res = prunetune.light_peft_model(tiny_model(tok), data, tokenizer=tok, config=CFG, train__epochs=1)
+    folder = res.save(tmp_path / "merged", tokenizer=tok, merge=True)
+    model = prunetune.AutoPrunedModel.from_pretrained(folder)
+    assert type(model).__name__ == "BertForSequenceClassification"  # the HF model itself, LoRA folded in
+    batch = make_collate(tok)(data[:4])
+    res.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits, res.model(**batch).logits, atol=1e-5, rtol=0)
+
+
 def test_auto_pruned_model_refuses_a_non_export(tmp_path):
     with pytest.raises(PrunetuneError, match="not a prunetune export"):
         prunetune.AutoPrunedModel.from_pretrained(tmp_path)
