@@ -64,7 +64,7 @@ def setup():
 
 
 @pytest.fixture(scope="module")
-def both(setup, tmp_path_factory):
+def both(setup, tmp_path_factory):  # noqa: D401
     """The same PeftModel, data order (sequential), collation and seed through the Trainer + callback and
     through prunetune's own loop (light_peft_model with a DataLoader)."""
     import datasets
@@ -74,7 +74,7 @@ def both(setup, tmp_path_factory):
     collate = make_collate(tok)
     cb = prunetune.LightPeftCallback(CFG)
     trainer = Trainer(model=copy.deepcopy(peft_model), args=trainer_args(tmp), data_collator=collate,
-                      train_dataset=datasets.Dataset.from_list(data), callbacks=[cb])
+                      train_dataset=datasets.Dataset.from_list(data), callbacks=[cb], processing_class=tok)
     trainer.train()
     loader = torch.utils.data.DataLoader(data, batch_size=BS, shuffle=False, collate_fn=collate)
     own = prunetune.light_peft_model(copy.deepcopy(peft_model), loader, config=CFG)
@@ -125,6 +125,13 @@ def test_callback_export_reloads(both, setup):
     trainer.model.eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded(**batch).logits, trainer.model(**batch).logits, atol=1e-5, rtol=0)
+    # trainer.save_model: the adapter as usual, plus the export AutoPrunedModel and AutoTokenizer load
+    trainer.save_model(str(tmp / "saved"))
+    assert (tmp / "saved" / "adapter_model.safetensors").is_file()
+    via_trainer = prunetune.AutoPrunedModel.from_pretrained(tmp / "saved")
+    batch = make_collate(AutoTokenizer.from_pretrained(tmp / "saved"))([dict(r) for r in data[:5]])
+    with torch.no_grad():
+        torch.testing.assert_close(via_trainer(**batch).logits, trainer.model(**batch).logits, atol=1e-5, rtol=0)
     # the own loop's result saves the same way
     own_out = own.save(tmp / "own_export", tokenizer=tok)
     assert prunetune.AutoPrunedModel.from_pretrained(own_out).prunetune_plan.kept_heads == own.plan.kept_heads

@@ -145,7 +145,11 @@ class AutoPrunedModel:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, verify: bool = True) -> torch.nn.Module:
-        """The model of the export at `path` (eval mode); checksums verified unless verify=False."""
+        """The model of the export at `path` (eval mode); checksums verified unless verify=False. A folder
+        written by `trainer.save_model` in a LightPeftCallback run holds the export in path/prunetune."""
+        path = Path(path)
+        if not (path / "prunetune.json").is_file() and (path / "prunetune" / "prunetune.json").is_file():
+            path = path / "prunetune"
         loaded = load(path, verify=verify)
         loaded.model.prunetune_plan = loaded.plan
         return loaded.model

@@ -69,7 +69,8 @@ class LightPeftCallback(TrainerCallback):
     (0.5, True)
 
     After `trainer.train()`: `cb.plan` (PruningPlan), `cb.result()` (LightResult), `cb.save(folder, tokenizer)`
-    writes a prunetune export (`prunetune.AutoPrunedModel.from_pretrained(folder)` reloads it).
+    writes a prunetune export (`prunetune.AutoPrunedModel.from_pretrained(folder)` reloads it); after surgery
+    `trainer.save_model(folder)` also writes one, to folder/prunetune (AutoPrunedModel finds it there).
     """
 
     def __init__(self, config: RunConfig | dict | None = None, **overrides):
@@ -89,7 +90,7 @@ class LightPeftCallback(TrainerCallback):
 
     # ---- train begin: checks, masks, tracker, the mask parameter group --------------------------------
     def on_train_begin(self, args, state, control, model=None, optimizer=None, lr_scheduler=None,
-                       train_dataloader=None, **kwargs):
+                       train_dataloader=None, processing_class=None, **kwargs):
         if self.plan is not None:
             return  # a later train() call (e.g. resumed) of an already pruned model: nothing left to do
         _refuse_distributed(args)
@@ -107,7 +108,7 @@ class LightPeftCallback(TrainerCallback):
             raise PrunetuneError(f"the run starts at step {state.global_step}: LightPeftCallback cannot resume a "
                                  "Trainer checkpoint (its masks, window scores and pruned shapes are not in it); "
                                  "start from step 0, or use `prunetune light --resume` for resumable runs")
-        self._dataset, self._device = dataset, device
+        self._dataset, self._device, self._tokenizer = dataset, device, processing_class
         self._batch = args.per_device_train_batch_size
         self._accum = args.gradient_accumulation_steps
         self.params_before = base_param_counts(hf, self.arch)
@@ -219,6 +220,7 @@ class LightPeftCallback(TrainerCallback):
             if n in trainable and "lora_" not in n:
                 p.requires_grad_(trainable[n])
         self._rebuild_optimizer(names, pruned.ops)
+        _save_exports_too(model, self)
         self._active = False
         self.info["surgery_seconds"] = time.perf_counter() - t1
 
@@ -255,6 +257,28 @@ class LightPeftCallback(TrainerCallback):
     def save(self, folder: str | Path, tokenizer=None, merge: bool = False, overwrite: bool = False) -> Path:
         """Write the pruned model as a prunetune export (reload: prunetune.AutoPrunedModel.from_pretrained)."""
         return self.result().save(folder, tokenizer=tokenizer, merge=merge, overwrite=overwrite)
+
+
+EXPORT_SUBFOLDER = "prunetune"
+
+
+def _save_exports_too(model, callback: LightPeftCallback) -> None:
+    """After surgery, `model.save_pretrained(folder)` (what `trainer.save_model` calls) writes the LoRA adapter
+    as usual and the full prunetune export to folder/prunetune: the adapter alone cannot be reloaded (its base
+    is pruned, and the head is not in it). `AutoPrunedModel.from_pretrained(folder)` loads that export."""
+    original = model.save_pretrained
+    busy = []  # the export itself saves the adapter through save_pretrained: no export inside the export
+
+    def save_pretrained(save_directory, *args, **kwargs):
+        original(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True) and not busy:
+            busy.append(True)
+            try:
+                callback.save(Path(save_directory) / EXPORT_SUBFOLDER, tokenizer=callback._tokenizer, overwrite=True)
+            finally:
+                busy.clear()
+
+    model.save_pretrained = save_pretrained
 
 
 def _refuse_distributed(args) -> None:
