@@ -101,17 +101,20 @@ def bench_task(task: str, args, seed: int) -> list[dict]:
           f"{ctx.total_steps} steps, batch {ctx.cfg.train.batch_size}", flush=True)
     batch = next(iter(ctx.dev_loader))
     batch = {k: v for k, v in batch.items() if k != "labels"}
-    van = train_vanilla(ctx)
-    van["latency_ms"] = latency_ms(van.pop("_model"), batch, args.repeats)
+    done = train_vanilla(ctx)
+    van = done.metrics
+    van["latency_ms"] = latency_ms(done.model, batch, args.repeats)
+    del done
     rows = []
     for name, over in variants:  # every variant against the one vanilla run (same seed, data order, schedule)
         merged = copy.deepcopy(base)
         for dotted, value in over.items():
             set_dotted(merged, dotted, value)
         ctx.cfg = from_dict(merged)  # validated like a user config
-        light = train_light(ctx)
-        light.pop("_plan")
-        light["latency_ms"] = latency_ms(light.pop("_model"), batch, args.repeats)
+        done = train_light(ctx)
+        light = done.metrics
+        light["latency_ms"] = latency_ms(done.model, batch, args.repeats)
+        del done
         row = dict(compare_row(task, ctx, van, light), variant=name, overrides=over, seed=seed,
                    predicted_step_speedup=light.get("predicted_step_speedup"),
                    target_speedup=getattr(ctx.cfg.prune, "target_speedup", None))

@@ -93,8 +93,7 @@ def choose_fixed(ctx, structures: dict[str, PeftStructure], seed: int, fraction:
     metric = ctx.task.metric
     scores = {}
     for name, st in structures.items():
-        r = train_fixed(sub, st, desc=f"select {name}")
-        r.pop("_model")
+        r = train_fixed(sub, st, desc=f"select {name}").metrics
         scores[name] = r["final"][metric]
     from prunetune.data.metrics import greater_is_better
 
@@ -149,8 +148,7 @@ def bench_task(task: str, args, seed: int) -> dict:
                                              and name not in {r["config"] for r in rows}):
             continue
         print(f"-- {name}: {len(structure.lora)} LoRA modules, {len(structure.adapters)} adapters", flush=True)
-        r = train_fixed(ctx, structure, desc=name)
-        r.pop("_model")
+        r = train_fixed(ctx, structure, desc=name).metrics
         rows.append({"task": task, "seed": seed, "metric": metric, "config": name, "final": r["final"][metric],
                      "best": r["best"][metric], "trainable_no_head": r["trainable_params_no_head"],
                      "retrain_steps": r["steps"], "retrain_seconds": r["train_seconds_no_eval"],

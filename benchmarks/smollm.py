@@ -137,16 +137,17 @@ def bench_task(task: str, args) -> dict:
     batch = next(iter(ctx.dev_loader))
     batch = {k: v for k, v in batch.items() if k != "labels"}
     with CudaMax(ctx.device) as van_mem:
-        van = train_vanilla(ctx)
-    van_model = van.pop("_model")
+        done = train_vanilla(ctx)
+    van, van_model = done.metrics, done.model
+    del done
     van["latency_ms"] = latency_ms(van_model, batch, args.repeats)
     if dev_rows is not None:
         van["answer_accuracy"] = answer_accuracy(van_model, ctx.tokenizer, dev_rows, args.max_length)
     del van_model
     with CudaMax(ctx.device) as light_mem:
-        light = train_light(ctx, Path(args.export) / task if args.export else None)
-    light.pop("_plan")
-    light_model = light.pop("_model")
+        done = train_light(ctx, Path(args.export) / task if args.export else None)
+    light, light_model = done.metrics, done.model
+    del done
     light["latency_ms"] = latency_ms(light_model, batch, args.repeats)
     if dev_rows is not None:
         light["answer_accuracy"] = answer_accuracy(light_model, ctx.tokenizer, dev_rows, args.max_length)

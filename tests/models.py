@@ -89,13 +89,13 @@ def random_masks(masks, seed: int = 3, low: float = 0.25, high: float = 1.5) -> 
 def random_plan(arch, masks, names, units: int, heads=1 / 3, ffn=1 / 3, modules=0.5, ranks=0.5, seed: int = 4,
                 **kw):
     """make_plan from the masks' values and random module / rank importance (units = rank or adapter size)."""
-    from prunetune.plan import make_plan
+    from prunetune.plan import Scores, make_plan
 
     g = torch.Generator().manual_seed(seed)
     rank_imp = {n: torch.rand(units, generator=g) for n in names}
     mod_imp = {n: float(torch.rand(1, generator=g)) for n in names}
-    return make_plan(arch, masks.head_values(), masks.ffn_values(), mod_imp, rank_imp, heads, ffn, modules, ranks,
-                     **kw)
+    return make_plan(arch=arch, scores=Scores(masks.head_values(), masks.ffn_values(), mod_imp, rank_imp), heads=heads,
+                     ffn=ffn, modules=modules, ranks=ranks, **kw)
 
 
 def zero_pruned_masks(masks, plan, kept_value: float | None = None) -> None:

@@ -15,7 +15,7 @@ from prunetune.arch import families
 from prunetune.config import from_dict
 from prunetune.cost import CostModel, SeqStats
 from prunetune.errors import PrunetuneError
-from prunetune.plan import PruningPlan, allocation_summary, make_target_plan
+from prunetune.plan import PruningPlan, Scores, allocation_summary, make_target_plan
 
 
 def arch_of(kind: str, **cfg):
@@ -92,7 +92,8 @@ def test_allocator_against_brute_force(seed):
     heads, ffn, mods, rank = scores(arch, peft, seed, ranks)
     max_speedup = cost.unpruned().seconds / cost.step_time([1, 1], [1, 1], {arch.layers[1].down: 1}).seconds
     target = 1 + (max_speedup - 1) * (0.3 + 0.1 * seed)
-    plan = make_target_plan(arch, cost, heads, ffn, mods, rank, target_speedup=target, ffn_floor=0.0)
+    plan = make_target_plan(arch=arch, cost=cost, scores=Scores(heads, ffn, mods, rank),
+                            target_speedup=target, ffn_floor=0.0)
     assert cost.predict(plan).speedup >= target
     opt = brute_force(arch, cost, heads, ffn, mods, rank, target, ranks)
     got = plan_loss(plan, heads, ffn, mods, rank)
@@ -123,7 +124,8 @@ def test_speed_target_met_within_tolerance_with_constraints(kind, cfg, target, p
     arch, cost, (heads, ffn, mods, rank) = setup(kind, cfg)
     mods = {m: v * peft_weight for m, v in mods.items()}
     rank = {m: v * peft_weight for m, v in rank.items()}
-    plan = make_target_plan(arch, cost, heads, ffn, mods, rank, target_speedup=target, ffn_floor=0.05)
+    plan = make_target_plan(arch=arch, cost=cost, scores=Scores(heads, ffn, mods, rank),
+                            target_speedup=target, ffn_floor=0.05)
     speedup = cost.predict(plan).speedup
     assert speedup >= target
     if peft_weight > 1:  # PEFT kept, the cut stays at block 0: only unit granularity separates plan and target
@@ -142,7 +144,8 @@ def test_speed_target_met_within_tolerance_with_constraints(kind, cfg, target, p
 def test_params_target_removes_only_base_units_and_meets_the_fraction():
     arch, cost, (heads, ffn, mods, rank) = setup("llama", GQA)
     body = 10_000_000
-    plan = make_target_plan(arch, cost, heads, ffn, mods, rank, target_params=0.85, body_params=body)
+    plan = make_target_plan(arch=arch, cost=cost, scores=Scores(heads, ffn, mods, rank),
+                            target_params=0.85, body_params=body)
     removed = sum(arch.num_units - len(k) for k in plan.kept_heads) * cost.head_params() + \
         sum(arch.intermediate_size - len(k) for k in plan.kept_neurons) * cost.neuron_params()
     assert body - removed <= 0.85 * body
@@ -152,7 +155,8 @@ def test_params_target_removes_only_base_units_and_meets_the_fraction():
 
 def test_uniform_option_gives_the_same_counts_in_every_layer():
     arch, cost, (heads, ffn, mods, rank) = setup("llama", GQA)
-    plan = make_target_plan(arch, cost, heads, ffn, mods, rank, target_speedup=1.5, uniform=True)
+    plan = make_target_plan(arch=arch, cost=cost, scores=Scores(heads, ffn, mods, rank),
+                            target_speedup=1.5, uniform=True)
     assert plan.uniform_heads() is not None and plan.uniform_neurons() is not None
     assert cost.predict(plan).speedup >= 1.5
 
@@ -160,25 +164,29 @@ def test_uniform_option_gives_the_same_counts_in_every_layer():
 def test_plans_are_deterministic():
     a = setup("bert", MINILM, seed=3)
     b = setup("bert", MINILM, seed=3)
-    pa = make_target_plan(a[0], a[1], *a[2], target_speedup=1.7)
-    pb = make_target_plan(b[0], b[1], *b[2], target_speedup=1.7)
+    pa = make_target_plan(arch=a[0], cost=a[1], scores=Scores(*a[2]), target_speedup=1.7)
+    pb = make_target_plan(arch=b[0], cost=b[1], scores=Scores(*b[2]), target_speedup=1.7)
     assert pa.to_json() == pb.to_json()
-    pc = make_target_plan(*setup("bert", MINILM, seed=4)[:2], *setup("bert", MINILM, seed=4)[2], target_speedup=1.7)
+    c = setup("bert", MINILM, seed=4)
+    pc = make_target_plan(arch=c[0], cost=c[1], scores=Scores(*c[2]), target_speedup=1.7)
     assert pc.to_json() != pa.to_json()  # other scores, another plan: the scores drive it
 
 
 def test_unreachable_target_is_refused():
     arch, cost, (heads, ffn, mods, rank) = setup("bert", MINILM)
     with pytest.raises(PrunetuneError, match="not reachable"):
-        make_target_plan(arch, cost, heads, ffn, mods, rank, target_speedup=500.0)
+        make_target_plan(arch=arch, cost=cost, scores=Scores(heads, ffn, mods, rank),
+                         target_speedup=500.0)
     with pytest.raises(PrunetuneError, match="not reachable"):
-        make_target_plan(arch, cost, heads, ffn, mods, rank, target_params=0.001, body_params=10_000_000)
+        make_target_plan(arch=arch, cost=cost, scores=Scores(heads, ffn, mods, rank),
+                         target_params=0.001, body_params=10_000_000)
 
 
 def test_allocation_summary_adds_up_to_the_predicted_saving():
     arch, cost, (heads, ffn, mods, rank) = setup("llama", GQA)
-    plan = make_target_plan(arch, cost, heads, ffn, mods, rank, target_speedup=1.6)
-    alloc = allocation_summary(plan, cost, heads, ffn, mods, rank)
+    plan = make_target_plan(arch=arch, cost=cost, scores=Scores(heads, ffn, mods, rank),
+                            target_speedup=1.6)
+    alloc = allocation_summary(plan, cost=cost, scores=Scores(heads, ffn, mods, rank))
     saved = sum(r["saved"] for r in alloc["types"].values())
     assert saved == pytest.approx(1 - 1 / alloc["predicted_speedup"])
     assert alloc["types"]["heads"]["loss"] + alloc["types"]["neurons"]["loss"] + alloc["types"]["modules"]["loss"] + \
@@ -259,8 +267,9 @@ def test_fixed_ratio_plans_get_the_same_allocation_report():
     from prunetune.plan import make_plan
 
     arch, cost, (heads, ffn, mods, rank) = setup("bert", MINILM)
-    plan = make_plan(arch, heads, ffn, mods, {m: torch.as_tensor(v) for m, v in rank.items()}, 1 / 3, 1 / 3, 0.75, 0.5)
-    alloc = allocation_summary(plan, cost, heads, ffn, mods, rank)
+    plan = make_plan(arch=arch, scores=Scores(heads, ffn, mods, {m: torch.as_tensor(v) for m, v in rank.items()}),
+                     heads=1 / 3, ffn=1 / 3, modules=0.75, ranks=0.5)
+    alloc = allocation_summary(plan, cost=cost, scores=Scores(heads, ffn, mods, rank))
     types = alloc["types"]
     assert types["heads"]["removed"] == 6 * 4 and types["modules"]["removed"] == 27
     assert sum(r["saved"] for r in types.values()) == pytest.approx(1 - 1 / alloc["predicted_speedup"])

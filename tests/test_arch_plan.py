@@ -10,7 +10,7 @@ from torch import nn
 
 from prunetune.arch import get_arch, supported_families
 from prunetune.errors import PrunetuneError
-from prunetune.plan import (PruningPlan, keep_topk, make_plan, n_remove, select_heads, select_modules,
+from prunetune.plan import (PruningPlan, Scores, keep_topk, make_plan, n_remove, select_heads, select_modules,
                             select_neurons, select_ranks)
 
 FAMILIES = ["bert", "gpt2", "opt", "llama"]
@@ -275,10 +275,11 @@ def _plan(family="bert", heads=1 / 3, ffn=1 / 3, modules=0.5, ranks=0.5, seed=0,
     arch = get_arch(model)
     g = torch.Generator().manual_seed(seed)
     names = arch.peft_targets(["q", "k", "v", "o", "up", "gate", "down"])
-    plan = make_plan(arch, [torch.rand(arch.num_units, generator=g) for _ in arch.layers],
-                     [torch.rand(arch.intermediate_size, generator=g) for _ in arch.layers],
-                     {n: float(torch.rand(1, generator=g)) for n in names},
-                     {n: torch.rand(8, generator=g) for n in names}, heads, ffn, modules, ranks,
+    scores = Scores(head=[torch.rand(arch.num_units, generator=g) for _ in arch.layers],
+                    ffn=[torch.rand(arch.intermediate_size, generator=g) for _ in arch.layers],
+                    module={n: float(torch.rand(1, generator=g)) for n in names},
+                    rank={n: torch.rand(8, generator=g) for n in names})
+    plan = make_plan(arch=arch, scores=scores, heads=heads, ffn=ffn, modules=modules, ranks=ranks,
                      model_type=model.config.model_type, meta={"note": "x", "vals": [1.5, 2]}, **kw)
     return plan, arch, names
 

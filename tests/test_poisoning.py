@@ -13,7 +13,7 @@ from models import batch, tiny_lora
 from test_pipeline import bert_dir, light, save_tiny_bert, sst2_dir, write_sst2  # noqa: F401 (fixtures)
 
 from prunetune.errors import PrunetuneError
-from prunetune.plan import make_plan
+from prunetune.plan import Scores, make_plan
 from prunetune.scores import ImportanceTracker, StructureMasks
 from prunetune.train import TrainState
 
@@ -195,7 +195,7 @@ def test_plan_refuses_non_finite_scores(where):
     ffn = [torch.rand(arch.intermediate_size) for _ in arch.layers]
     modules = {n: float(i) for i, n in enumerate(names)}
     ranks = {n: torch.rand(4) for n in names}
-    make_plan(arch, heads, ffn, modules, ranks, 0.3, 0.3, 0.5, 0.5)  # finite: fine
+    make_plan(arch=arch, scores=Scores(heads, ffn, modules, ranks), heads=0.3, ffn=0.3, modules=0.5, ranks=0.5)  # finite: fine
     if where == "module":
         modules[names[2]] = float("nan")
     elif where == "rank":
@@ -205,7 +205,7 @@ def test_plan_refuses_non_finite_scores(where):
     else:
         ffn[0][5] = -float("inf")
     with pytest.raises(PrunetuneError, match="not finite"):
-        make_plan(arch, heads, ffn, modules, ranks, 0.3, 0.3, 0.5, 0.5)
+        make_plan(arch=arch, scores=Scores(heads, ffn, modules, ranks), heads=0.3, ffn=0.3, modules=0.5, ranks=0.5)
 
 
 # ----------------------------------------------------------------------------------- resume on a device

@@ -294,7 +294,7 @@ def _run(cfg: dict, models: list | None = None, export: bool = True) -> dict:
     def keep(*args, **kw):
         res = original(*args, **kw)
         if models is not None:
-            models.append(res["_model"])
+            models.append(res.model)
         return res
 
     with pytest.MonkeyPatch.context() as mp:

@@ -2,20 +2,32 @@
 from .config import LightPeftConfig, PrunePeftConfig, RunConfig, load_config
 from .errors import PrunetuneError
 from .export import load, save_export
-from .plan import PruningPlan
+from .export.load import AutoPrunedModel
+from .plan import PruningPlan, Scores
 
 __version__ = "0.1.0"
-__all__ = ["RunConfig", "LightPeftConfig", "PrunePeftConfig", "load_config", "PrunetuneError", "load", "save_export", "PruningPlan", "light_peft"]
+__all__ = ["RunConfig", "LightPeftConfig", "PrunePeftConfig", "load_config", "PrunetuneError", "load", "save_export", "PruningPlan", "Scores", "light_peft",
+           "light_peft_model", "with_peft", "LightPeftCallback", "LightResult", "AutoPrunedModel"]
+
+
+def __getattr__(name: str):
+    """The training entry points import torch-heavy modules: loaded on first use."""
+    if name in ("light_peft_model", "with_peft", "LightResult"):
+        from .methods import light_peft as _lp
+
+        return getattr(_lp, name)
+    if name == "LightPeftCallback":
+        from .integrations.trainer import LightPeftCallback
+
+        return LightPeftCallback
+    raise AttributeError(f"module 'prunetune' has no attribute {name!r}")
 
 
 def light_peft(config: RunConfig | dict | None = None, **overrides) -> dict:
-    """Run Light-PEFT. `config`: RunConfig or nested dict; overrides: dotted keys, e.g. prune__heads=0.5."""
-    from .config import from_dict, set_dotted
+    """Run Light-PEFT from paths (model and data as the config names them; writes cfg.output_dir) and return
+    its results dict. `config`: RunConfig or nested dict; overrides: dotted keys, e.g. prune__heads=0.5.
+    On model objects: `light_peft_model`; in a transformers Trainer: `LightPeftCallback`."""
+    from .integrations.trainer import run_config
     from .methods.light_peft import run
 
-    if isinstance(config, RunConfig):
-        config = config.to_dict()
-    data = dict(config or {})
-    for key, value in overrides.items():
-        set_dotted(data, key.replace("__", "."), value)
-    return run(from_dict(data))
+    return run(run_config(config, overrides))

@@ -207,10 +207,29 @@ def _check_finite(what: str, scores: dict) -> None:
                              "diverged (lower train.lr, or use train.mixed_precision=bf16 instead of fp16)")
 
 
-def make_plan(arch, head_masks, ffn_masks, module_importance: dict[str, float], rank_importance: dict[str, torch.Tensor],
-              heads: float, ffn: float, modules: float, ranks: float, ffn_scope: str = "global", ffn_floor: float = 0.05,
-              peft_kind: str = "lora", model_type: str = "", meta: dict | None = None) -> PruningPlan:
-    """Phase 2 of Light-PEFT: heads per layer, neurons globally, PEFT modules globally, then ranks globally."""
+@dataclass
+class Scores:
+    """What a plan is made from: per layer a score per head unit (`head`) and per FFN neuron (`ffn`), a score
+    per PEFT module (`module`) and per rank of each module (`rank`). Higher = more important.
+
+    >>> import torch
+    >>> s = Scores(head=[torch.tensor([0.1, 0.9])], ffn=[torch.rand(4)], module={"q": 1.0}, rank={"q": torch.ones(2)})
+    >>> len(s.head), sorted(s.module)
+    (1, ['q'])
+    """
+    head: list
+    ffn: list
+    module: dict[str, float]
+    rank: dict[str, torch.Tensor]
+
+
+def make_plan(*, arch, scores: Scores, heads: float, ffn: float, modules: float, ranks: float,
+              ffn_scope: str = "global", ffn_floor: float = 0.05, peft_kind: str = "lora", model_type: str = "",
+              meta: dict | None = None) -> PruningPlan:
+    """Phase 2 of Light-PEFT (the paper's fixed ratios, fractions REMOVED): heads per layer, neurons globally,
+    PEFT modules globally, then ranks globally."""
+    head_masks, ffn_masks = scores.head, scores.ffn
+    module_importance, rank_importance = scores.module, scores.rank
     # a NaN sorts anywhere: non-finite scores would silently become a keep-by-index plan
     _check_finite("head", {f"layer {i}": m for i, m in enumerate(head_masks)})
     _check_finite("FFN neuron", {f"layer {i}": m for i, m in enumerate(ffn_masks)})
@@ -335,8 +354,7 @@ def _sorted_idx(scores: list[float]) -> list[int]:
     return sorted(range(len(scores)), key=lambda j: (scores[j], j))
 
 
-def make_target_plan(arch, cost, head_scores, ffn_scores, module_importance: dict[str, float],
-                     rank_importance: dict[str, torch.Tensor], target_speedup: float | None = None,
+def make_target_plan(*, arch, cost, scores: Scores, target_speedup: float | None = None,
                      target_params: float | None = None, body_params: int | None = None, uniform: bool = False,
                      ffn_floor: float = 0.05, peft_kind: str = "lora", model_type: str = "",
                      meta: dict | None = None) -> PruningPlan:
@@ -344,6 +362,7 @@ def make_target_plan(arch, cost, head_scores, ffn_scores, module_importance: dic
     base (body) parameters are at most target_params of body_params. Constraints: >= 1 head unit per layer,
     >= ffn_floor of each layer's neurons, >= 1 PEFT module; uniform: the same head / neuron count in every layer
     (exports load with plain from_pretrained where the config can say so)."""
+    head_scores, ffn_scores, module_importance, rank_importance = scores.head, scores.ffn, scores.module, scores.rank
     if (target_speedup is None) == (target_params is None):
         raise PrunetuneError("target mode needs exactly one of prune.target_speedup and prune.target_params")
     L, U, inter = arch.num_layers, arch.num_units, arch.intermediate_size
@@ -503,10 +522,10 @@ def make_target_plan(arch, cost, head_scores, ffn_scores, module_importance: dic
     return build(sol[1], set(prob["forced"]), prob["cut"])
 
 
-def allocation_summary(plan: PruningPlan, cost, head_scores, ffn_scores, module_importance: dict[str, float],
-                       rank_importance: dict[str, torch.Tensor]) -> dict:
+def allocation_summary(plan: PruningPlan, *, cost, scores: Scores) -> dict:
     """What the plan spends: per unit type the units removed, their summed Taylor loss estimate and the predicted
     step time they save (fraction of the unpruned step); per layer what went. Works for either mode."""
+    head_scores, ffn_scores, module_importance, rank_importance = scores.head, scores.ffn, scores.module, scores.rank
     pred = cost.predict(plan)
     sec, base = cost.rates.seconds, pred.unpruned.seconds
     cut = pred.pruned.cut_block

@@ -128,3 +128,29 @@ def _load(path: Path, info: dict, plan: PruningPlan) -> Loaded:
         adapters.attach(hf)
         hf.prunetune_adapters = adapters  # keep them alive with the model (and moved by .to())
     return Loaded(model, tokenizer, plan, info, adapters)
+
+
+class AutoPrunedModel:
+    """Load a prunetune export as the model itself: a PeftModel (LoRA exports), or the HF model (merged
+    exports; adapter exports with their adapters hooked). The tokenizer saved with it loads with
+    `transformers.AutoTokenizer.from_pretrained(path)`; the plan is on `model.prunetune_plan`.
+
+    >>> import prunetune
+    >>> prunetune.AutoPrunedModel.from_pretrained("/nonexistent")  # doctest: +IGNORE_EXCEPTION_DETAIL
+    Traceback (most recent call last):
+    prunetune.errors.PrunetuneError: /nonexistent is not a prunetune export (no prunetune.json)
+    """
+
+    def __init__(self):
+        raise TypeError("use AutoPrunedModel.from_pretrained(path)")
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, verify: bool = True) -> torch.nn.Module:
+        """The model of the export at `path` (eval mode); checksums verified unless verify=False. A folder
+        written by `trainer.save_model` in a LightPeftCallback run holds the export in path/prunetune."""
+        path = Path(path)
+        if not (path / "prunetune.json").is_file() and (path / "prunetune" / "prunetune.json").is_file():
+            path = path / "prunetune"
+        loaded = load(path, verify=verify)
+        loaded.model.prunetune_plan = loaded.plan
+        return loaded.model

@@ -194,15 +194,23 @@ def checkpoint_root(ctx: Context) -> Path:
     return checkpoint_root_of(ctx.cfg)
 
 
+@dataclass
+class TrainResult:
+    """A finished fixed-structure run: the trained model and the metrics (JSON-ready)."""
+    model: object
+    metrics: dict
+
+
 def train_fixed(ctx: Context, structure: PeftStructure | None = None, plan=None, export_dir: Path | None = None,
                 desc: str = "train", checkpoint_dir: Path | None = None) -> dict:
     """Train one fixed PEFT structure (default: everywhere) on the (optionally pruned) base for the full
     schedule, evaluating each epoch. Used for the vanilla baseline and for PrunePEFT's retrain.
-    With checkpoint_dir, progress is saved there and train.resume continues from it."""
+    With checkpoint_dir, progress is saved there and train.resume continues from it. The model of a run
+    restored as done from its checkpoint is None."""
     cfg = ctx.cfg
     ck = load_checkpoint(checkpoint_dir, cfg.to_dict()) if checkpoint_dir and cfg.train.resume else None
     if ck is not None and ck["phase"] == "done" and export_dir is None:
-        return dict(ck["result"], _model=None)
+        return TrainResult(model=None, metrics=dict(ck["result"]))
     model, hf, arch, adapters = build_model(ctx, structure, plan)
     extras = {"adapters": adapters} if adapters is not None else {}
     state = TrainState(model, hf, extras, cfg.train, ctx.train_loader, ctx.total_steps, ctx.device, desc=desc)
@@ -229,7 +237,7 @@ def train_fixed(ctx: Context, structure: PeftStructure | None = None, plan=None,
         "train_seconds_no_eval": wall - (evaluator.seconds if evaluator else 0.0), "cuda_peak_mb": mem.peak_mb,
         "trainable_params": state.trainable_count(), "trainable_params_no_head": state.trainable_count(False),
         "base_params": base_param_counts(hf, arch), "eval_seconds": eval_seconds(ctx, state.model),
-        "loss_curve": state.history, "_model": state.model,
+        "loss_curve": state.history,
     }
     if export_dir is not None and is_main():
         from ..export import save_export
@@ -243,5 +251,5 @@ def train_fixed(ctx: Context, structure: PeftStructure | None = None, plan=None,
                     card=model_card(plan, task_info(ctx), result, method="PrunePEFT" if structure else "PEFT",
                                     base_model=cfg.model.name_or_path))
         result["export"] = str(export_dir)
-    save("done", result={k: v for k, v in result.items() if k != "_model"})
-    return result
+    save("done", result=result)
+    return TrainResult(model=state.model, metrics=result)

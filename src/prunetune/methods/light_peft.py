@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -15,14 +16,14 @@ from ..dist import all_reduce_sum_, is_main, log, world_size
 from ..errors import PrunetuneError
 from ..io import atomic_write_text
 from ..cost import CostModel, DeviceRates, calibrate, seq_stats
-from ..plan import PruningPlan, allocation_summary, make_plan, make_target_plan
+from ..plan import PruningPlan, Scores, allocation_summary, make_plan, make_target_plan
 from ..scores import ImportanceTracker, StructureMasks
 from ..surgery import prune_adapter_model, prune_lora_model
 from ..train import PeakMemory, TrainState, evaluate
 from ..train.checkpoint import load_checkpoint, save_checkpoint
 from ..train.memory import StepMemory
 from .common import (Context, base_param_counts, build_model, checkpoint_root, epoch_evaluator, eval_seconds,
-                     mean_step, prepare, start_run, summarize_evals, task_info, train_fixed)
+                     mean_step, prepare, start_run, summarize_evals, task_info, train_fixed, TrainResult)
 
 
 def estimation_steps(cfg: RunConfig, total: int, train_rows: int) -> int:
@@ -34,185 +35,326 @@ def estimation_steps(cfg: RunConfig, total: int, train_rows: int) -> int:
     return max(1, min(steps, total - 1))
 
 
-def train_vanilla(ctx: Context) -> dict:
+def train_vanilla(ctx: Context) -> TrainResult:
     """The baseline: PEFT at every position, same hyperparameters and seed, no pruning."""
     return train_fixed(ctx, desc="vanilla", checkpoint_dir=checkpoint_root(ctx) / "vanilla")
 
 
-def train_light(ctx: Context, export_dir: Path | None = None) -> dict:
-    """Estimate for t' steps, prune, fine-tune. Resumes from output_dir/checkpoints/light with train.resume."""
-    cfg = ctx.cfg
-    ckpt_dir = checkpoint_root(ctx) / "light"
-    ck = load_checkpoint(ckpt_dir, cfg.to_dict()) if cfg.train.resume else None
-    model, hf, arch, adapters = build_model(ctx)
-    params_before = base_param_counts(hf, arch)
-    masks = StructureMasks(arch).attach(hf)
-    extras = {"masks": masks, **({"adapters": adapters} if adapters is not None else {})}
-    total = ctx.total_steps
-    est = estimation_steps(cfg, total, len(ctx.train_loader.dataset))
-    window_start = est - max(1, int(round(cfg.estimate.window * est)))
-    state = TrainState(model, hf, extras, cfg.train, ctx.train_loader, total, ctx.device,
-                       mask_lr=cfg.estimate.mask_lr, desc="light-peft")
-    tracker = ImportanceTracker(hf, adapters, cfg.estimate.rank_score)
-    evals: list[dict] = list(ck["evals"]) if ck else []
-    mask_curve: list[dict] = list(ck["mask_curve"]) if ck else []
-    on_epoch_end = epoch_evaluator(ctx, state, evals) if cfg.train.eval_each_epoch else None
-    info: dict = dict(ck["info"]) if ck else {}  # estimation-phase figures that outlive a restart
+@dataclass
+class Window:
+    """When Light-PEFT estimates: steps [0, steps) train with masks; importance is accumulated over
+    [start, steps); surgery runs after step `steps` of `total`."""
+    steps: int
+    start: int
+    total: int
 
-    def save(phase: str, **extra):
-        if is_main():
-            save_checkpoint(ckpt_dir, {"phase": phase, **state.state_dict(), "evals": evals, "mask_curve": mask_curve,
-                                       "info": info, **extra}, cfg.to_dict())
+    @classmethod
+    def of(cls, cfg: RunConfig, total: int, train_rows: int) -> "Window":
+        est = estimation_steps(cfg, total, train_rows)
+        return cls(steps=est, start=est - max(1, int(round(cfg.estimate.window * est))), total=total)
 
-    t0 = time.perf_counter() - info.get("elapsed", 0.0)
-    if ck is None or ck["phase"] == "estimate":
-        if ck is not None:
-            state.load_state_dict(ck)
-            tracker.load_state_dict(ck["tracker"])
-            masks.load_score_state(ck["mask_scores"])
 
-        def l1():
-            h, f = masks.l1()
-            return cfg.estimate.lambda_heads * h + cfg.estimate.lambda_ffn * f
+@dataclass
+class Estimate:
+    """What the estimation phase leaves: the plan, and the mask values to fold into o / down weights
+    (prune.fold_masks) as (head masks, ffn masks) of plain lists, else None."""
+    plan: PruningPlan
+    fold_values: tuple[list, list] | None = None
 
-        def before_forward(batch):
-            tracker.token_mask = batch.get("attention_mask")
-            if state.step >= window_start and not tracker._handles:
-                tracker.start()
 
-        def after_backward(step):
-            tracker.accumulate_path(finite=state.step_finite)  # path importance counts every estimation step
-            if step >= window_start:  # a step the fp16 scaler skips (non-finite gradients) is not scored
-                tracker.after_backward(finite=state.step_finite)
-                masks.accumulate_taylor(cfg.estimate.lambda_heads, cfg.estimate.lambda_ffn, finite=state.step_finite)
-            if step % max(1, cfg.train.log_every) == 0 or step == est - 1:
-                mask_curve.append({"step": step, "heads_mean": _mean(masks.heads), "ffn_mean": _mean(masks.ffn)})
+@dataclass
+class Pruned:
+    """The physically pruned model after surgery: forward model, HF model, the modules outside it that train
+    (adapters), and per-parameter slicing ops for the optimizer state."""
+    model: torch.nn.Module
+    hf: torch.nn.Module
+    extras: dict
+    ops: dict
 
-        with PeakMemory(ctx.device) as mem_est:
-            state.run(est - state.step, extra_loss=l1, before_forward=before_forward, after_backward=after_backward,
-                      on_epoch_end=on_epoch_end, desc="estimate",
-                      on_checkpoint=lambda: save("estimate", tracker=tracker.state_dict(),
-                                                 mask_scores=masks.score_state()))
-        tracker.stop()
-        if tracker.rank_n == 0:  # nothing to rank PEFT modules by: a plan would drop them all
-            raise PrunetuneError(f"none of the {est - window_start} steps of the estimation window could be scored "
-                                 "(non-finite gradients: fp16 overflow or divergence); lower train.lr, use "
-                                 "train.mixed_precision=bf16, or widen estimate.window")
-        norm_ratio, rank_imp = tracker.finalize()
-        module_taylor = tracker.module_taylor()
-        path_modules, path_ranks = tracker.path_scores()
-        module_imp = {"taylor": module_taylor, "norm_ratio": norm_ratio, "path": path_modules}[cfg.estimate.module_score]
-        if cfg.estimate.module_score == "path":  # ranks by what they bought too (the point Taylor term is ~0 early)
-            rank_imp = path_ranks
-        head_vals, ffn_vals = masks.head_values(), masks.ffn_values()
-        head_scores, ffn_scores = masks.structure_scores(cfg.estimate.structure_score)
-        p = cfg.prune
-        cost = _cost_model(ctx, arch, {n: len(v) for n, v in rank_imp.items()}, model if p.cost_probe else None)
-        plan_meta = {"estimation_steps": est, "window_start": window_start, "total_steps": total,
-                     "window_skipped_steps": tracker.skipped,
-                     "module_importance": module_imp,  # the chosen score; both kept for reports
-                     "module_norm_ratio": norm_ratio, "module_taylor": module_taylor, "module_path": path_modules,
-                     "rank_importance": {k: v.tolist() for k, v in rank_imp.items()},
-                     "structure_score": cfg.estimate.structure_score,
-                     "module_score": cfg.estimate.module_score,
-                     "head_masks": [m.tolist() for m in head_vals],
-                     "head_taylor": [m.tolist() for m in masks.taylor_values()[0]],
-                     "ffn_mask_summary": [[float(m.min()), float(m.mean()), float(m.max())] for m in ffn_vals],
-                     # canonical roles (q, k, v, o, up, down) for reports, from the arch descriptor
-                     "peft_roles": {n: [arch.role_of(n)[0], arch.role_label(arch.role_of(n)[1])] for n in rank_imp}}
-        if p.target_speedup is not None or p.target_params is not None:  # target mode: joint allocation
-            if p.target_speedup is not None and not any(module_imp.values()):
-                # LoRA B starts at 0, so its Taylor terms are 0 until B has trained: PEFT removal would look free
-                log(f"warning: every PEFT module scored 0 after {est} estimation steps; target mode will treat "
-                    "removing PEFT modules as free (set estimate.steps higher)")
-            plan = make_target_plan(arch, cost, head_scores, ffn_scores, module_imp, rank_imp, p.target_speedup,
-                                    p.target_params, params_before["body"], p.ffn_scope == "layer", p.ffn_floor,
-                                    cfg.peft.kind, hf.config.model_type, meta=plan_meta)
-        else:  # the paper's fixed ratios
-            plan = make_plan(arch, head_scores, ffn_scores, module_imp, rank_imp, p.heads, p.ffn, p.modules, p.ranks,
-                             p.ffn_scope, p.ffn_floor, cfg.peft.kind, hf.config.model_type, meta=plan_meta)
-        plan.meta["allocation"] = allocation_summary(plan, cost, head_scores, ffn_scores, module_imp, rank_imp)
-        info.update(estimation_seconds=time.perf_counter() - t0, estimation_peak_mb=state.memory.peak_mb,
-                    cuda_estimation_peak_mb=mem_est.peak_mb)
-        fold_values = ([m.tolist() for m in head_vals], [m.tolist() for m in ffn_vals]) if p.fold_masks else None
-    else:
-        plan = PruningPlan.from_dict(ck["plan"])
-        fold_values = ck.get("fold_values")
 
-    t1 = time.perf_counter()
-    masks.detach()
-    fold = [[torch.tensor(v) for v in vals] for vals in fold_values] if fold_values else (None, None)
-    if adapters is None:
-        model, ops = prune_lora_model(model, arch, plan, cfg.peft.r, cfg.peft.alpha, cfg.peft.dropout, *fold,
-                                      merge_removed=cfg.prune.merge_removed)
-        hf = model.base_model.model
-        extras = {}
-    else:
-        ops = prune_adapter_model(hf, arch, plan, adapters, *fold, extras_key="adapters")
-        extras = {"adapters": adapters}
-    state.set_model(model, hf, extras, ops, reset=cfg.estimate.optimizer_state == "reset")
-    state.memory = StepMemory()
-    info.setdefault("surgery_seconds", time.perf_counter() - t1)
-    plan_dict = json.loads(plan.to_json())
-    if ck is not None and ck["phase"] == "finetune":
-        state.load_state_dict(ck)
-    else:
-        save("finetune", plan=plan_dict, fold_values=fold_values)
+@dataclass
+class LightResult:
+    """A finished Light-PEFT run: the pruned (fine-tuned) model, its plan and the metrics (JSON-ready)."""
+    model: torch.nn.Module
+    plan: PruningPlan
+    metrics: dict
+    hf: torch.nn.Module | None = None
+    adapters: object = None
 
-    def save_finetune():
-        info["elapsed"] = time.perf_counter() - t0
-        save("finetune", plan=plan_dict, fold_values=fold_values)
-
-    with PeakMemory(ctx.device) as mem_ft:
-        state.run(total - state.step, on_epoch_end=on_epoch_end, desc="fine-tune", on_checkpoint=save_finetune)
-    wall = time.perf_counter() - t0
-    if not evals or evals[-1]["step"] != state.step:
-        evals.append({"epoch": round(state.epoch, 2), "step": state.step,
-                      **evaluate(state.model, ctx.dev_loader, ctx.task, ctx.device)})
-    params_after = base_param_counts(hf, arch)
-    result = {
-        "evals": evals, **summarize_evals(evals, ctx.task.metric),
-        "plan": plan.summary(), "estimation_steps": est, "total_steps": total,
-        "step_seconds": mean_step(state.step_times[est:]), "estimation_step_seconds": mean_step(state.step_times[:est]),
-        "estimation_seconds": info["estimation_seconds"], "surgery_seconds": info["surgery_seconds"],
-        "train_seconds": wall, "peak_mb": state.memory.peak_mb, "estimation_peak_mb": info["estimation_peak_mb"],
-        "cuda_peak_mb": mem_ft.peak_mb, "cuda_estimation_peak_mb": info["cuda_estimation_peak_mb"],
-        "trainable_params": state.trainable_count(), "trainable_params_no_head": state.trainable_count(False),
-        "base_params_before": params_before, "base_params": params_after,
-        "base_kept_pct": 100.0 * params_after["body"] / params_before["body"],
-        "block_kept_pct": 100.0 * params_after["blocks"] / max(1, params_before["blocks"]),
-        "eval_seconds": eval_seconds(ctx, state.model), "loss_curve": state.history, "mask_curve": mask_curve,
-        "resumed": ck is not None,
-        "predicted_step_speedup": plan.meta.get("allocation", {}).get("predicted_speedup"),
-        "cost_rates": plan.meta.get("allocation", {}).get("prediction", {}).get("rates"),
-    }
-    if export_dir is not None and is_main():
+    def save(self, folder: str | Path, tokenizer=None, merge: bool = False, overwrite: bool = False,
+             task_info: dict | None = None) -> Path:
+        """Write a prunetune export of the pruned model (reload: prunetune.AutoPrunedModel.from_pretrained);
+        with a tokenizer, AutoTokenizer.from_pretrained(folder) loads it too."""
         from ..export import save_export
 
+        peft_model = self.model if hasattr(self.model, "peft_config") else None
+        hf = self.hf if self.hf is not None else (peft_model.base_model.model if peft_model is not None else self.model)
+        return save_export(folder, hf, self.plan, tokenizer, peft_model=peft_model, adapters=self.adapters,
+                           task_info=task_info, merge=merge, overwrite=overwrite)
+
+
+def score_step(*, cfg: RunConfig, masks: StructureMasks, tracker: ImportanceTracker, finite: bool) -> None:
+    """One window step's scoring, on unscaled, fully accumulated, not yet clipped gradients (mask gradients
+    include the L1 term, which accumulate_taylor takes out). A non-finite step adds nothing."""
+    tracker.after_backward(finite=finite)
+    masks.accumulate_taylor(cfg.estimate.lambda_heads, cfg.estimate.lambda_ffn, finite=finite)
+
+
+def path_step(*, cfg: RunConfig, tracker: ImportanceTracker, finite: bool) -> None:
+    """Every estimation step from step 0, before the update (module_score=path: what each module's own
+    updates buy is summed over the whole phase, not only the window)."""
+    if cfg.estimate.module_score == "path":
+        tracker.accumulate_path(finite=finite)
+
+
+def mask_l1(cfg: RunConfig, masks: StructureMasks) -> torch.Tensor:
+    """The Light-PEFT sparsity term lambda_A |m_A|_1 + lambda_F |m_F|_1 added to the loss while estimating."""
+    h, f = masks.l1()
+    return cfg.estimate.lambda_heads * h + cfg.estimate.lambda_ffn * f
+
+
+def plan_from_scores(*, cfg: RunConfig, arch, model_type: str, masks: StructureMasks, tracker: ImportanceTracker,
+                     window: Window, cost_of, body_params: int) -> Estimate:
+    """Estimation -> plan (shared by prunetune's loop and the Trainer callback): finalize the window's scores,
+    make the plan (fixed ratios or target mode) and its allocation report. cost_of(peft_ranks) -> CostModel."""
+    tracker.stop()
+    if tracker.rank_n == 0:  # nothing to rank PEFT modules by: a plan would drop them all
+        raise PrunetuneError(f"none of the {window.steps - window.start} steps of the estimation window could be "
+                             "scored (non-finite gradients: fp16 overflow or divergence); lower train.lr, use "
+                             "train.mixed_precision=bf16, or widen estimate.window")
+    norm_ratio, rank_imp = tracker.finalize()
+    module_taylor = tracker.module_taylor()
+    path_modules, path_ranks = tracker.path_scores()
+    module_imp = {"taylor": module_taylor, "norm_ratio": norm_ratio, "path": path_modules}[cfg.estimate.module_score]
+    if cfg.estimate.module_score == "path":  # ranks by what they bought too (the point Taylor term is ~0 early)
+        rank_imp = path_ranks
+    head_vals, ffn_vals = masks.head_values(), masks.ffn_values()
+    head_scores, ffn_scores = masks.structure_scores(cfg.estimate.structure_score)
+    scores = Scores(head=head_scores, ffn=ffn_scores, module=module_imp, rank=rank_imp)
+    p = cfg.prune
+    cost = cost_of({n: len(v) for n, v in rank_imp.items()})
+    meta = {"estimation_steps": window.steps, "window_start": window.start, "total_steps": window.total,
+            "window_skipped_steps": tracker.skipped,
+            "module_importance": module_imp,  # the chosen score; both kept for reports
+            "module_norm_ratio": norm_ratio, "module_taylor": module_taylor, "module_path": path_modules,
+            "rank_importance": {k: v.tolist() for k, v in rank_imp.items()},
+            "structure_score": cfg.estimate.structure_score,
+            "module_score": cfg.estimate.module_score,
+            "head_masks": [m.tolist() for m in head_vals],
+            "head_taylor": [m.tolist() for m in masks.taylor_values()[0]],
+            "ffn_mask_summary": [[float(m.min()), float(m.mean()), float(m.max())] for m in ffn_vals],
+            # canonical roles (q, k, v, o, up, down) for reports, from the arch descriptor
+            "peft_roles": {n: [arch.role_of(n)[0], arch.role_label(arch.role_of(n)[1])] for n in rank_imp}}
+    if p.target_speedup is not None or p.target_params is not None:  # target mode: joint allocation
+        if p.target_speedup is not None and not any(module_imp.values()):
+            # LoRA B starts at 0, so its Taylor terms are 0 until B has trained: PEFT removal would look free
+            log(f"warning: every PEFT module scored 0 after {window.steps} estimation steps; target mode will "
+                "treat removing PEFT modules as free (set estimate.steps higher)")
+        plan = make_target_plan(arch=arch, cost=cost, scores=scores, target_speedup=p.target_speedup,
+                                target_params=p.target_params, body_params=body_params,
+                                uniform=p.ffn_scope == "layer", ffn_floor=p.ffn_floor, peft_kind=cfg.peft.kind,
+                                model_type=model_type, meta=meta)
+    else:  # the paper's fixed ratios
+        plan = make_plan(arch=arch, scores=scores, heads=p.heads, ffn=p.ffn, modules=p.modules, ranks=p.ranks,
+                         ffn_scope=p.ffn_scope, ffn_floor=p.ffn_floor, peft_kind=cfg.peft.kind,
+                         model_type=model_type, meta=meta)
+    plan.meta["allocation"] = allocation_summary(plan, cost=cost, scores=scores)
+    fold = ([m.tolist() for m in head_vals], [m.tolist() for m in ffn_vals]) if p.fold_masks else None
+    return Estimate(plan=plan, fold_values=fold)
+
+
+def prune(*, model, hf, arch, adapters, estimate: Estimate, r: int, alpha: float, dropout: float,
+          merge_removed: bool = False) -> Pruned:
+    """Surgery (shared by prunetune's loop and the Trainer callback): the physically pruned PEFT model. LoRA:
+    a new PeftModel over the same (sliced) HF model (merge_removed: what removed LoRA learned is merged into the
+    base first); adapters: sliced in place."""
+    fold = [[torch.tensor(v) for v in vals] for vals in estimate.fold_values] if estimate.fold_values else (None, None)
+    if adapters is None:
+        model, ops = prune_lora_model(model, arch, estimate.plan, r, alpha, dropout, *fold,
+                                      merge_removed=merge_removed)
+        return Pruned(model=model, hf=model.base_model.model, extras={}, ops=ops)
+    ops = prune_adapter_model(hf, arch, estimate.plan, adapters, *fold, extras_key="adapters")
+    return Pruned(model=model, hf=hf, extras={"adapters": adapters}, ops=ops)
+
+
+class _LightRun:
+    """The live objects of one Light-PEFT run of prunetune's own loop (model, masks, tracker, TrainState, the
+    checkpoint being resumed and the figures that outlive a restart)."""
+
+    def __init__(self, ctx: Context, model=None, hf=None, arch=None, adapters=None, checkpoints: bool = True):
+        cfg = self.cfg = ctx.cfg
+        self.ctx, self.checkpoints = ctx, checkpoints
+        self.ckpt_dir = checkpoint_root(ctx) / "light"
+        self.ck = load_checkpoint(self.ckpt_dir, cfg.to_dict()) if cfg.train.resume else None
+        if model is None:
+            model, hf, arch, adapters = build_model(ctx)
+        self.model, self.hf, self.arch, self.adapters = model, hf, arch, adapters
+        self.params_before = base_param_counts(hf, arch)
+        self.masks = StructureMasks(arch).attach(hf)
+        extras = {"masks": self.masks, **({"adapters": adapters} if adapters is not None else {})}
+        self.window = Window.of(cfg, ctx.total_steps, len(ctx.train_loader.dataset))
+        self.state = TrainState(model, hf, extras, cfg.train, ctx.train_loader, ctx.total_steps, ctx.device,
+                                mask_lr=cfg.estimate.mask_lr, desc="light-peft")
+        self.tracker = ImportanceTracker(hf, adapters, cfg.estimate.rank_score)
+        ck = self.ck
+        self.evals: list[dict] = list(ck["evals"]) if ck else []
+        self.mask_curve: list[dict] = list(ck["mask_curve"]) if ck else []
+        self.on_epoch_end = (epoch_evaluator(ctx, self.state, self.evals)
+                             if cfg.train.eval_each_epoch and ctx.dev_loader is not None else None)
+        self.info: dict = dict(ck["info"]) if ck else {}  # estimation-phase figures that outlive a restart
+        self.t0 = time.perf_counter() - self.info.get("elapsed", 0.0)
+
+    def save(self, phase: str, **extra) -> None:
+        if is_main() and self.checkpoints:
+            save_checkpoint(self.ckpt_dir, {"phase": phase, **self.state.state_dict(), "evals": self.evals,
+                                            "mask_curve": self.mask_curve, "info": self.info, **extra},
+                            self.cfg.to_dict())
+
+
+def estimate(run: _LightRun) -> Estimate:
+    """Phase 1: train with masks for t' steps, scoring over the window; returns the plan (or the one the
+    checkpoint being resumed already made)."""
+    cfg, ck, state, masks, tracker, win = run.cfg, run.ck, run.state, run.masks, run.tracker, run.window
+    if ck is not None and ck["phase"] != "estimate":
+        return Estimate(plan=PruningPlan.from_dict(ck["plan"]), fold_values=ck.get("fold_values"))
+    if ck is not None:
+        state.load_state_dict(ck)
+        tracker.load_state_dict(ck["tracker"])
+        masks.load_score_state(ck["mask_scores"])
+
+    def before_forward(batch):
+        tracker.token_mask = batch.get("attention_mask")
+        if state.step >= win.start and not tracker._handles:
+            tracker.start()
+
+    def after_backward(step):
+        path_step(cfg=cfg, tracker=tracker, finite=state.step_finite)
+        if step >= win.start:  # a step the fp16 scaler skips (non-finite gradients) is not scored
+            score_step(cfg=cfg, masks=masks, tracker=tracker, finite=state.step_finite)
+        if step % max(1, cfg.train.log_every) == 0 or step == win.steps - 1:
+            run.mask_curve.append({"step": step, "heads_mean": _mean(masks.heads), "ffn_mean": _mean(masks.ffn)})
+
+    with PeakMemory(run.ctx.device) as mem:
+        state.run(win.steps - state.step, extra_loss=lambda: mask_l1(cfg, masks), before_forward=before_forward,
+                  after_backward=after_backward, on_epoch_end=run.on_epoch_end, desc="estimate",
+                  on_checkpoint=lambda: run.save("estimate", tracker=tracker.state_dict(),
+                                                 mask_scores=masks.score_state()))
+    probe = run.model if cfg.prune.cost_probe else None
+    est = plan_from_scores(cfg=cfg, arch=run.arch, model_type=run.hf.config.model_type, masks=masks,
+                           tracker=tracker, window=win, body_params=run.params_before["body"],
+                           cost_of=lambda ranks: _cost_model(run.ctx, run.arch, ranks, probe))
+    run.info.update(estimation_seconds=time.perf_counter() - run.t0, estimation_peak_mb=state.memory.peak_mb,
+                    cuda_estimation_peak_mb=mem.peak_mb)
+    return est
+
+
+def prune_phase(run: _LightRun, est: Estimate) -> Pruned:
+    """Phase 2: masks off, surgery, the TrainState carries on with the smaller model (AdamW state sliced)."""
+    cfg, state = run.cfg, run.state
+    t1 = time.perf_counter()
+    run.masks.detach()
+    r, alpha, dropout = cfg.peft.r, cfg.peft.alpha, cfg.peft.dropout
+    lora = getattr(run.model, "peft_config", {}).get("default") if run.adapters is None else None
+    if lora is not None:  # a PeftModel given by the caller: its own LoRA hyperparameters
+        r, alpha, dropout = lora.r, lora.lora_alpha, lora.lora_dropout
+    pruned = prune(model=run.model, hf=run.hf, arch=run.arch, adapters=run.adapters, estimate=est,
+                   r=r, alpha=alpha, dropout=dropout, merge_removed=cfg.prune.merge_removed)
+    state.set_model(pruned.model, pruned.hf, pruned.extras, pruned.ops, reset=cfg.estimate.optimizer_state == "reset")
+    run.model, run.hf = pruned.model, pruned.hf
+    state.memory = StepMemory()
+    run.info.setdefault("surgery_seconds", time.perf_counter() - t1)
+    return pruned
+
+
+def finetune(run: _LightRun, est: Estimate) -> dict:
+    """Phase 3: train the pruned model to the end of the schedule; returns the run's metrics."""
+    ctx, state, plan = run.ctx, run.state, est.plan
+    plan_dict = json.loads(plan.to_json())
+    if run.ck is not None and run.ck["phase"] == "finetune":
+        state.load_state_dict(run.ck)
+    else:
+        run.save("finetune", plan=plan_dict, fold_values=est.fold_values)
+
+    def save_finetune():
+        run.info["elapsed"] = time.perf_counter() - run.t0
+        run.save("finetune", plan=plan_dict, fold_values=est.fold_values)
+
+    with PeakMemory(ctx.device) as mem:
+        state.run(run.window.total - state.step, on_epoch_end=run.on_epoch_end, desc="fine-tune",
+                  on_checkpoint=save_finetune)
+    wall = time.perf_counter() - run.t0
+    evals, info, n_est = run.evals, run.info, run.window.steps
+    if ctx.dev_loader is not None and (not evals or evals[-1]["step"] != state.step):
+        evals.append({"epoch": round(state.epoch, 2), "step": state.step,
+                      **evaluate(state.model, ctx.dev_loader, ctx.task, ctx.device)})
+    before, after = run.params_before, base_param_counts(run.hf, run.arch)
+    alloc = plan.meta.get("allocation", {})
+    return {
+        "evals": evals, **summarize_evals(evals, ctx.task.metric),
+        "plan": plan.summary(), "estimation_steps": n_est, "total_steps": run.window.total,
+        "step_seconds": mean_step(state.step_times[n_est:]),
+        "estimation_step_seconds": mean_step(state.step_times[:n_est]),
+        "estimation_seconds": info["estimation_seconds"], "surgery_seconds": info["surgery_seconds"],
+        "train_seconds": wall, "peak_mb": state.memory.peak_mb, "estimation_peak_mb": info["estimation_peak_mb"],
+        "cuda_peak_mb": mem.peak_mb, "cuda_estimation_peak_mb": info["cuda_estimation_peak_mb"],
+        "trainable_params": state.trainable_count(), "trainable_params_no_head": state.trainable_count(False),
+        "base_params_before": before, "base_params": after,
+        "base_kept_pct": 100.0 * after["body"] / before["body"],
+        "block_kept_pct": 100.0 * after["blocks"] / max(1, before["blocks"]),
+        "eval_seconds": eval_seconds(ctx, state.model) if ctx.dev_loader is not None else 0.0,
+        "loss_curve": state.history, "mask_curve": run.mask_curve,
+        "resumed": run.ck is not None,
+        "predicted_step_speedup": alloc.get("predicted_speedup"),
+        "cost_rates": alloc.get("prediction", {}).get("rates"),
+    }
+
+
+def train_light(ctx: Context, export_dir: Path | None = None, model=None, hf=None, arch=None,
+                adapters=None, checkpoints: bool = True) -> LightResult:
+    """Estimate for t' steps, prune, fine-tune. Resumes from output_dir/checkpoints/light with train.resume.
+    model/hf/arch/adapters: a model built by the caller (default: build_model(ctx)); checkpoints=False writes
+    none."""
+    run = _LightRun(ctx, model, hf, arch, adapters, checkpoints)
+    est = estimate(run)
+    prune_phase(run, est)
+    metrics = finetune(run, est)
+    if export_dir is not None and is_main():
+        from ..export import save_export
         from ..report.card import model_card
 
-        save_export(export_dir, hf, plan, ctx.tokenizer, peft_model=model if adapters is None else None,
-                    adapters=adapters, task_info=task_info(ctx), card=model_card(plan, task_info(ctx), result, base_model=cfg.model.name_or_path),
-                    overwrite=cfg.overwrite)
-        result["export"] = str(export_dir)
-    result["_plan"], result["_model"] = plan, state.model
-    return result
+        save_export(export_dir, run.hf, est.plan, ctx.tokenizer,
+                    peft_model=run.model if run.adapters is None else None, adapters=run.adapters,
+                    task_info=task_info(ctx), card=model_card(est.plan, task_info(ctx), metrics),
+                    overwrite=ctx.cfg.overwrite)
+        metrics["export"] = str(export_dir)
+    return LightResult(model=run.state.model, plan=est.plan, metrics=metrics, hf=run.hf, adapters=run.adapters)
 
 
 def _cost_model(ctx, arch, peft_ranks: dict[str, int], probe_model=None) -> CostModel:
     """Step-time model at this run's batch shape (the training rows' real token lengths); with probe_model, its
     rates are fitted to a few timed forward/backward passes of the (still unpruned) model on this device."""
     cfg = ctx.cfg
-    dataset = ctx.train_loader.dataset
-    lengths = [len(dataset[i]["input_ids"]) for i in range(len(dataset))]
-    seq = seq_stats(lengths, cfg.train.batch_size, cfg.train.grad_accum, seed=cfg.train.seed)
+    probe = (lambda b: _time_passes(ctx, probe_model, b)) if probe_model is not None else None
+    return cost_model(cfg=cfg, arch=arch, peft_ranks=peft_ranks, lengths=token_lengths(ctx.train_loader.dataset),
+                      batch_size=cfg.train.batch_size, grad_accum=cfg.train.grad_accum, device=ctx.device, probe=probe)
+
+
+def token_lengths(dataset) -> list[int]:
+    """Real token count of every training row (rows hold input_ids)."""
+    return [len(dataset[i]["input_ids"]) for i in range(len(dataset))]
+
+
+def cost_model(*, cfg: RunConfig, arch, peft_ranks: dict[str, int], lengths: list[int], batch_size: int,
+               grad_accum: int, device: torch.device, probe=None) -> CostModel:
+    """The step-time cost model for batches of `batch_size` x `grad_accum` rows of these token lengths;
+    probe(rows) -> (seconds, padded length) fits the rates to timed passes on this device."""
+    seq = seq_stats(lengths, batch_size, grad_accum, seed=cfg.train.seed)
     act = 2 if cfg.train.mixed_precision in ("bf16", "fp16") or cfg.model.dtype != "float32" else 4
-    cost = CostModel(arch, seq, peft_ranks, DeviceRates.for_device(ctx.device.type), cfg.peft.kind, act,
+    cost = CostModel(arch, seq, peft_ranks, DeviceRates.for_device(device.type), cfg.peft.kind, act,
                      2 if cfg.model.dtype != "float32" else 4)
-    if probe_model is None:
+    if probe is None:
         return cost
-    rates = calibrate(cost, lambda b: _time_passes(ctx, probe_model, b))
-    return CostModel(arch, seq, peft_ranks, rates, cfg.peft.kind, act, cost.wb)
+    return CostModel(arch, seq, peft_ranks, calibrate(cost, probe), cfg.peft.kind, act, cost.wb)
 
 
 def _time_passes(ctx, model, rows: int, repeats: int = 3) -> tuple[float, float]:
@@ -257,12 +399,10 @@ def run(cfg: RunConfig, export: bool = True) -> dict:
     results: dict = {"config": cfg.to_dict(), "task": task_info(ctx)}
     if cfg.baseline:
         log("[1/2] vanilla PEFT baseline (same hyperparameters)")
-        results["vanilla"] = train_vanilla(ctx)
-        results["vanilla"].pop("_model", None)
+        results["vanilla"] = train_vanilla(ctx).metrics
     log(f"[{2 if cfg.baseline else 1}/{2 if cfg.baseline else 1}] Light-PEFT")
-    light = train_light(ctx, out / "model" if export else None)
-    plan = light.pop("_plan")
-    light.pop("_model")
+    done = train_light(ctx, out / "model" if export else None)
+    plan, light = done.plan, done.metrics
     results["light_peft"] = light
     if "vanilla" in results:  # measured next to predicted (the cost model predicts against unpruned PEFT)
         light["measured_step_speedup"] = results["vanilla"]["step_seconds"] / max(light["step_seconds"], 1e-12)
@@ -276,3 +416,112 @@ def run(cfg: RunConfig, export: bool = True) -> dict:
     write_report(out, results, plan)
     log(summary_table(results))
     return results
+
+
+# ---- the model-object API ----------------------------------------------------------------------------------
+def with_peft(model, config: RunConfig | dict | None = None, **overrides):
+    """The LoRA PeftModel prunetune trains: LoRA on config.peft.targets (r, alpha, dropout from config.peft),
+    the task head trainable in full. Seeded with train.seed (LoRA A's initialisation).
+
+    >>> from transformers import BertConfig, BertForSequenceClassification
+    >>> import prunetune
+    >>> tiny = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+    ...                   intermediate_size=32, max_position_embeddings=32)
+    >>> peft_model = prunetune.with_peft(BertForSequenceClassification(tiny), peft__r=4)
+    >>> type(peft_model).__name__
+    'PeftModel'
+    """
+    from ..arch import get_arch
+    from ..integrations.trainer import run_config
+    from .common import default_structure, seed_everything
+
+    cfg = run_config(config, overrides)
+    if cfg.peft.kind != "lora":
+        raise PrunetuneError(f"with_peft builds LoRA models; peft.kind={cfg.peft.kind!r} models are built by "
+                             "prunetune.light_peft_model itself")
+    if hasattr(model, "peft_config"):
+        raise PrunetuneError("the model is already a PeftModel")
+    arch = get_arch(model)
+    seed_everything(cfg.train.seed)
+    peft_model, _adapters = default_structure(arch, cfg).build(model, arch)
+    return peft_model
+
+
+def light_peft_model(model, train_data, *, config: RunConfig | dict | None = None, dev_data=None, tokenizer=None,
+                     collate_fn=None, task=None, **overrides) -> LightResult:
+    """Light-PEFT on a model object: estimate, prune, fine-tune; returns the pruned model, its plan and the
+    metrics (nothing is written to disk; `result.save(folder, tokenizer)` writes an export).
+
+    model: a supported HF model (LoRA or adapters are attached as config.peft says) or a LoRA PeftModel.
+    train_data / dev_data: a DataLoader, or a dataset of tokenized rows (input_ids, attention_mask, labels),
+    e.g. a `datasets.Dataset`, batched with collate_fn, else with padding by `tokenizer`, else stacked as they
+    are. task: a prunetune Task for dev metrics (default: accuracy, or pearson for one regression label).
+
+    >>> import torch, prunetune
+    >>> from transformers import BertConfig, BertForSequenceClassification
+    >>> tiny = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+    ...                   intermediate_size=32, max_position_embeddings=32)
+    >>> rows = [{"input_ids": torch.randint(1, 50, (8,)), "attention_mask": torch.ones(8, dtype=torch.long),
+    ...          "labels": i % 2} for i in range(16)]
+    >>> res = prunetune.light_peft_model(BertForSequenceClassification(tiny), rows, dev_data=rows,
+    ...                                  train__epochs=1, train__batch_size=4, train__eval_each_epoch=False,
+    ...                                  estimate__steps=2, prune__heads=0.5)
+    >>> res.plan.summary()["heads_kept"], "accuracy" in res.metrics["final"]
+    ('1/2', True)
+    """
+    from ..arch import get_arch
+    from ..data.tasks import Task
+    from ..dist import device as dist_device
+    from ..integrations.trainer import run_config
+    from ..train import make_loader
+    from .common import default_structure, seed_everything
+
+    cfg = run_config(config, overrides)
+    if cfg.train.resume:
+        raise PrunetuneError("train.resume needs a run folder: use prunetune.light_peft / the CLI for resumable runs")
+    if hasattr(model, "peft_config"):  # a PeftModel: LoRA as the caller set it up
+        if cfg.peft.kind != "lora":
+            raise PrunetuneError(f"the model is a PeftModel (LoRA) but peft.kind is {cfg.peft.kind!r}")
+        from ..integrations.trainer import _peft_hf
+
+        hf = _peft_hf(model)
+        arch, adapters = get_arch(hf), None
+    else:
+        hf, arch = model, get_arch(model)
+        seed_everything(cfg.train.seed)
+        model, adapters = default_structure(arch, cfg).build(hf, arch)
+    collate = collate_fn
+    if collate is None and tokenizer is not None:
+        from ..data import make_collate
+
+        collate = make_collate(tokenizer)
+
+    def loader(data, shuffle: bool, batch_size: int):
+        if data is None or isinstance(data, torch.utils.data.DataLoader):
+            return data
+        if not hasattr(data, "__len__") or len(data) == 0:
+            raise PrunetuneError("train_data / dev_data must be a DataLoader or a non-empty dataset of rows")
+        data = _TorchRows(data) if hasattr(data, "with_format") else data  # datasets.Dataset: rows of tensors
+        return make_loader(data, collate, batch_size, shuffle, cfg.train.seed)
+
+    train_loader = loader(train_data, True, cfg.train.batch_size)
+    dev_loader = loader(dev_data, False, cfg.train.eval_batch_size)
+    num_labels = int(getattr(hf.config, "num_labels", 2))
+    task = task or Task(name="custom", text_fields=[], num_labels=num_labels,
+                        metric="pearson" if num_labels == 1 else "accuracy")
+    ctx = Context(cfg, task, tokenizer, getattr(hf.config, "_name_or_path", "") or "<model object>", train_loader,
+                  dev_loader, dist_device(), int(getattr(hf.config, "max_position_embeddings", 0) or 0))
+    return train_light(ctx, None, model=model, hf=hf, arch=arch, adapters=adapters, checkpoints=False)
+
+
+class _TorchRows(torch.utils.data.Dataset):
+    """A datasets.Dataset seen as rows of tensors / numbers (the columns a model takes)."""
+
+    def __init__(self, ds):
+        self.ds = ds
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int) -> dict:
+        return dict(self.ds[int(i)])

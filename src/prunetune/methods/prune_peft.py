@@ -21,7 +21,7 @@ from ..data import stratified_split, stratified_subset
 from ..dist import is_main, log
 from ..errors import PrunetuneError
 from ..io import atomic_write_text
-from ..plan import PruningPlan, make_plan
+from ..plan import PruningPlan, Scores, make_plan
 from ..scores import ImportanceTracker, StructureMasks
 from ..scores.criteria import DYNAMIC, HELD_OUT, WEIGHT_SPACE, score_units
 from ..scores.proxy import drop_loss, spearman
@@ -155,8 +155,9 @@ def iterative_prune(ctx: Context, loader, block_criteria: dict[str, list[str]] |
     if masks is not None:
         p = cfg.prune
         heads, ffn = masks.structure_scores(cfg.estimate.structure_score)
-        result.plan = make_plan(arch, heads, ffn, {}, {}, p.heads, p.ffn, 0.0, 0.0, p.ffn_scope, p.ffn_floor,
-                                "searched", hf.config.model_type)
+        result.plan = make_plan(arch=arch, scores=Scores(heads, ffn, {}, {}), heads=p.heads, ffn=p.ffn, modules=0.0,
+                                ranks=0.0, ffn_scope=p.ffn_scope, ffn_floor=p.ffn_floor, peft_kind="searched",
+                                model_type=hf.config.model_type)
         masks.detach()
     return result
 
@@ -321,8 +322,7 @@ def run(cfg: RunConfig, export: bool = True) -> dict:
     log(f"found {len(found.structure.units)} units ({found.budget_params:,} budget): {found.structure.units}"
         + (f"; brought back to fill the budget (unit: width): {found.fill}" if found.fill else ""))
     retrain = train_fixed(ctx, found.structure, found.plan, out / "model" if export else None, desc="retrain",
-                          checkpoint_dir=checkpoint_root(ctx) / "retrain")
-    retrain.pop("_model", None)
+                          checkpoint_dir=checkpoint_root(ctx) / "retrain").metrics
     metric = ctx.task.metric
     results = {
         "config": cfg.to_dict(), "task": task_info(ctx),

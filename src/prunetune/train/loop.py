@@ -41,6 +41,20 @@ def make_loader(dataset, collate, batch_size: int, shuffle: bool, seed: int) -> 
                       generator=g)
 
 
+def carry_state(old_state: dict[str, dict], named: dict[str, nn.Parameter], param_ops: dict | None = None) -> dict:
+    """Optimizer state (by parameter name) carried onto the parameters after surgery: tensors sliced with
+    param_ops where the parameter shrank; state whose shapes still do not fit (or of removed parameters) is
+    dropped. Returns {parameter: state}."""
+    out = {}
+    for name, p in named.items():
+        if name in old_state:
+            st = {k: (apply_ops(v, (param_ops or {}).get(name, [])) if torch.is_tensor(v) and v.ndim else v)
+                  for k, v in old_state[name].items()}
+            if all(not torch.is_tensor(v) or v.ndim == 0 or v.shape == p.shape for v in st.values()):
+                out[p] = st
+    return out
+
+
 def grads_finite(params) -> bool:
     """Whether every gradient is finite (one sync). Called after GradScaler.unscale_, this is the scaler's own
     decision: it skips exactly the steps whose gradients hold inf/NaN (fp16 overflow), and such a step must
@@ -112,12 +126,10 @@ class TrainState:
         groups = [g for g in groups if g["params"]]
         self.optimizer = torch.optim.AdamW(groups, lr=self.cfg.lr)
         self._names = {id(p): n for n, p in named.items()}  # names as of this build (surgery renames nothing)
-        for name, p in named.items():
-            if name in old_state:
-                st = {k: (apply_ops(v, (param_ops or {}).get(name, [])) if torch.is_tensor(v) and v.ndim else v)
-                      for k, v in old_state[name].items()}
-                if all(not torch.is_tensor(v) or v.ndim == 0 or v.shape == p.shape for v in st.values()):
-                    self.optimizer.state[p] = st
+        # clipped: the model's trainable parameters in the model's order, masks excluded, as a transformers
+        # Trainer clips model.parameters() (the Trainer callback and this loop then take identical steps)
+        self._clip_params = [p for n, p in named.items() if not n.startswith("masks.")]
+        self.optimizer.state.update(carry_state(old_state, named, param_ops))
 
     def trainable_count(self, include_head: bool = True) -> int:
         n = 0
@@ -219,7 +231,7 @@ class TrainState:
                 self.step_finite = grads_finite(params)
                 after_backward(self.step)
             if self.cfg.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm)
+                torch.nn.utils.clip_grad_norm_(self._clip_params, self.cfg.max_grad_norm)
             f = min(1.0, (self.step + 1) / max(1, self.warmup)) if self.constant_lr else \
                 lr_factor(self.step, self.total_steps, self.warmup)
             for g in self.optimizer.param_groups:
