@@ -63,22 +63,26 @@ def setup():
     return tok, data, peft_model
 
 
-@pytest.fixture(scope="module")
-def both(setup, tmp_path_factory):  # noqa: D401
+def run_both(setup, tmp, cfg):
     """The same PeftModel, data order (sequential), collation and seed through the Trainer + callback and
-    through prunetune's own loop (light_peft_model with a DataLoader)."""
+    through prunetune's own loop (light_peft_model with a DataLoader): (trainer, callback, own result)."""
     import datasets
 
     tok, data, peft_model = setup
-    tmp = tmp_path_factory.mktemp("cb")
     collate = make_collate(tok)
-    cb = prunetune.LightPeftCallback(CFG)
+    cb = prunetune.LightPeftCallback(cfg)
     trainer = Trainer(model=copy.deepcopy(peft_model), args=trainer_args(tmp), data_collator=collate,
                       train_dataset=datasets.Dataset.from_list(data), callbacks=[cb], processing_class=tok)
     trainer.train()
     loader = torch.utils.data.DataLoader(data, batch_size=BS, shuffle=False, collate_fn=collate)
-    own = prunetune.light_peft_model(copy.deepcopy(peft_model), loader, config=CFG)
-    return trainer, cb, own, tmp
+    own = prunetune.light_peft_model(copy.deepcopy(peft_model), loader, config=cfg)
+    return trainer, cb, own
+
+
+@pytest.fixture(scope="module")
+def both(setup, tmp_path_factory):  # noqa: D401
+    tmp = tmp_path_factory.mktemp("cb")
+    return (*run_both(setup, tmp, CFG), tmp)
 
 
 def test_trainer_callback_gives_the_plan_of_the_own_loop(both):
@@ -293,19 +297,10 @@ def test_callback_refuses_a_real_two_process_ddp_run(tmp_path):
 def test_callback_path_scores_and_merge_match_the_own_loop(setup, tmp_path):
     """module_score=path needs unclipped gradients from step 0 (not only the window): same path scores and plan
     through the Trainer as through the own loop; merge_removed goes through the same surgery."""
-    import datasets
-
-    tok, data, peft_model = setup
     cfg = copy.deepcopy(CFG)
     cfg["estimate"]["module_score"] = "path"
     cfg["prune"]["merge_removed"] = True
-    collate = make_collate(tok)
-    cb = prunetune.LightPeftCallback(cfg)
-    trainer = Trainer(model=copy.deepcopy(peft_model), args=trainer_args(tmp_path), data_collator=collate,
-                      train_dataset=datasets.Dataset.from_list(data), callbacks=[cb], processing_class=tok)
-    trainer.train()
-    loader = torch.utils.data.DataLoader(data, batch_size=BS, shuffle=False, collate_fn=collate)
-    own = prunetune.light_peft_model(copy.deepcopy(peft_model), loader, config=cfg)
+    _trainer, cb, own = run_both(setup, tmp_path, cfg)
     a, b = cb.plan, own.plan
     assert a.meta["module_score"] == "path" and any(v > 0 for v in a.meta["module_path"].values())
     assert a.meta["module_path"] == b.meta["module_path"] and a.meta["rank_importance"] == b.meta["rank_importance"]

@@ -27,7 +27,7 @@ def light_peft(config: RunConfig | dict | None = None, **overrides) -> dict:
     """Run Light-PEFT from paths (model and data as the config names them; writes cfg.output_dir) and return
     its results dict. `config`: RunConfig or nested dict; overrides: dotted keys, e.g. prune__heads=0.5.
     On model objects: `light_peft_model`; in a transformers Trainer: `LightPeftCallback`."""
-    from .integrations.trainer import run_config
+    from .config import run_config
     from .methods.light_peft import run
 
     return run(run_config(config, overrides))

@@ -26,6 +26,7 @@ prunetune.errors.PrunetuneError: config key 'prune.heads' must lie in [0, 1), go
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import re
@@ -819,4 +820,16 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     data: dict[str, Any] = read_config_file(path) if path is not None else {}
     for dotted, value in (overrides or {}).items():
         set_dotted(data, dotted, value)
+    return from_dict(data)
+
+
+def run_config(config=None, overrides: dict | None = None) -> RunConfig:
+    """A validated RunConfig from a RunConfig, a nested dict or None, plus dotted overrides (a__b=1 or "a.b": 1)."""
+    if isinstance(config, RunConfig):
+        config = config.to_dict()
+    if config is not None and not isinstance(config, dict):
+        raise PrunetuneError(f"config must be a RunConfig or a dict, got {type(config).__name__}")
+    data = copy.deepcopy(config or {})  # the caller's dict is left as it is
+    for key, value in (overrides or {}).items():
+        set_dotted(data, key.replace("__", "."), value)
     return from_dict(data)

@@ -27,9 +27,9 @@ from pathlib import Path
 import torch
 
 from ..arch import get_arch
-from ..config import RunConfig
+from ..config import RunConfig, run_config
 from ..errors import PrunetuneError
-from ..methods.common import base_param_counts
+from ..methods.common import base_param_counts, peft_inner_model
 from ..methods.light_peft import (Estimate, LightResult, Window, cost_model, path_step, plan_from_scores, prune,
                                   score_step, token_lengths)
 from ..scores import ImportanceTracker, StructureMasks
@@ -39,20 +39,6 @@ try:
     from transformers import TrainerCallback
 except ImportError:  # pragma: no cover - transformers is a dependency
     TrainerCallback = object
-
-
-def run_config(config=None, overrides: dict | None = None) -> RunConfig:
-    """A validated RunConfig from a RunConfig, a nested dict or None, plus dotted overrides (a__b=1 or "a.b": 1)."""
-    from ..config import from_dict, set_dotted
-
-    if isinstance(config, RunConfig):
-        config = config.to_dict()
-    if config is not None and not isinstance(config, dict):
-        raise PrunetuneError(f"config must be a RunConfig or a dict, got {type(config).__name__}")
-    data = copy.deepcopy(config or {})  # the caller's dict is left as it is
-    for key, value in (overrides or {}).items():
-        set_dotted(data, key.replace("__", "."), value)
-    return from_dict(data)
 
 
 class LightPeftCallback(TrainerCallback):
@@ -97,7 +83,7 @@ class LightPeftCallback(TrainerCallback):
         if getattr(args, "fp16", False):
             raise PrunetuneError("LightPeftCallback does not support fp16 (its loss scaling would reach the masks' and "
                                  "the window's gradients scaled); use bf16=True or full precision")
-        hf = _peft_hf(model)
+        hf = peft_inner_model(model)
         self._model, self.hf, self.arch = model, hf, get_arch(hf)
         device = next(p for p in model.parameters()).device
         dataset = getattr(train_dataloader, "dataset", None)
@@ -298,25 +284,6 @@ def _refuse_distributed(args) -> None:
         raise PrunetuneError(f"LightPeftCallback does not support data-parallel training (world size {world}): "
                              "surgery cannot resize the parameters of the Trainer's DistributedDataParallel "
                              "wrapper; run `prunetune light` under torchrun instead")
-
-
-def _peft_hf(model):
-    """The HF model inside a LoRA PeftModel; anything else is refused with the way to build one."""
-    try:
-        from peft import PeftModel
-        from peft.utils import ModulesToSaveWrapper
-    except ImportError:  # pragma: no cover
-        raise PrunetuneError("LightPeftCallback needs peft installed") from None
-    hint = "wrap it first with prunetune.with_peft(model, config)"
-    if not isinstance(model, PeftModel):
-        raise PrunetuneError(f"LightPeftCallback needs a LoRA PeftModel, got {type(model).__name__}: {hint}")
-    conf = model.peft_config.get("default")
-    if conf is None or getattr(conf, "peft_type", None) is None or str(conf.peft_type.value) != "LORA":
-        raise PrunetuneError(f"LightPeftCallback needs a LoRA adapter named 'default': {hint}")
-    if any(isinstance(m, ModulesToSaveWrapper) for m in model.modules()):
-        raise PrunetuneError("LightPeftCallback does not support modules_to_save / task_type wrappers (surgery "
-                             f"rebuilds the LoRA model); leave the head trainable instead: {hint}")
-    return model.base_model.model
 
 
 def _transplant(old, new) -> None:

@@ -1,6 +1,8 @@
 """Shared set-up for the methods: data, model + PEFT construction, parameter counting, epoch evaluation."""
 from __future__ import annotations
 
+from ..errors import PrunetuneError
+
 import math
 import os
 import random
@@ -253,3 +255,22 @@ def train_fixed(ctx: Context, structure: PeftStructure | None = None, plan=None,
         result["export"] = str(export_dir)
     save("done", result=result)
     return TrainResult(model=state.model, metrics=result)
+
+
+def peft_inner_model(model):
+    """The HF model inside a LoRA PeftModel; anything else is refused with the way to build one."""
+    try:
+        from peft import PeftModel
+        from peft.utils import ModulesToSaveWrapper
+    except ImportError:  # pragma: no cover
+        raise PrunetuneError("a PeftModel needs peft installed") from None
+    hint = "wrap it first with prunetune.with_peft(model, config)"
+    if not isinstance(model, PeftModel):
+        raise PrunetuneError(f"prunetune needs a LoRA PeftModel here, got {type(model).__name__}: {hint}")
+    conf = model.peft_config.get("default")
+    if conf is None or getattr(conf, "peft_type", None) is None or str(conf.peft_type.value) != "LORA":
+        raise PrunetuneError(f"prunetune needs a LoRA adapter named 'default': {hint}")
+    if any(isinstance(m, ModulesToSaveWrapper) for m in model.modules()):
+        raise PrunetuneError("prunetune does not support modules_to_save / task_type wrappers (surgery "
+                             f"rebuilds the LoRA model); leave the head trainable instead: {hint}")
+    return model.base_model.model

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import RunConfig
+from ..config import RunConfig, run_config
 from ..dist import all_reduce_sum_, is_main, log, world_size
 from ..errors import PrunetuneError
 from ..io import atomic_write_text
@@ -23,7 +23,7 @@ from ..train import PeakMemory, TrainState, evaluate
 from ..train.checkpoint import load_checkpoint, save_checkpoint
 from ..train.memory import StepMemory
 from .common import (Context, base_param_counts, build_model, checkpoint_root, epoch_evaluator, eval_seconds,
-                     mean_step, prepare, start_run, summarize_evals, task_info, train_fixed, TrainResult)
+                     mean_step, prepare, start_run, summarize_evals, task_info, train_fixed, TrainResult, peft_inner_model)
 
 
 def estimation_steps(cfg: RunConfig, total: int, train_rows: int) -> int:
@@ -432,7 +432,6 @@ def with_peft(model, config: RunConfig | dict | None = None, **overrides):
     'PeftModel'
     """
     from ..arch import get_arch
-    from ..integrations.trainer import run_config
     from .common import default_structure, seed_everything
 
     cfg = run_config(config, overrides)
@@ -469,10 +468,9 @@ def light_peft_model(model, train_data, *, config: RunConfig | dict | None = Non
     >>> res.plan.summary()["heads_kept"], "accuracy" in res.metrics["final"]
     ('1/2', True)
     """
-    from ..arch import get_arch
+    from ..arch import get_arch, position_limit_of
     from ..data.tasks import Task
     from ..dist import device as dist_device
-    from ..integrations.trainer import run_config
     from ..train import make_loader
     from .common import default_structure, seed_everything
 
@@ -482,9 +480,7 @@ def light_peft_model(model, train_data, *, config: RunConfig | dict | None = Non
     if hasattr(model, "peft_config"):  # a PeftModel: LoRA as the caller set it up
         if cfg.peft.kind != "lora":
             raise PrunetuneError(f"the model is a PeftModel (LoRA) but peft.kind is {cfg.peft.kind!r}")
-        from ..integrations.trainer import _peft_hf
-
-        hf = _peft_hf(model)
+        hf = peft_inner_model(model)
         arch, adapters = get_arch(hf), None
     else:
         hf, arch = model, get_arch(model)
@@ -510,7 +506,7 @@ def light_peft_model(model, train_data, *, config: RunConfig | dict | None = Non
     task = task or Task(name="custom", text_fields=[], num_labels=num_labels,
                         metric="pearson" if num_labels == 1 else "accuracy")
     ctx = Context(cfg, task, tokenizer, getattr(hf.config, "_name_or_path", "") or "<model object>", train_loader,
-                  dev_loader, dist_device(), int(getattr(hf.config, "max_position_embeddings", 0) or 0))
+                  dev_loader, dist_device(), int(position_limit_of(hf.config) or 0))
     return train_light(ctx, None, model=model, hf=hf, arch=arch, adapters=adapters, checkpoints=False)
 
 

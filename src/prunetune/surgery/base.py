@@ -87,6 +87,7 @@ def merge_lora_delta(module: nn.Module, a: torch.Tensor, b: torch.Tensor, scalin
     w.add_((delta.T if is_conv1d(module) else delta).to(device=w.device, dtype=w.dtype))
 
 
+@torch.no_grad()
 def fold_masks(hf_model, arch: Arch, head_masks, ffn_masks, lora: dict[str, dict] | None = None) -> None:
     """Fold learned mask values into the o / down input columns (and LoRA A columns) before slicing."""
     width = arch.heads_per_unit * arch.head_dim
