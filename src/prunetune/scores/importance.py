@@ -233,13 +233,9 @@ class ImportanceTracker:
         self.path_steps += 1
 
     def _path_params(self):
-        """(module, its parameters in a fixed order): LoRA [A, B]; adapters [down.w, down.b, up.w, up.b]."""
-        if self.adapters is not None:
-            for name in self.adapters.names():
-                ad = self.adapters.get(name)
-                yield name, [ad.down.weight, ad.down.bias, ad.up.weight, ad.up.bias]
-        for name, layer in lora_layers(self.hf_model).items():
-            yield name, [layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight]
+        """(module, its parameters in `_params` order): LoRA [A, B]; adapters [down.w, down.b, up.w, up.b]."""
+        for name in [*(self.adapters.names() if self.adapters is not None else []), *self._lora_layers()]:
+            yield name, self._params(name)
 
     def _per_rank(self, name: str, contrib: list[torch.Tensor]) -> torch.Tensor:
         """A module's per-parameter contributions summed per rank (adapter unit); an adapter's up bias is
@@ -278,19 +274,21 @@ class ImportanceTracker:
             ad = self.adapters.get(position)
             rows, cols = [ad.down.weight, ad.down.bias], [ad.up.weight]
         else:
-            if self._lora is None:
-                self._lora = lora_layers(self.hf_model)
-            layer = self._lora[position]
+            layer = self._lora_layers()[position]
             rows, cols = [layer.lora_A[ADAPTER].weight], [layer.lora_B[ADAPTER].weight]
         out = [(p[lo:hi], p.grad[lo:hi]) for p in rows if not output and p.grad is not None]
         return out + [(p[:, lo:hi], p.grad[:, lo:hi]) for p in cols if p.grad is not None]
 
+    def _lora_layers(self) -> dict:
+        """The model's LoRA layers by name, looked up once (the tracker lives within one model shape)."""
+        if self._lora is None:
+            self._lora = lora_layers(self.hf_model)
+        return self._lora
+
     def _params(self, position: str) -> list[torch.nn.Parameter]:
         if self.adapters is not None and position in self.adapters.names():
             return list(self.adapters.get(position).parameters())
-        if self._lora is None:
-            self._lora = lora_layers(self.hf_model)
-        layer = self._lora.get(position)
+        layer = self._lora_layers().get(position)
         return [] if layer is None else [layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight]
 
     def _output_params(self, position: str) -> list[torch.nn.Parameter]:
@@ -298,9 +296,7 @@ class ImportanceTracker:
         if self.adapters is not None and position in self.adapters.names():
             up = self.adapters.get(position).up
             return [up.weight, up.bias]
-        if self._lora is None:
-            self._lora = lora_layers(self.hf_model)
-        layer = self._lora.get(position)
+        layer = self._lora_layers().get(position)
         return [] if layer is None else [layer.lora_B[ADAPTER].weight]
 
     def _rank_tensors(self):

@@ -159,25 +159,22 @@ class Supernet:
         """Parameters of the unit at another rank / bottleneck size: LoRA w*(in+out) per module,
         adapter w*(2h+1) + h (down weight+bias, up weight, up bias)."""
         u = self.by_name[name]
-        if u.kind == "adapter":
+        # a chunk brings an adapter's shared up bias back only where no chunk of that adapter is alive
+        alive = self._alive_width() if u.span is not None else {}
+        return sum(self._position_size(p, width, shared=not alive.get(p)) for p in u.positions)
+
+    def _position_size(self, position: str, width: int, shared: bool = True) -> int:
+        """Parameters at one position at a width: LoRA w*(in+out); adapter w*(2h+1) (down weight+bias, up
+        weight) plus, with `shared`, its up bias h."""
+        if position in self.base_structure.adapters:
             h = self.arch.hidden_size
-            # a chunk brings the shared up bias back only where no chunk of its adapter is alive
-            shared = h if u.span is None or not self._alive_width().get(u.positions[0]) else 0
-            return len(u.positions) * (width * (2 * h + 1) + shared)
-        layers = [self._lora[p] for p in u.positions]
-        return width * sum(m.lora_A[ADAPTER].weight.shape[1] + m.lora_B[ADAPTER].weight.shape[0] for m in layers)
+            return width * (2 * h + 1) + (h if shared else 0)
+        layer = self._lora[position]
+        return width * (layer.lora_A[ADAPTER].weight.shape[1] + layer.lora_B[ADAPTER].weight.shape[0])
 
     def trainable(self) -> int:
-        """Trainable PEFT parameters of the alive units (task head excluded): per position, its alive width
-        (LoRA: width x (in + out); adapter: width x (2h + 1) + h)."""
-        h, total = self.arch.hidden_size, 0
-        for pos, w in self._alive_width().items():
-            if w and pos in self.base_structure.adapters:
-                total += w * (2 * h + 1) + h
-            elif w:
-                a, b = self._lora[pos].lora_A[ADAPTER].weight, self._lora[pos].lora_B[ADAPTER].weight
-                total += w * (a.shape[1] + b.shape[0])
-        return total
+        """Trainable PEFT parameters of the alive units (task head excluded): per position, its alive width."""
+        return sum(self._position_size(pos, w) for pos, w in self._alive_width().items() if w)
 
     def _alive_width(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -221,8 +218,10 @@ class Supernet:
         """Re-initialise the alive units (the `reinit` option between rounds)."""
         g = torch.Generator().manual_seed(seed)
         # per alive module once (its chunks share it; a removed chunk's slice stays masked off)
-        for name in dict.fromkeys(self.by_name[n].group for n in self.alive):
-            u = next(self.by_name[n] for n in self.alive if self.by_name[n].group == name)
+        first: dict[str, Unit] = {}
+        for n in self.alive:
+            first.setdefault(self.by_name[n].group, self.by_name[n])
+        for u in first.values():
             if u.kind == "adapter":
                 for pos in u.positions:
                     ad = self.adapters.get(pos)
