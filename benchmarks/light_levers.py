@@ -59,11 +59,34 @@ def main(argv: list[str]) -> int:
            "kept_modules": sorted(plan.peft_ranks), "heads_per_layer": [len(k) for k in plan.kept_heads],
            "neurons_per_layer": [len(k) for k in plan.kept_neurons], "allocation": plan.meta["allocation"]["types"],
            "command": "python benchmarks/light_levers.py " + " ".join(argv)}
+    # the paired baseline: this seed's vanilla run of the 3-seed 4k-row evidence (same base config)
+    paired = base["data"]["max_train_samples"] == 4000 and not overrides_touch_base(overrides)
+    vanilla = _vanilla_final(seed) if paired else None
+    out = {"summary": {"task": "sst2", "metric": "accuracy", "variant": name, "model": "minilm", "seeds": [seed],
+                       "baseline_mean": vanilla, "method_mean": result["final"]["accuracy"],
+                       "paired_diff_mean": None if vanilla is None else result["final"]["accuracy"] - vanilla,
+                       "paired_diff_ci95": None, "step_speedup_mean": None, "e2e_speedup_mean": None,
+                       "predicted_step_speedup": result["predicted_step_speedup"],
+                       "target_speedup": base.get("prune", {}).get("target_speedup"),
+                       "note": "one-seed screen; no timings"}, **out}
     path = ROOT / "results" / "levers" / f"{name}-{seed}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=1))
     print(json.dumps({k: out[k] for k in ("name", "seed", "final", "plan", "predicted_step_speedup")}))
     return 0
+
+
+def overrides_touch_base(overrides: list[str]) -> bool:
+    """Whether an override changes what vanilla trains with too (data, schedule, PEFT), so the stored
+    vanilla run is no longer its pair."""
+    return any(o.split("=")[0].split(".")[0] in ("data", "train", "peft", "model") for o in overrides)
+
+
+def _vanilla_final(seed: int) -> float | None:
+    """Vanilla's final dev accuracy for this seed from the committed 4k-row evidence (None when not there)."""
+    path = ROOT / "results" / "light_sst2_4k_target.json"
+    rows = json.loads(path.read_text())["rows"] if path.exists() else []
+    return next((r["vanilla_final"] for r in rows if r["seed"] == seed), None)
 
 
 if __name__ == "__main__":
