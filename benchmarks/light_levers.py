@@ -50,25 +50,25 @@ def main(argv: list[str]) -> int:
         set_dotted(base, key, yaml_load(value))
     ctx = prepare(from_dict(base))
     t0 = time.time()
-    result = train_light(ctx)
-    result.pop("_model")
-    plan = result.pop("_plan")
+    light = train_light(ctx)
+    result, plan = light.metrics, light.plan
     out = {"name": name, "seed": seed, "overrides": overrides, "path_scale": scale, "final": result["final"],
            "evals": result["evals"], "plan": result["plan"], "predicted_step_speedup": result["predicted_step_speedup"],
            "step_ms": 1e3 * result["step_seconds"], "wall_s": time.time() - t0,
            "kept_modules": sorted(plan.peft_ranks), "heads_per_layer": [len(k) for k in plan.kept_heads],
            "neurons_per_layer": [len(k) for k in plan.kept_neurons], "allocation": plan.meta["allocation"]["types"],
            "command": "python benchmarks/light_levers.py " + " ".join(argv)}
-    # the paired baseline: this seed's vanilla run of the 3-seed 4k-row evidence (same base config)
-    paired = base["data"]["max_train_samples"] == 4000 and not overrides_touch_base(overrides)
-    vanilla = _vanilla_final(seed) if paired else None
+    # the paired baseline: this seed's vanilla run of the 3-seed evidence at these rows (same base config)
+    paired = not overrides_touch_base(overrides)
+    vanilla = _vanilla_final(seed, base["data"]["max_train_samples"]) if paired else None
     out = {"summary": {"task": "sst2", "metric": "accuracy", "variant": name, "model": "minilm", "seeds": [seed],
                        "baseline_mean": vanilla, "method_mean": result["final"]["accuracy"],
                        "paired_diff_mean": None if vanilla is None else result["final"]["accuracy"] - vanilla,
                        "paired_diff_ci95": None, "step_speedup_mean": None, "e2e_speedup_mean": None,
                        "predicted_step_speedup": result["predicted_step_speedup"],
                        "target_speedup": base.get("prune", {}).get("target_speedup"),
-                       "note": "one-seed screen; no timings"}, **out}
+                       "note": f"one-seed screen; baseline = seed {seed}'s vanilla run in "
+                               f"{VANILLA.get(base['data']['max_train_samples'])}; no timings (shared CPU)"}, **out}
     path = ROOT / "results" / "levers" / f"{name}-{seed}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=1))
@@ -82,9 +82,16 @@ def overrides_touch_base(overrides: list[str]) -> bool:
     return any(o.split("=")[0].split(".")[0] in ("data", "train", "peft", "model") for o in overrides)
 
 
-def _vanilla_final(seed: int) -> float | None:
-    """Vanilla's final dev accuracy for this seed from the committed 4k-row evidence (None when not there)."""
-    path = ROOT / "results" / "light_sst2_4k_target.json"
+# the committed 3-seed evidence whose vanilla runs pair with a screen of the same rows and seed
+VANILLA = {4000: "light_sst2_4k_target.json", 8000: "light_sst2_target.json"}
+
+
+def _vanilla_final(seed: int, rows: int) -> float | None:
+    """Vanilla's final dev accuracy for this seed and row count from the committed evidence (None when not
+    there)."""
+    if rows not in VANILLA:
+        return None
+    path = ROOT / "results" / VANILLA[rows]
     rows = json.loads(path.read_text())["rows"] if path.exists() else []
     return next((r["vanilla_final"] for r in rows if r["seed"] == seed), None)
 

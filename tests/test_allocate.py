@@ -203,6 +203,8 @@ def test_allocation_summary_adds_up_to_the_predicted_saving():
     ({"target_speedup": 1.5}, {"structure_score": "mask"}, "estimate.structure_score=mask"),
     ({"target_params": 0.6}, {"module_score": "norm_ratio"}, "estimate.module_score=norm_ratio"),
     ({"target_speedup": 1.5}, {"module_score": "path", "rank_score": "reference"}, "estimate.rank_score=reference"),
+    ({"bounded": True}, {}, "prune.bounded applies to target mode"),
+    ({"backward_cut": False, "heads": 0.5}, {}, "prune.backward_cut applies to target mode"),
 ])
 def test_target_config_is_validated(prune, estimate, match):
     with pytest.raises(PrunetuneError, match=match):
@@ -221,6 +223,10 @@ def test_target_config_accepted_and_fixed_ratio_mode_stays_the_default():
     assert cfg.prune.target_speedup == 1.6 and cfg.prune.target_params is None
     d = from_dict({}).prune
     assert d.target_speedup is None and d.target_params is None and d.cost_probe is False
+    assert d.bounded is False and d.backward_cut is True
+    # bounded: the fixed ratios are ceilings, so changing them is meaningful in target mode
+    b = from_dict({"prune": {"target_speedup": 1.6, "bounded": True, "modules": 0.6, "ranks": 0.0}}).prune
+    assert b.bounded and b.modules == 0.6 and b.ranks == 0.0
 
 
 def test_cli_refuses_two_targets_with_one_error_line(capsys):
@@ -274,3 +280,110 @@ def test_fixed_ratio_plans_get_the_same_allocation_report():
     assert types["heads"]["removed"] == 6 * 4 and types["modules"]["removed"] == 27
     assert sum(r["saved"] for r in types.values()) == pytest.approx(1 - 1 / alloc["predicted_speedup"])
     assert alloc["predicted_speedup"] == cost.predict(plan).speedup > 1
+
+
+# ------------------------------------------------------------------------------------------ bounds
+def brute_force_bounded(arch, cost, heads, ffn, mods, rank, target: float, ranks: int, bounds: dict):
+    """brute_force with per-type ceilings (plan.make_target_plan's `bounds`): heads per layer, neurons in all,
+    modules removed, ranks removed within kept modules."""
+    from prunetune.plan import n_remove
+    modules = sorted(rank)
+    options = [None] + [set(c) for k in range(1, ranks + 1) for c in itertools.combinations(range(ranks), k)]
+    h_max = n_remove(bounds["heads"], arch.num_units)
+    layer_heads = [h for h in subsets(arch.num_units, arch.num_units - 1) if len(h) <= h_max]
+    layer_ffn = subsets(arch.intermediate_size, arch.intermediate_size - 1)
+    f_max = n_remove(bounds["ffn"], 2 * arch.intermediate_size)
+    m_max, r_max = n_remove(bounds["modules"], len(modules)), n_remove(bounds["ranks"], ranks * len(modules))
+    base = cost.unpruned().seconds
+    best = math.inf
+    for h0, h1, f0, f1 in itertools.product(layer_heads, layer_heads, layer_ffn, layer_ffn):
+        if len(f0) + len(f1) > f_max:
+            continue
+        struct = sum(float(heads[0][j]) for j in h0) + sum(float(heads[1][j]) for j in h1) + \
+            sum(float(ffn[0][j]) for j in f0) + sum(float(ffn[1][j]) for j in f1)
+        counts = ([arch.num_units - len(h0), arch.num_units - len(h1)],
+                  [arch.intermediate_size - len(f0), arch.intermediate_size - len(f1)])
+        for choice in itertools.product(options, repeat=len(modules)):
+            if all(c is None for c in choice) or sum(c is None for c in choice) > m_max or \
+                    sum(ranks - len(c) for c in choice if c is not None) > r_max:
+                continue
+            loss = struct + sum(mods[m] if c is None else sum(float(rank[m][i]) for i in range(ranks) if i not in c)
+                                for m, c in zip(modules, choice))
+            if loss >= best:
+                continue
+            t = cost.step_time(*counts, {m: len(c) for m, c in zip(modules, choice) if c is not None}).seconds
+            if base / t >= target:
+                best = loss
+    return best
+
+
+def removed_counts(plan: PruningPlan) -> dict:
+    return {"heads": [plan.num_units - len(k) for k in plan.kept_heads],
+            "ffn": sum(plan.intermediate_size - len(k) for k in plan.kept_neurons),
+            "modules": sum(m not in plan.peft_ranks for m in plan.peft_orig_ranks),
+            "ranks": sum(full - len(plan.peft_ranks[m]) for m, full in plan.peft_orig_ranks.items()
+                         if m in plan.peft_ranks)}
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_bounded_allocator_against_brute_force(seed):
+    """With ceilings per type: every ceiling holds, the target is met, and the loss is the brute-force optimum's
+    or at most two units' loss above it (the greedy is not exact under cardinality caps; see plan.py)."""
+    arch = arch_of("bert", **TINY)
+    peft = [arch.layers[l].q for l in range(2)] + [arch.layers[l].down for l in range(2)]
+    ranks = 2
+    cost = CostModel(arch, SeqStats(8, 24, 24 * 24), {m: ranks for m in peft})
+    heads, ffn, mods, rank = scores(arch, peft, seed, ranks)
+    bounds = {"heads": 0.5, "ffn": 0.25, "modules": 0.5, "ranks": 0.25}
+    from prunetune.plan import n_remove
+    fastest = cost.step_time([1, 1], [2, 1], {arch.layers[1].q: 1, arch.layers[1].down: 2}).seconds
+    target = 1 + (cost.unpruned().seconds / fastest - 1) * (0.3 + 0.1 * seed)
+    plan = make_target_plan(arch=arch, cost=cost, scores=Scores(heads, ffn, mods, rank), target_speedup=target,
+                            ffn_floor=0.0, bounds=bounds)
+    assert cost.predict(plan).speedup >= target
+    got = removed_counts(plan)
+    assert max(got["heads"]) <= n_remove(0.5, 2) and got["ffn"] <= n_remove(0.25, 4)
+    assert got["modules"] <= n_remove(0.5, 4) and got["ranks"] <= n_remove(0.25, 8)
+    opt = brute_force_bounded(arch, cost, heads, ffn, mods, rank, target, ranks, bounds)
+    loss = plan_loss(plan, heads, ffn, mods, rank)
+    largest = max([float(s.max()) for s in heads + ffn + list(rank.values())] + list(mods.values()))
+    assert opt <= loss + 1e-12
+    assert loss <= opt + 2 * largest + 1e-12
+
+
+@pytest.mark.parametrize("kind,cfg", [("bert", MINILM), ("llama", GQA)])
+@pytest.mark.parametrize("uniform", [False, True])
+def test_bounds_hold_at_scale_and_unreachable_targets_say_so(kind, cfg, uniform):
+    from prunetune.plan import n_remove
+    arch, cost, (heads, ffn, mods, rank) = setup(kind, cfg)
+    bounds = {"heads": 1 / 3, "ffn": 1 / 3, "modules": 0.6, "ranks": 0.0}
+    plan = make_target_plan(arch=arch, cost=cost, scores=Scores(heads, ffn, mods, rank), target_speedup=1.3,
+                            ffn_floor=0.05, uniform=uniform, bounds=bounds)
+    got = removed_counts(plan)
+    assert cost.predict(plan).speedup >= 1.3
+    assert max(got["heads"]) <= n_remove(1 / 3, arch.num_units)
+    assert got["ffn"] <= n_remove(1 / 3, arch.num_layers * arch.intermediate_size)
+    assert got["modules"] <= n_remove(0.6, len(mods)) and got["ranks"] == 0
+    unbounded = make_target_plan(arch=arch, cost=cost, scores=Scores(heads, ffn, mods, rank), target_speedup=3.0,
+                                 ffn_floor=0.05, uniform=uniform)
+    assert cost.predict(unbounded).speedup >= 3.0
+    with pytest.raises(PrunetuneError, match="prune.bounds"):  # 3x needs more than the ceilings allow
+        make_target_plan(arch=arch, cost=cost, scores=Scores(heads, ffn, mods, rank), target_speedup=3.0,
+                         ffn_floor=0.05, uniform=uniform, bounds=bounds)
+
+
+@pytest.mark.parametrize("kind,cfg", [("bert", MINILM), ("llama", GQA)])
+def test_no_backward_cut_keeps_a_module_in_the_lowest_block(kind, cfg):
+    """backward_cut=False: cheap PEFT modules (which make the cut the least-loss plan) still leave one in the
+    lowest block, and the target is met from the other unit types."""
+    arch, cost, (heads, ffn, mods, rank) = setup(kind, cfg)
+    mods = {m: v * 1e-3 for m, v in mods.items()}
+    rank = {m: v * 1e-3 for m, v in rank.items()}
+    cut = make_target_plan(arch=arch, cost=cost, scores=Scores(heads, ffn, mods, rank), target_speedup=1.6)
+    assert cut.meta["target"]["cut_block"] > 0  # the setup does make the cut the cheap route
+    plan = make_target_plan(arch=arch, cost=cost, scores=Scores(heads, ffn, mods, rank), target_speedup=1.6,
+                            backward_cut=False)
+    lowest = min(cost.block_of(m) for m in mods)
+    assert plan.meta["target"]["cut_block"] == lowest
+    assert any(cost.block_of(m) == lowest for m in plan.peft_ranks)
+    assert cost.predict(plan).speedup >= 1.6

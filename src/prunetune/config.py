@@ -255,6 +255,12 @@ class PruneConfig(ConfigBase):
     target_params: float | None = option(None, help=(
         "target mode: fraction of the base (body) parameters kept, in (0, 1); exclusive with target_speedup"))
     cost_probe: bool = option(False, help="calibrate the step-time cost model with a few timed steps on the device")
+    backward_cut: bool = option(True, help=(
+        "target mode: may remove every PEFT module below a layer so the backward pass stops there (false: the "
+        "lowest block with a PEFT module keeps one)"))
+    bounded: bool = option(False, help=(
+        "target mode: remove at most prune.heads (per layer), prune.ffn, prune.modules and prune.ranks (of all "
+        "ranks) of each type: the fixed ratios become ceilings inside which the target is reached"))
 
     @property
     def target_mode(self) -> bool:
@@ -266,6 +272,12 @@ class PruneConfig(ConfigBase):
         if self.target_speedup is not None and not self.target_speedup > 1.0:
             raise PrunetuneError(f"prune.target_speedup must be > 1 (a speedup over unpruned PEFT), got "
                                  f"{self.target_speedup}")
+        if not self.backward_cut and not self.target_mode:
+            raise PrunetuneError("prune.backward_cut applies to target mode (the fixed ratios remove modules by "
+                                 "score alone): set prune.target_speedup or prune.target_params too")
+        if self.bounded and not self.target_mode:
+            raise PrunetuneError("prune.bounded applies to target mode: set prune.target_speedup or "
+                                 "prune.target_params too (without a target the ratios are used as they are)")
         if self.target_params is not None and not 0.0 < self.target_params < 1.0:
             raise PrunetuneError(f"prune.target_params is the fraction of base parameters kept and must lie in "
                                  f"(0, 1), got {self.target_params}")
@@ -297,9 +309,10 @@ class LightPeftConfig(ConfigBase):
             return
         defaults = PruneConfig()
         changed = [f"prune.{k}" for k in ("heads", "ffn", "modules", "ranks") if getattr(p, k) != getattr(defaults, k)]
-        if changed:
+        if changed and not p.bounded:
             raise PrunetuneError(f"{', '.join(changed)}: fixed ratios do not apply in target mode (the allocator "
-                                 "chooses them); drop them or the target")
+                                 "chooses them); drop them or the target, or set prune.bounded=true to use them "
+                                 "as ceilings")
         scores = {k: getattr(self.estimate, k) for k in ("structure_score", "module_score", "rank_score")}
         # path importance is a loss estimate too (the loss a module's updates bought); module_score=path also
         # ranks the ranks by it, so rank_score does not apply then

@@ -285,11 +285,18 @@ class _Pick:
 
 
 def _greedy(items: list[_Pick], caps: dict, need: float, module_extra: dict, module_ranks: dict,
-            allow_short: bool = False):
-    """Take items by importance per saving until `need` is saved. caps: (kind, group) -> max removals.
+            allow_short: bool = False, totals: dict | None = None):
+    """Take items by importance per saving until `need` is saved. caps: (kind, group) -> max removals; totals:
+    kind -> max removals over all groups (a module gone with its last rank counts as a module).
     module_extra: module -> saving of its overhead (earned when its last rank goes, or with the module item).
     Returns (taken items, saved) or None when the items cannot reach `need`."""
     order = sorted(items, key=lambda p: (p.importance / p.saving, p.kind, str(p.group), p.index))
+    totals = totals or {}
+    kind_counts: dict = {}
+
+    def room(kind: str) -> bool:
+        return kind not in totals or kind_counts.get(kind, 0) < totals[kind]
+
     counts: dict = {}
     gone_modules: set = set()
     taken: list[_Pick] = []
@@ -300,20 +307,25 @@ def _greedy(items: list[_Pick], caps: dict, need: float, module_extra: dict, mod
             break
         key = (p.kind, p.group)
         if p.kind == "module":
-            if p.group in gone_modules:
+            if p.group in gone_modules or not room("module"):
                 continue
             left = module_ranks[p.group] - counts.get(("rank", p.group), 0)
             gone_modules.add(p.group)
+            kind_counts["module"] = kind_counts.get("module", 0) + 1
             saved += module_extra[p.group] + left * rank_saving.get(p.group, 0.0)
         elif p.kind == "rank" and p.group in gone_modules:
             continue
-        elif counts.get(key, 0) >= caps.get(key, 0):
+        elif counts.get(key, 0) >= caps.get(key, 0) or not room(p.kind):
             continue
+        elif p.kind == "rank" and counts.get(key, 0) + 1 == module_ranks[p.group] and not room("module"):
+            continue  # its last rank would remove the module past the module bound
         else:
             counts[key] = counts.get(key, 0) + 1
+            kind_counts[p.kind] = kind_counts.get(p.kind, 0) + 1
             saved += p.saving
             if p.kind == "rank" and counts[key] == module_ranks[p.group]:
                 gone_modules.add(p.group)  # every rank removed: the module goes, with its overhead
+                kind_counts["module"] = kind_counts.get("module", 0) + 1
                 saved += module_extra[p.group]
         taken.append(p)
     if saved < need:
@@ -357,11 +369,16 @@ def _sorted_idx(scores: list[float]) -> list[int]:
 def make_target_plan(*, arch, cost, scores: Scores, target_speedup: float | None = None,
                      target_params: float | None = None, body_params: int | None = None, uniform: bool = False,
                      ffn_floor: float = 0.05, peft_kind: str = "lora", model_type: str = "",
-                     meta: dict | None = None) -> PruningPlan:
+                     meta: dict | None = None, bounds: dict | None = None, backward_cut: bool = True) -> PruningPlan:
     """The least-estimated-loss plan whose predicted step speedup (cost model) reaches target_speedup, or whose
     base (body) parameters are at most target_params of body_params. Constraints: >= 1 head unit per layer,
     >= ffn_floor of each layer's neurons, >= 1 PEFT module; uniform: the same head / neuron count in every layer
-    (exports load with plain from_pretrained where the config can say so)."""
+    (exports load with plain from_pretrained where the config can say so). bounds: the most of each type the
+    plan may remove, as fixed-ratio fractions {"heads": per layer, "ffn": of all neurons (per layer if uniform),
+    "modules": of all PEFT modules, "ranks": of all PEFT ranks, removed within kept modules}; a missing key is
+    unbounded. backward_cut=False keeps a PEFT module in the lowest block that has one (the backward pass still
+    reaches it: no plan buys speed by freezing the lower layers' adaptation). With bounds the greedy is no longer within one unit of the optimum (a cardinality cap per type makes
+    it a multi-constraint knapsack); tests bound its gap against brute force."""
     head_scores, ffn_scores, module_importance, rank_importance = scores.head, scores.ffn, scores.module, scores.rank
     if (target_speedup is None) == (target_params is None):
         raise PrunetuneError("target mode needs exactly one of prune.target_speedup and prune.target_params")
@@ -376,25 +393,30 @@ def make_target_plan(*, arch, cost, scores: Scores, target_speedup: float | None
     h_order = [_sorted_idx(s) for s in head_scores]
     f_order = [_sorted_idx(s) for s in ffn_scores]
     sec = cost.rates.seconds
+    bounds = {k: v for k, v in (bounds or {}).items() if v is not None}
+    head_cap = min(U - 1, n_remove(bounds["heads"], U)) if "heads" in bounds else U - 1
+    if "ffn" in bounds and uniform:
+        ffn_cap = min(ffn_cap, n_remove(bounds["ffn"], inter))
+    structure_totals = {"neuron": n_remove(bounds["ffn"], L * inter)} if "ffn" in bounds and not uniform else {}
 
     def structure_items(head_saving, neuron_saving):
         hs, ns = [head_saving(l) for l in range(L)], [neuron_saving(l) for l in range(L)]
         head_saving, neuron_saving = hs.__getitem__, ns.__getitem__  # one evaluation per layer, not per unit
         items, caps = [], {}
         if uniform:
-            for k in range(U - 1):
+            for k in range(head_cap):
                 items.append(_Pick("tier_h", None, k, sum(head_scores[l][h_order[l][k]] for l in range(L)),
                                    sum(head_saving(l) for l in range(L))))
             for k in range(ffn_cap):
                 items.append(_Pick("tier_f", None, k, sum(ffn_scores[l][f_order[l][k]] for l in range(L)),
                                    sum(neuron_saving(l) for l in range(L))))
-            caps[("tier_h", None)], caps[("tier_f", None)] = U - 1, ffn_cap
+            caps[("tier_h", None)], caps[("tier_f", None)] = head_cap, ffn_cap
         else:
             for l in range(L):
                 hs_l, ns_l = head_saving(l), neuron_saving(l)
                 items += [_Pick("head", l, j, v, hs_l) for j, v in enumerate(head_scores[l])]
                 items += [_Pick("neuron", l, j, v, ns_l) for j, v in enumerate(ffn_scores[l])]
-                caps[("head", l)], caps[("neuron", l)] = U - 1, ffn_cap
+                caps[("head", l)], caps[("neuron", l)] = head_cap, ffn_cap
         return items, caps
 
     def build(taken, removed_modules, cut) -> PruningPlan:
@@ -430,12 +452,13 @@ def make_target_plan(*, arch, cost, scores: Scores, target_speedup: float | None
             raise PrunetuneError("prune.target_params needs the base parameter count")
         need = body_params * (1.0 - target_params)
         items, caps = structure_items(lambda l: float(cost.head_params()), lambda l: float(cost.neuron_params()))
-        found = _greedy(items, caps, need, {}, ranks_full)
+        found = _greedy(items, caps, need, {}, ranks_full, totals=structure_totals)
         if found is None:
-            most = body_params - sum(p.saving for p in items if p.kind != "module") if not uniform else \
-                body_params - (U - 1) * L * cost.head_params() - ffn_cap * L * cost.neuron_params()
-            raise PrunetuneError(f"prune.target_params={target_params} is not reachable: with >= 1 head per layer and "
-                                 f"the FFN floor the base keeps at least {most / body_params:.3f} of its parameters")
+            most = body_params - _greedy(items, caps, math.inf, {}, ranks_full, allow_short=True,
+                                         totals=structure_totals)[1]
+            raise PrunetuneError(f"prune.target_params={target_params} is not reachable: with >= 1 head per layer, "
+                                 f"the FFN floor{' and the bounds' if bounds else ''} the base keeps at least "
+                                 f"{most / body_params:.3f} of its parameters")
         return build(found[0], set(), cost.cut_of(modules))
 
     base = cost.unpruned().seconds
@@ -459,28 +482,38 @@ def make_target_plan(*, arch, cost, scores: Scores, target_speedup: float | None
             if m != protected:
                 items.append(_Pick("module", m, 0, float(module_importance.get(m, 0.0)),
                                    extra[m] + ranks_full[m] * rank_sec))
+        totals = dict(structure_totals)
+        if "modules" in bounds:  # the modules below the cut count against the module bound
+            totals["module"] = n_remove(bounds["modules"], len(modules)) - len(forced)
+        if "ranks" in bounds:
+            totals["rank"] = n_remove(bounds["ranks"], sum(ranks_full.values()))
         start = cost.step_time([U] * L, [inter] * L, alive).seconds
         return {"cut": c, "forced": set(forced), "start": start, "items": items, "caps": caps, "extra": extra,
-                "forced_loss": sum(float(module_importance.get(m, 0.0)) for m in forced)}
+                "totals": totals, "forced_loss": sum(float(module_importance.get(m, 0.0)) for m in forced)}
 
     def solve(prob, margin: float):
         """(loss, taken) at this cut for `goal` plus margin seconds, or None when the cut cannot reach it."""
         need = prob["start"] - goal + margin
-        found = ([], 0.0) if need <= 0 else _greedy(prob["items"], prob["caps"], need, prob["extra"], ranks_full)
+        found = ([], 0.0) if need <= 0 else _greedy(prob["items"], prob["caps"], need, prob["extra"], ranks_full,
+                                                    totals=prob["totals"])
         if found is None:
             return None
         return prob["forced_loss"] + sum(p.importance for p in found[0]), found[0]
 
     def everything(prob):
         """Every removal the constraints allow at this cut (the fastest plan there)."""
-        taken = _greedy(prob["items"], prob["caps"], math.inf, prob["extra"], ranks_full, allow_short=True)[0]
+        taken = _greedy(prob["items"], prob["caps"], math.inf, prob["extra"], ranks_full, allow_short=True,
+                        totals=prob["totals"])[0]
         return prob["forced_loss"] + sum(p.importance for p in taken), taken
 
     best = None
-    for c in sorted({cost.block_of(m) for m in modules}):
+    for c in sorted({cost.block_of(m) for m in modules})[:None if backward_cut else 1]:
         forced_loss = sum(float(module_importance.get(m, 0.0)) for m in modules if cost.block_of(m) < c)
         if best is not None and forced_loss > best[1][0]:
             break  # the forced loss only grows with the cut: no higher cut can beat the best plan found
+        if "modules" in bounds and sum(cost.block_of(m) < c for m in modules) > n_remove(bounds["modules"],
+                                                                                   len(modules)):
+            break  # the cut alone removes more modules than the bound allows (and higher cuts remove more)
         prob = prepare(c)
         fastest = cost.predict(build(everything(prob)[1], set(prob["forced"]), c)).pruned.seconds
         most = max(most, base / fastest)
@@ -491,7 +524,8 @@ def make_target_plan(*, arch, cost, scores: Scores, target_speedup: float | None
             best = (prob, sol)
     if best is None:
         raise PrunetuneError(f"prune.target_speedup={target_speedup} is not reachable for this model and batch "
-                             f"shape under the constraints (>= 1 head per layer, FFN floor, >= 1 PEFT module): "
+                             f"shape under the constraints (>= 1 head per layer, FFN floor, >= 1 PEFT module"
+                             f"{', prune.bounds' if bounds else ''}): "
                              f"the cost model predicts at most about {most:.2f}x")
     prob, sol = best
 
