@@ -203,8 +203,9 @@ def test_allocation_summary_adds_up_to_the_predicted_saving():
     ({"target_speedup": 1.5}, {"structure_score": "mask"}, "estimate.structure_score=mask"),
     ({"target_params": 0.6}, {"module_score": "norm_ratio"}, "estimate.module_score=norm_ratio"),
     ({"target_speedup": 1.5}, {"module_score": "path", "rank_score": "reference"}, "estimate.rank_score=reference"),
-    ({"bounded": True}, {}, "prune.bounded applies to target mode"),
-    ({"backward_cut": False, "heads": 0.5}, {}, "prune.backward_cut applies to target mode"),
+    ({"max_modules": 0.5}, {}, "prune.max_modules: apply to target mode only"),
+    ({"backward_cut": True, "heads": 0.5}, {}, "prune.backward_cut: apply to target mode only"),
+    ({"target_speedup": 1.5, "max_heads": 1.0}, {}, r"prune.max_heads' must lie in \[0, 1\)"),
 ])
 def test_target_config_is_validated(prune, estimate, match):
     with pytest.raises(PrunetuneError, match=match):
@@ -223,10 +224,9 @@ def test_target_config_accepted_and_fixed_ratio_mode_stays_the_default():
     assert cfg.prune.target_speedup == 1.6 and cfg.prune.target_params is None
     d = from_dict({}).prune
     assert d.target_speedup is None and d.target_params is None and d.cost_probe is False
-    assert d.bounded is False and d.backward_cut is True
-    # bounded: the fixed ratios are ceilings, so changing them is meaningful in target mode
-    b = from_dict({"prune": {"target_speedup": 1.6, "bounded": True, "modules": 0.6, "ranks": 0.0}}).prune
-    assert b.bounded and b.modules == 0.6 and b.ranks == 0.0
+    assert d.backward_cut is False and (d.max_heads, d.max_ffn, d.max_modules, d.max_ranks) == (1 / 3, 1 / 3, 0.6, 0.0)
+    b = from_dict({"prune": {"target_speedup": 2.0, "backward_cut": True, "max_heads": None, "max_ranks": 0.5}}).prune
+    assert b.backward_cut and b.max_heads is None and b.max_ranks == 0.5
 
 
 def test_cli_refuses_two_targets_with_one_error_line(capsys):

@@ -255,12 +255,19 @@ class PruneConfig(ConfigBase):
     target_params: float | None = option(None, help=(
         "target mode: fraction of the base (body) parameters kept, in (0, 1); exclusive with target_speedup"))
     cost_probe: bool = option(False, help="calibrate the step-time cost model with a few timed steps on the device")
-    backward_cut: bool = option(True, help=(
-        "target mode: may remove every PEFT module below a layer so the backward pass stops there (false: the "
-        "lowest block with a PEFT module keeps one)"))
-    bounded: bool = option(False, help=(
-        "target mode: remove at most prune.heads (per layer), prune.ffn, prune.modules and prune.ranks (of all "
-        "ranks) of each type: the fixed ratios become ceilings inside which the target is reached"))
+    backward_cut: bool = option(False, help=(
+        "target mode: the allocator may remove every PEFT module below a layer so the backward pass stops there "
+        "(false: the lowest block with a PEFT module keeps one; measured: freezing the lower layers' adaptation "
+        "costs quality the Taylor scores do not see)"))
+    max_heads: float | None = option(1 / 3, ge=0.0, lt=1.0, help=(
+        "target mode: at most this fraction of each layer's heads (KV groups) removed; null = all but one"))
+    max_ffn: float | None = option(1 / 3, ge=0.0, lt=1.0, help=(
+        "target mode: at most this fraction of all FFN neurons removed (of each layer's with ffn_scope=layer); "
+        "null = down to ffn_floor"))
+    max_modules: float | None = option(0.6, ge=0.0, lt=1.0, help=(
+        "target mode: at most this fraction of the PEFT modules removed; null = all but one"))
+    max_ranks: float | None = option(0.0, ge=0.0, lt=1.0, help=(
+        "target mode: at most this fraction of all LoRA ranks removed inside kept modules; null = unbounded"))
 
     @property
     def target_mode(self) -> bool:
@@ -272,12 +279,12 @@ class PruneConfig(ConfigBase):
         if self.target_speedup is not None and not self.target_speedup > 1.0:
             raise PrunetuneError(f"prune.target_speedup must be > 1 (a speedup over unpruned PEFT), got "
                                  f"{self.target_speedup}")
-        if not self.backward_cut and not self.target_mode:
-            raise PrunetuneError("prune.backward_cut applies to target mode (the fixed ratios remove modules by "
-                                 "score alone): set prune.target_speedup or prune.target_params too")
-        if self.bounded and not self.target_mode:
-            raise PrunetuneError("prune.bounded applies to target mode: set prune.target_speedup or "
-                                 "prune.target_params too (without a target the ratios are used as they are)")
+        target_only = {"backward_cut": False, "max_heads": 1 / 3, "max_ffn": 1 / 3, "max_modules": 0.6, "max_ranks": 0.0}
+        changed = [f"prune.{k}" for k, v in target_only.items() if getattr(self, k) != v]
+        if changed and not self.target_mode:
+            raise PrunetuneError(f"{', '.join(changed)}: apply to target mode only (the fixed ratios are "
+                                 "prune.heads / ffn / modules / ranks): set prune.target_speedup or "
+                                 "prune.target_params too, or drop them")
         if self.target_params is not None and not 0.0 < self.target_params < 1.0:
             raise PrunetuneError(f"prune.target_params is the fraction of base parameters kept and must lie in "
                                  f"(0, 1), got {self.target_params}")
@@ -309,10 +316,10 @@ class LightPeftConfig(ConfigBase):
             return
         defaults = PruneConfig()
         changed = [f"prune.{k}" for k in ("heads", "ffn", "modules", "ranks") if getattr(p, k) != getattr(defaults, k)]
-        if changed and not p.bounded:
+        if changed:
             raise PrunetuneError(f"{', '.join(changed)}: fixed ratios do not apply in target mode (the allocator "
-                                 "chooses them); drop them or the target, or set prune.bounded=true to use them "
-                                 "as ceilings")
+                                 "chooses them within prune.max_heads / max_ffn / max_modules / max_ranks); drop "
+                                 "them or the target")
         scores = {k: getattr(self.estimate, k) for k in ("structure_score", "module_score", "rank_score")}
         # path importance is a loss estimate too (the loss a module's updates bought); module_score=path also
         # ranks the ranks by it, so rank_score does not apply then

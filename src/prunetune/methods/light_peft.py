@@ -154,8 +154,8 @@ def plan_from_scores(*, cfg: RunConfig, arch, model_type: str, masks: StructureM
                                 target_params=p.target_params, body_params=body_params,
                                 uniform=p.ffn_scope == "layer", ffn_floor=p.ffn_floor, peft_kind=cfg.peft.kind,
                                 model_type=model_type, meta=meta,
-                                bounds=dict(heads=p.heads, ffn=p.ffn, modules=p.modules, ranks=p.ranks)
-                                if p.bounded else None, backward_cut=p.backward_cut)
+                                bounds=dict(heads=p.max_heads, ffn=p.max_ffn, modules=p.max_modules,
+                                            ranks=p.max_ranks), backward_cut=p.backward_cut)
     else:  # the paper's fixed ratios
         plan = make_plan(arch=arch, scores=scores, heads=p.heads, ffn=p.ffn, modules=p.modules, ranks=p.ranks,
                          ffn_scope=p.ffn_scope, ffn_floor=p.ffn_floor, peft_kind=cfg.peft.kind,
