@@ -39,15 +39,7 @@ def main(argv: list[str]) -> int:
             return {k: v * scale for k, v in modules.items()}, {k: v * scale for k, v in ranks.items()}
 
         ImportanceTracker.path_scores = scaled
-    data_dir = os.environ.get("SST2_DIR", str(ROOT.parents[1] / "shared" / "data" / "SST-2"))
-    base = {"model": {"name_or_path": "minilm"},
-            "data": {"task": "sst2", "data_dir": data_dir, "max_train_samples": int(os.environ.get("ROWS", "4000")),
-                     "max_length": 128},
-            "train": {"epochs": 3, "batch_size": 32, "lr": 5e-4, "seed": seed},
-            "output_dir": f"runs/levers/{name}-{seed}"}
-    for item in overrides:
-        key, _, value = item.partition("=")
-        set_dotted(base, key, yaml_load(value))
+    base = base_config(seed, int(os.environ.get("ROWS", "4000")), f"runs/levers/{name}-{seed}", overrides)
     ctx = prepare(from_dict(base))
     t0 = time.time()
     light = train_light(ctx)
@@ -74,6 +66,21 @@ def main(argv: list[str]) -> int:
     path.write_text(json.dumps(out, indent=1))
     print(json.dumps({k: out[k] for k in ("name", "seed", "final", "plan", "predicted_step_speedup")}))
     return 0
+
+
+def base_config(seed: int, rows: int, output_dir: str, overrides=(), **train) -> dict:
+    """The screens' run config (MiniLM SST-2, batch 32, lr 5e-4, max_length 128, 3 epochs; that of
+    `light_peft.py --tasks sst2`), with `section.key=value` overrides; shared by light_plans.py and
+    light_speed.py so all three measure the same setup."""
+    data_dir = os.environ.get("SST2_DIR", str(ROOT.parents[1] / "shared" / "data" / "SST-2"))
+    base = {"model": {"name_or_path": "minilm"},
+            "data": {"task": "sst2", "data_dir": data_dir, "max_train_samples": rows, "max_length": 128},
+            "train": {"epochs": 3, "batch_size": 32, "lr": 5e-4, "seed": seed, **train},
+            "output_dir": output_dir}
+    for item in overrides:
+        key, _, value = item.partition("=")
+        set_dotted(base, key, yaml_load(value))
+    return base
 
 
 def overrides_touch_base(overrides: list[str]) -> bool:

@@ -20,6 +20,7 @@ from pathlib import Path
 os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+from light_levers import base_config  # noqa: E402  (this folder: the screens' shared run config)
 from prunetune.config import from_dict, set_dotted, yaml_load  # noqa: E402
 from prunetune.methods import light_peft  # noqa: E402
 from prunetune.methods.common import prepare  # noqa: E402
@@ -30,11 +31,7 @@ ROOT = Path(__file__).resolve().parent
 def main(argv: list[str]) -> int:
     seed, variants = int(argv[0]), [a.partition("=") for a in argv[1:]]
     rows = int(os.environ.get("ROWS", "8000"))
-    data_dir = os.environ.get("SST2_DIR", str(ROOT.parents[1] / "shared" / "data" / "SST-2"))
-    base = {"model": {"name_or_path": "minilm"},
-            "data": {"task": "sst2", "data_dir": data_dir, "max_train_samples": rows, "max_length": 128},
-            "train": {"epochs": 3, "batch_size": 32, "lr": 5e-4, "seed": seed},
-            "output_dir": f"runs/levers/plans-{rows}-{seed}"}
+    base = base_config(seed, rows, f"runs/levers/plans-{rows}-{seed}")
     ctx = prepare(from_dict(base))
     captured = {}
     original = light_peft.plan_from_scores

@@ -24,7 +24,8 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import torch  # noqa: E402
 
-from prunetune.config import from_dict, set_dotted, yaml_load  # noqa: E402
+from light_levers import base_config  # noqa: E402  (this folder: the screens' shared run config)
+from prunetune.config import from_dict  # noqa: E402
 from prunetune.methods import light_peft  # noqa: E402
 from prunetune.methods.common import build_model, prepare  # noqa: E402
 from prunetune.train.loop import TrainState  # noqa: E402
@@ -36,15 +37,7 @@ BLOCK = 10
 def main(argv: list[str]) -> int:
     seed, name, overrides = int(argv[0]), argv[1], argv[2:]
     rows, steps = int(os.environ.get("ROWS", "8000")), int(os.environ.get("STEPS", "60"))
-    data_dir = os.environ.get("SST2_DIR", str(ROOT.parents[1] / "shared" / "data" / "SST-2"))
-    base = {"model": {"name_or_path": "minilm"},
-            "data": {"task": "sst2", "data_dir": data_dir, "max_train_samples": rows, "max_length": 128},
-            "train": {"epochs": 3, "batch_size": 32, "lr": 5e-4, "seed": seed, "eval_each_epoch": False},
-            "output_dir": f"runs/speed/{name}-{seed}"}
-    for item in overrides:
-        key, _, value = item.partition("=")
-        set_dotted(base, key, yaml_load(value))
-    ctx = prepare(from_dict(base))
+    ctx = prepare(from_dict(base_config(seed, rows, f"runs/speed/{name}-{seed}", overrides, eval_each_epoch=False)))
     t0 = time.perf_counter()
     run = light_peft._LightRun(ctx, checkpoints=False)
     est = light_peft.estimate(run)  # the plan a real run would make

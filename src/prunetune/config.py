@@ -279,8 +279,9 @@ class PruneConfig(ConfigBase):
         if self.target_speedup is not None and not self.target_speedup > 1.0:
             raise PrunetuneError(f"prune.target_speedup must be > 1 (a speedup over unpruned PEFT), got "
                                  f"{self.target_speedup}")
-        target_only = {"backward_cut": False, "max_heads": 1 / 3, "max_ffn": 1 / 3, "max_modules": 0.6, "max_ranks": 0.0}
-        changed = [f"prune.{k}" for k, v in target_only.items() if getattr(self, k) != v]
+        default = {f.name: f.default for f in dataclasses.fields(self)}  # (PruneConfig() here would recurse)
+        changed = [f"prune.{k}" for k in ("backward_cut", "max_heads", "max_ffn", "max_modules", "max_ranks")
+                   if getattr(self, k) != default[k]]
         if changed and not self.target_mode:
             raise PrunetuneError(f"{', '.join(changed)}: apply to target mode only (the fixed ratios are "
                                  "prune.heads / ffn / modules / ranks): set prune.target_speedup or "
