@@ -237,6 +237,9 @@ def main(argv=None) -> int:
     if args.json and len(tasks) > 1 and "{task}" not in args.json:
         p.error("--json needs `{task}` in the file name when several tasks run (one file per task)")
     args.common = {k.strip(): yaml_load(v) for k, _, v in (item.partition("=") for item in args.set)}
+    if "," not in args.seeds and args.seeds.strip().isdigit() and int(args.seeds) > 20:
+        p.error(f"--seeds {args.seeds} asks for {args.seeds} seeds; for one seed {args.seeds} write "
+                f"--seed {args.seeds} --seeds 1 (or a list: --seeds {args.seeds},{int(args.seeds) + 1})")
     seeds = parse_seeds(args.seeds, args.seed)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"device {'cuda' if torch.cuda.is_available() else 'cpu'}, seeds {seeds}", flush=True)

@@ -177,3 +177,81 @@ def test_log_levels_and_rank_0(capsys, monkeypatch):
     monkeypatch.setattr(logs, "_rank", lambda: 1)
     log("from rank 1")
     assert capsys.readouterr().out == ""
+
+
+# ---------------------------------------------------------------- wandb / mlflow through fake modules
+def _fake_module(name: str, **attrs) -> types.ModuleType:
+    import importlib.machinery
+
+    mod = types.ModuleType(name)
+    mod.__spec__ = importlib.machinery.ModuleSpec(name, None)  # find_spec (installed()) reads it
+    for k, v in attrs.items():
+        setattr(mod, k, v)
+    return mod
+
+
+def _fake_wandb(active=None):
+    calls = {"init": [], "log": [], "finish": 0}
+
+    class Run:
+        def log(self, payload):
+            calls["log"].append(dict(payload))
+
+        def finish(self):
+            calls["finish"] += 1
+
+    def init(**kw):
+        calls["init"].append(kw)
+        return Run()
+
+    return _fake_module("wandb", run=active() if active else None, init=init), calls, Run
+
+
+def test_wandb_logger_logs_steps_and_finishes_its_own_run(monkeypatch, tmp_path):
+    mod, calls, _ = _fake_wandb()
+    monkeypatch.setitem(__import__("sys").modules, "wandb", mod)
+    monkeypatch.setenv("WANDB_PROJECT", "proj")
+    assert ml.installed("wandb")
+    cfg = TrainConfig(log_every=1, save_every=0, report_to=["wandb"], logging_dir=str(tmp_path / "wb"))
+    _state(cfg).run(2)
+    ml.close_metric_loggers()
+    assert calls["init"] == [{"project": "proj", "dir": str(tmp_path / "wb")}]
+    losses = [c for c in calls["log"] if any(k.endswith("loss") for k in c)]
+    assert [c["step"] for c in losses] == [1, 2] and all(isinstance(v, float) for c in losses for v in c.values()
+                                                         if not isinstance(v, int))
+    assert calls["finish"] == 1  # the run it started is finished once
+
+
+def test_wandb_logger_joins_an_active_run_and_leaves_it_open(monkeypatch, tmp_path):
+    holder = {}
+    mod, calls, Run = _fake_wandb()
+    mod.run = holder["run"] = Run()
+    monkeypatch.setitem(__import__("sys").modules, "wandb", mod)
+    _state(TrainConfig(log_every=1, save_every=0, report_to=["wandb"])).run(1)
+    ml.close_metric_loggers()
+    assert calls["init"] == [] and calls["log"] and calls["finish"] == 0
+
+
+def test_mlflow_logger_logs_metrics_in_its_own_run(monkeypatch, tmp_path):
+    calls = {"uri": [], "start": 0, "end": 0, "metrics": []}
+    active = {"run": None}
+
+    def start_run():
+        calls["start"] += 1
+        active["run"] = object()
+
+    def end_run():
+        calls["end"] += 1
+        active["run"] = None
+
+    mod = _fake_module("mlflow", set_tracking_uri=calls["uri"].append, active_run=lambda: active["run"],
+                       start_run=start_run, end_run=end_run,
+                       log_metric=lambda name, value, step: calls["metrics"].append((name, value, step)))
+    monkeypatch.setitem(__import__("sys").modules, "mlflow", mod)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    _state(TrainConfig(log_every=1, save_every=0, report_to=["mlflow"], logging_dir=str(tmp_path / "ml"))).run(2)
+    ml.close_metric_loggers()
+    assert calls["uri"] == [(tmp_path / "ml" / "mlruns").resolve().as_uri()]
+    assert (calls["start"], calls["end"]) == (1, 1)
+    steps = sorted({s for n, _, s in calls["metrics"] if n.endswith("loss")})
+    assert steps == [1, 2] and all(isinstance(v, float) for _, v, _ in calls["metrics"])

@@ -919,3 +919,91 @@ def test_adapter_chunk_activation_is_its_own_output():
     assert tracker.unit_stats()["activation"][name] == pytest.approx(act, rel=1e-4)
     g = torch.cat([ad.down.weight.grad[0:2].reshape(-1), ad.down.bias.grad[0:2], ad.up.weight.grad[:, 0:2].reshape(-1)])
     assert tracker.unit_stats()["gradient"][name] == pytest.approx(float(g.abs().mean()), rel=1e-5)
+
+
+# --------------------------------------------------------------------------------- model-object route
+def test_model_object_route_matches_the_path_route(bert_dir, sst2_dir, tmp_path):
+    """prune_peft_model on the model and loaders the path route builds finds the same structure in the same rounds
+    and retrains to the same model; the caller's model is left as it was; the result saves a reloadable export."""
+    from prunetune.methods.common import load_base
+
+    cfg = _cfg(bert_dir, sst2_dir, tmp_path / "path", tmp_path / "cache-path")
+    models: list = []
+    by_path = _run(cfg, models, export=False)
+    ctx = prepare(from_dict(cfg))
+    hf, _ = load_base(ctx)  # what the path route loads (same seed: same random head)
+    before = {k: v.clone() for k, v in hf.state_dict().items()}
+    obj_cfg = dict(cfg, search=dict(cfg["search"], warmup_cache=str(tmp_path / "cache-object")))
+    res = prunetune.prune_peft_model(hf, ctx.train_loader, dev_data=ctx.dev_loader, tokenizer=ctx.tokenizer,
+                                     task=ctx.task, config=obj_cfg)
+    assert isinstance(res, prunetune.PruneResult)
+    assert res.structure.to_dict() == by_path["structure"]
+    assert [r["removed"] for r in res.metrics["rounds"]] == [r["removed"] for r in by_path["rounds"]]
+    assert res.metrics["warmup"]["mapping"] == by_path["warmup"]["mapping"]
+    assert res.lora_config == by_path["lora_config"]
+    _assert_metrics_equal(res.metrics["retrain"]["final"], by_path["retrain"]["final"])
+    enc = dict(ctx.tokenizer(POS[:3] + NEG[:2], padding=True, return_tensors="pt"))
+    torch.testing.assert_close(_logits(res.model, enc), _logits(models[0], enc), atol=1e-6, rtol=1e-6)
+    after = hf.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    assert not any("lora_" in n for n, _ in hf.named_parameters()) and _hooks(hf) == 0
+    export = res.save(tmp_path / "export", ctx.tokenizer)
+    _assert_export_matches_memory(export, res.model, ctx.tokenizer)
+    assert not (tmp_path / "path").exists() or not (tmp_path / "path" / "model").exists()
+
+
+def test_model_object_route_takes_datasets_rows_and_no_dev_data(bert_dir, tmp_path):
+    """A datasets.Dataset of tokenized rows trains; without dev data the retrain reports no dev metric."""
+    import datasets
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(bert_dir)
+    texts = [(POS if i % 2 else NEG)[(i // 2) % 5] for i in range(24)]
+    enc = tok(texts)
+    ds = datasets.Dataset.from_dict({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
+                                     "labels": [i % 2 for i in range(24)]})
+    hf = AutoModelForSequenceClassification.from_pretrained(bert_dir)
+    res = prunetune.prune_peft_model(hf, ds, tokenizer=tok, train__epochs=1, train__batch_size=8,
+                                     search__space=["lora_qv", "adapter_ffn"], search__budget=0.5,
+                                     search__warmup=False, search__round_steps=1)
+    assert res.structure.units and "final" not in res.metrics["retrain"]
+    assert res.metrics["task"]["name"] == "custom" and res.model is not None
+
+
+def test_model_object_warmup_cache_tells_models_apart(bert_dir, sst2_dir, tmp_path):
+    """The warm-up cache key of a model object is a digest of its config and weights: the same weights reuse
+    the mapping, other weights compute their own."""
+    from prunetune.methods.common import model_fingerprint
+    from transformers import AutoModelForSequenceClassification
+
+    a = AutoModelForSequenceClassification.from_pretrained(bert_dir)
+    b = AutoModelForSequenceClassification.from_pretrained(bert_dir)
+    assert model_fingerprint(a) == model_fingerprint(b)
+    with torch.no_grad():
+        next(b.parameters()).add_(1e-3)
+    assert model_fingerprint(a) != model_fingerprint(b)
+    ctx = prepare(from_dict(_cfg(bert_dir, sst2_dir, tmp_path / "unused")))
+    kw = dict(dev_data=ctx.dev_loader, tokenizer=ctx.tokenizer, task=ctx.task, train__epochs=1,
+              train__batch_size=8, search__warmup_samples=16, search__warmup_round_steps=1,
+              search__round_steps=1, search__warmup_cache=str(tmp_path / "cache"), search__space=["lora_qv", "lora_ffn"])
+    first = prunetune.prune_peft_model(a, ctx.train_loader, **kw).metrics["warmup"]
+    again = prunetune.prune_peft_model(a, ctx.train_loader, **kw).metrics["warmup"]
+    other = prunetune.prune_peft_model(b, ctx.train_loader, **kw).metrics["warmup"]
+    assert (first["cached"], again["cached"], other["cached"]) == (False, True, False)
+    assert len(list((tmp_path / "cache" / "warmup").glob("*.json"))) == 2
+
+
+def test_model_object_route_refuses_what_it_cannot_search(bert_dir, sst2_dir, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    ctx = prepare(from_dict(_cfg(bert_dir, sst2_dir, tmp_path / "unused")))
+    hf = AutoModelForSequenceClassification.from_pretrained(bert_dir)
+    with pytest.raises(PrunetuneError, match="not a PeftModel"):
+        prunetune.prune_peft_model(prunetune.with_peft(AutoModelForSequenceClassification.from_pretrained(bert_dir)),
+                                   ctx.train_loader)
+    with pytest.raises(PrunetuneError, match="train.batch_size=8"):
+        prunetune.prune_peft_model(hf, ctx.train_loader, train__batch_size=4)
+    with pytest.raises(PrunetuneError, match="input_ids and labels"):
+        prunetune.prune_peft_model(hf, [{"input_ids": [1, 2, 3]}] * 4, train__batch_size=2)
+    with pytest.raises(PrunetuneError, match="train.resume"):
+        prunetune.prune_peft_model(hf, ctx.train_loader, train__resume=True)

@@ -181,7 +181,7 @@ def test_callback_refuses_ddp_and_non_peft_models(setup):
     with pytest.raises(PrunetuneError, match="cannot resume"):
         cb.on_train_begin(SimpleNamespace(world_size=1), SimpleNamespace(max_steps=10, global_step=3), None,
                           model=peft_model, train_dataloader=SimpleNamespace(dataset=list(range(40))))
-    with pytest.raises(PrunetuneError, match="lora"):
+    with pytest.raises(PrunetuneError, match="peft.kind=lora, not 'adapter'.*light_peft_model"):
         prunetune.LightPeftCallback(CFG, peft__kind="adapter")
     with pytest.raises(PrunetuneError, match="no plan yet"):
         cb.result()

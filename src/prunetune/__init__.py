@@ -7,7 +7,8 @@ from .plan import PruningPlan, Scores
 
 __version__ = "0.1.0"
 __all__ = ["RunConfig", "LightPeftConfig", "PrunePeftConfig", "load_config", "PrunetuneError", "load", "save_export", "PruningPlan", "Scores", "light_peft",
-           "light_peft_model", "with_peft", "LightPeftCallback", "LightResult", "AutoPrunedModel"]
+           "light_peft_model", "with_peft", "LightPeftCallback", "LightResult", "AutoPrunedModel", "prune_peft",
+           "prune_peft_model", "PruneResult"]
 
 
 def __getattr__(name: str):
@@ -16,6 +17,10 @@ def __getattr__(name: str):
         from .methods import light_peft as _lp
 
         return getattr(_lp, name)
+    if name in ("prune_peft_model", "PruneResult"):
+        from .methods import prune_peft as _pp
+
+        return getattr(_pp, name)
     if name == "LightPeftCallback":
         from .integrations.trainer import LightPeftCallback
 
@@ -29,5 +34,15 @@ def light_peft(config: RunConfig | dict | None = None, **overrides) -> dict:
     On model objects: `light_peft_model`; in a transformers Trainer: `LightPeftCallback`."""
     from .config import run_config
     from .methods.light_peft import run
+
+    return run(run_config(config, overrides))
+
+
+def prune_peft(config: RunConfig | dict | None = None, **overrides) -> dict:
+    """Run PrunePEFT from paths (model and data as the config names them; writes cfg.output_dir: the found
+    structure, lora_config.json for LoRA-only structures, the retrained export, results and report) and return
+    its results dict. On model objects: `prune_peft_model`."""
+    from .config import run_config
+    from .methods.prune_peft import run
 
     return run(run_config(config, overrides))

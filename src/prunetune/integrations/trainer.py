@@ -46,7 +46,8 @@ class LightPeftCallback(TrainerCallback):
     Trainer fine-tunes the pruned model for the rest of its schedule.
 
     The model given to the Trainer must be a LoRA PeftModel (adapter "default", no modules_to_save wrappers),
-    e.g. from `prunetune.with_peft(model, config)`. Only `estimate.*` and `prune.*` (and `peft.kind`) of the
+    e.g. from `prunetune.with_peft(model, config)`; bottleneck adapters (peft.kind=adapter) are refused, since
+    they train outside the model whose parameters the Trainer optimizes (use `light_peft_model` for them). Only `estimate.*` and `prune.*` (and `peft.kind`) of the
     config are used; the schedule, batch size and optimizer come from the TrainingArguments.
 
     >>> from prunetune import LightPeftCallback
@@ -62,7 +63,10 @@ class LightPeftCallback(TrainerCallback):
     def __init__(self, config: RunConfig | dict | None = None, **overrides):
         self.cfg = run_config(config, overrides)
         if self.cfg.peft.kind != "lora":
-            raise PrunetuneError(f"LightPeftCallback supports peft.kind=lora, not {self.cfg.peft.kind!r}")
+            raise PrunetuneError(f"LightPeftCallback supports peft.kind=lora, not {self.cfg.peft.kind!r}: prunetune's "
+                                 "bottleneck adapters train as hooks outside the model the Trainer builds its "
+                                 "optimizer from; for adapters use prunetune.light_peft_model(model, data, "
+                                 "peft__kind='adapter') or `prunetune light`")
         if self.cfg.prune.cost_probe:
             raise PrunetuneError("LightPeftCallback does not support prune.cost_probe (timed passes outside the "
                                  "Trainer's loop); use the default cost model")

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from ..errors import PrunetuneError
 
+import copy
+import hashlib
 import math
 import os
 import random
@@ -41,6 +43,7 @@ class Context:
     dev_loader: object
     device: torch.device
     max_length: int  # tokens per example as encoded: data.max_length capped at the model's position limit
+    base: object = None  # model-object route: the caller's model, copied (never changed) for each model built
 
     @property
     def steps_per_epoch(self) -> int:
@@ -108,9 +111,13 @@ def load_base(ctx: Context, plan=None):
     builds its models here (Light-PEFT, the baseline, PrunePEFT's supernet and retrain)."""
     cfg = ctx.cfg
     seed_everything(cfg.train.seed)
-    hf = load_model(ctx.model_path, ctx.task.num_labels, causal_lm=getattr(ctx.task, "causal_lm", False),
-                    dtype=cfg.model.dtype, pad_token_id=ctx.tokenizer.pad_token_id)
-    check_tokenizer_matches(ctx.tokenizer, hf)
+    if ctx.base is not None:  # a model object: each phase gets its own copy, the caller's stays as it was
+        hf = copy.deepcopy(ctx.base)
+    else:
+        hf = load_model(ctx.model_path, ctx.task.num_labels, causal_lm=getattr(ctx.task, "causal_lm", False),
+                        dtype=cfg.model.dtype, pad_token_id=ctx.tokenizer.pad_token_id)
+    if ctx.tokenizer is not None:
+        check_tokenizer_matches(ctx.tokenizer, hf)
     arch = get_arch(hf)
     if plan is not None:
         apply_plan(hf, arch, plan)
@@ -198,9 +205,12 @@ def checkpoint_root(ctx: Context) -> Path:
 
 @dataclass
 class TrainResult:
-    """A finished fixed-structure run: the trained model and the metrics (JSON-ready)."""
+    """A finished fixed-structure run: the trained model and the metrics (JSON-ready); hf / adapters: the HF
+    model inside it and the adapters that train beside it (None for a run restored as done)."""
     model: object
     metrics: dict
+    hf: object = None
+    adapters: object = None
 
 
 def train_fixed(ctx: Context, structure: PeftStructure | None = None, plan=None, export_dir: Path | None = None,
@@ -226,11 +236,11 @@ def train_fixed(ctx: Context, structure: PeftStructure | None = None, plan=None,
                             cfg.to_dict())
 
     t0 = time.perf_counter()
-    evaluator = epoch_evaluator(ctx, state, evals) if cfg.train.eval_each_epoch else None
+    evaluator = epoch_evaluator(ctx, state, evals) if cfg.train.eval_each_epoch and ctx.dev_loader is not None else None
     with PeakMemory(ctx.device) as mem:
         state.run(ctx.total_steps - state.step, on_epoch_end=evaluator, on_checkpoint=save)
     wall = time.perf_counter() - t0
-    if not evals or evals[-1]["step"] != state.step:
+    if ctx.dev_loader is not None and (not evals or evals[-1]["step"] != state.step):
         evals.append({"epoch": round(state.epoch, 2), "step": state.step,
                       **evaluate(state.model, ctx.dev_loader, ctx.task, ctx.device)})
     result = {
@@ -238,7 +248,8 @@ def train_fixed(ctx: Context, structure: PeftStructure | None = None, plan=None,
         "step_seconds": mean_step(state.step_times), "train_seconds": wall, "peak_mb": state.memory.peak_mb,
         "train_seconds_no_eval": wall - (evaluator.seconds if evaluator else 0.0), "cuda_peak_mb": mem.peak_mb,
         "trainable_params": state.trainable_count(), "trainable_params_no_head": state.trainable_count(False),
-        "base_params": base_param_counts(hf, arch), "eval_seconds": eval_seconds(ctx, state.model),
+        "base_params": base_param_counts(hf, arch),
+        "eval_seconds": eval_seconds(ctx, state.model) if ctx.dev_loader is not None else 0.0,
         "loss_curve": state.history,
     }
     if export_dir is not None and is_main():
@@ -254,7 +265,7 @@ def train_fixed(ctx: Context, structure: PeftStructure | None = None, plan=None,
                                     base_model=cfg.model.name_or_path))
         result["export"] = str(export_dir)
     save("done", result=result)
-    return TrainResult(model=state.model, metrics=result)
+    return TrainResult(model=state.model, metrics=result, hf=hf, adapters=adapters)
 
 
 def peft_inner_model(model):
@@ -274,3 +285,99 @@ def peft_inner_model(model):
         raise PrunetuneError("prunetune does not support modules_to_save / task_type wrappers (surgery "
                              f"rebuilds the LoRA model); leave the head trainable instead: {hint}")
     return model.base_model.model
+
+
+# ---- the model-object route: a caller's model and data instead of paths ------------------------------------
+class _TorchRows(torch.utils.data.Dataset):
+    """A datasets.Dataset seen as rows of tensors / numbers (the columns a model takes)."""
+
+    def __init__(self, ds):
+        self.ds = ds
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int) -> dict:
+        return dict(self.ds[int(i)])
+
+
+def _plain(value):
+    """A row's value as the path route encodes it (0-d tensors as numbers), so labels can be stratified."""
+    return value.item() if torch.is_tensor(value) and value.ndim == 0 else value
+
+
+def as_rows(data) -> "EncodedDataset":
+    """Any indexable dataset of tokenized rows as an EncodedDataset (PrunePEFT subsamples and splits rows)."""
+    from ..data.base import EncodedDataset
+
+    if isinstance(data, EncodedDataset):
+        return data
+    if not hasattr(data, "__getitem__") or not hasattr(data, "__len__"):
+        raise PrunetuneError(f"PrunePEFT needs rows it can index (a list, torch Dataset or datasets.Dataset), got "
+                             f"{type(data).__name__}")
+    items = []
+    for i in range(len(data)):
+        row = data[i]
+        if not isinstance(row, dict) or "input_ids" not in row or "labels" not in row:
+            raise PrunetuneError("each training row must be a dict with input_ids and labels (attention_mask "
+                                 f"optional); row {i} is {type(row).__name__}"
+                                 + (f" with keys {sorted(row)}" if isinstance(row, dict) else ""))
+        items.append({k: _plain(v) for k, v in row.items()})
+    return EncodedDataset(items)
+
+
+def model_fingerprint(model) -> str:
+    """A digest of a model object's config and weights: names it in a warm-up cache key as a path would."""
+    h = hashlib.sha256(model.config.to_json_string(use_diff=False).encode())
+    for name, t in model.state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def object_context(cfg: RunConfig, hf, *, train_data, dev_data=None, tokenizer=None, collate_fn=None, task=None,
+                   base=None, rows: bool = False) -> Context:
+    """The Context of a run on a model object. train_data / dev_data: a DataLoader or a dataset of tokenized rows
+    (input_ids, attention_mask, labels), batched with collate_fn, else padding by `tokenizer`, else stacked.
+    rows=True (PrunePEFT): the training rows are taken out of a DataLoader and batched by train.batch_size with
+    its collate_fn, since the search draws subsets of them. task: a prunetune Task for dev metrics (default:
+    accuracy, or pearson for one regression label). base: the model each phase copies (PrunePEFT)."""
+    from ..arch import position_limit_of
+    from ..data.tasks import Task
+
+    get_arch(hf)  # an unsupported model is refused before anything else
+    if cfg.train.resume:
+        raise PrunetuneError("train.resume needs a run folder: use the path route (prunetune.light_peft / the CLI) "
+                             "for resumable runs")
+    collate = collate_fn
+    if collate is None and tokenizer is not None:
+        collate = make_collate(tokenizer)
+
+    def loader(data, shuffle: bool, batch_size: int):
+        if data is None:
+            return None
+        if isinstance(data, torch.utils.data.DataLoader):
+            if not (rows and shuffle):
+                return data
+            size = data.batch_size or getattr(data.batch_sampler, "batch_size", None)
+            if size not in (None, cfg.train.batch_size):
+                raise PrunetuneError(f"the training DataLoader batches {size} rows but train.batch_size is "
+                                     f"{cfg.train.batch_size}: set train.batch_size={size} or pass the dataset itself")
+            return make_loader(as_rows(data.dataset), data.collate_fn, batch_size, True, cfg.train.seed)
+        if not hasattr(data, "__len__") or len(data) == 0:
+            raise PrunetuneError("train_data / dev_data must be a DataLoader or a non-empty dataset of rows")
+        data = _TorchRows(data) if hasattr(data, "with_format") else data  # datasets.Dataset: rows of tensors
+        if rows and shuffle:
+            data = as_rows(data)
+        return make_loader(data, collate, batch_size, shuffle, cfg.train.seed)
+
+    train_loader = loader(train_data, True, cfg.train.batch_size)
+    dev_loader = loader(dev_data, False, cfg.train.eval_batch_size)
+    num_labels = int(getattr(hf.config, "num_labels", 2))
+    task = task or Task(name="custom", text_fields=[], num_labels=num_labels,
+                        metric="pearson" if num_labels == 1 else "accuracy")
+    name = getattr(hf.config, "_name_or_path", "") or "<model object>"
+    if base is not None:  # a cache key must tell two model objects apart as two paths would be
+        name = f"<model object {model_fingerprint(base)}>"
+    return Context(cfg, task, tokenizer, name, train_loader, dev_loader, dist_device(),
+                   int(position_limit_of(hf.config) or 0), base=base)

@@ -470,15 +470,10 @@ def light_peft_model(model, train_data, *, config: RunConfig | dict | None = Non
     >>> res.plan.summary()["heads_kept"], "accuracy" in res.metrics["final"]
     ('1/2', True)
     """
-    from ..arch import get_arch, position_limit_of
-    from ..data.tasks import Task
-    from ..dist import device as dist_device
-    from ..train import make_loader
-    from .common import default_structure, seed_everything
+    from ..arch import get_arch
+    from .common import default_structure, object_context, seed_everything
 
     cfg = run_config(config, overrides)
-    if cfg.train.resume:
-        raise PrunetuneError("train.resume needs a run folder: use prunetune.light_peft / the CLI for resumable runs")
     if hasattr(model, "peft_config"):  # a PeftModel: LoRA as the caller set it up
         if cfg.peft.kind != "lora":
             raise PrunetuneError(f"the model is a PeftModel (LoRA) but peft.kind is {cfg.peft.kind!r}")
@@ -486,40 +481,9 @@ def light_peft_model(model, train_data, *, config: RunConfig | dict | None = Non
         arch, adapters = get_arch(hf), None
     else:
         hf, arch = model, get_arch(model)
+    ctx = object_context(cfg, hf, train_data=train_data, dev_data=dev_data, tokenizer=tokenizer,
+                         collate_fn=collate_fn, task=task)
+    if hf is model:
         seed_everything(cfg.train.seed)
         model, adapters = default_structure(arch, cfg).build(hf, arch)
-    collate = collate_fn
-    if collate is None and tokenizer is not None:
-        from ..data import make_collate
-
-        collate = make_collate(tokenizer)
-
-    def loader(data, shuffle: bool, batch_size: int):
-        if data is None or isinstance(data, torch.utils.data.DataLoader):
-            return data
-        if not hasattr(data, "__len__") or len(data) == 0:
-            raise PrunetuneError("train_data / dev_data must be a DataLoader or a non-empty dataset of rows")
-        data = _TorchRows(data) if hasattr(data, "with_format") else data  # datasets.Dataset: rows of tensors
-        return make_loader(data, collate, batch_size, shuffle, cfg.train.seed)
-
-    train_loader = loader(train_data, True, cfg.train.batch_size)
-    dev_loader = loader(dev_data, False, cfg.train.eval_batch_size)
-    num_labels = int(getattr(hf.config, "num_labels", 2))
-    task = task or Task(name="custom", text_fields=[], num_labels=num_labels,
-                        metric="pearson" if num_labels == 1 else "accuracy")
-    ctx = Context(cfg, task, tokenizer, getattr(hf.config, "_name_or_path", "") or "<model object>", train_loader,
-                  dev_loader, dist_device(), int(position_limit_of(hf.config) or 0))
     return train_light(ctx, None, model=model, hf=hf, arch=arch, adapters=adapters, checkpoints=False)
-
-
-class _TorchRows(torch.utils.data.Dataset):
-    """A datasets.Dataset seen as rows of tensors / numbers (the columns a model takes)."""
-
-    def __init__(self, ds):
-        self.ds = ds
-
-    def __len__(self) -> int:
-        return len(self.ds)
-
-    def __getitem__(self, i: int) -> dict:
-        return dict(self.ds[int(i)])

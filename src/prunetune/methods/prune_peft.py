@@ -312,21 +312,49 @@ def lora_config_dict(result: SearchResult) -> dict | None:
     return json.loads(json.dumps(d, default=lambda o: sorted(o) if isinstance(o, set) else str(o)))
 
 
-def run(cfg: RunConfig, export: bool = True) -> dict:
-    out = Path(cfg.output_dir)
-    start_run(cfg, export)
-    ctx = prepare(cfg)
+@dataclass
+class PruneResult:
+    """A finished PrunePEFT run: the retrained model with the found PEFT structure, that structure, the base plan
+    of the combined mode (None: base unpruned), the plain-peft LoraConfig dict of a LoRA-only structure and the
+    metrics (the JSON-ready results: search rounds, warm-up, search cost, retrain)."""
+    model: torch.nn.Module | None
+    structure: PeftStructure
+    plan: PruningPlan | None
+    metrics: dict
+    lora_config: dict | None = None
+    hf: torch.nn.Module | None = None
+    adapters: object = None
+    arch: object = None
+
+    def save(self, folder: str | Path, tokenizer=None, merge: bool = False, overwrite: bool = False,
+             task_info: dict | None = None) -> Path:
+        """Write a prunetune export of the retrained model (reload: prunetune.AutoPrunedModel.from_pretrained);
+        with a tokenizer, AutoTokenizer.from_pretrained(folder) loads it too."""
+        from ..export import save_export
+
+        if self.model is None:
+            raise PrunetuneError("this result holds no model (its retrain was restored as done from a checkpoint)")
+        plan = self.plan or PruningPlan.unpruned(self.arch, self.hf.config.model_type)
+        return save_export(folder, self.hf, plan, tokenizer, peft_model=self.model if self.model is not self.hf
+                           else None, adapters=self.adapters, task_info=task_info, merge=merge, overwrite=overwrite)
+
+
+def search_and_retrain(ctx: Context, export_dir: Path | None = None) -> PruneResult:
+    """The method on a prepared Context: search, then retrain the found structure from scratch (exported to
+    export_dir when given). Shared by the path route (`run`) and the model-object route (`prune_peft_model`)."""
+    cfg = ctx.cfg
     log(f"prunetune search: {ctx.model_path} on {ctx.task.name} — space {cfg.search.space}, "
-          f"budget {cfg.search.budget}, {ctx.total_steps} retrain steps on {ctx.device}")
+        f"budget {cfg.search.budget}, {ctx.total_steps} retrain steps on {ctx.device}")
     found, wu = search(ctx)
     log(f"found {len(found.structure.units)} units ({found.budget_params:,} budget): {found.structure.units}"
         + (f"; brought back to fill the budget (unit: width): {found.fill}" if found.fill else ""))
-    retrain = train_fixed(ctx, found.structure, found.plan, out / "model" if export else None, desc="retrain",
-                          checkpoint_dir=checkpoint_root(ctx) / "retrain").metrics
-    metric = ctx.task.metric
+    done = train_fixed(ctx, found.structure, found.plan, export_dir, desc="retrain",
+                       checkpoint_dir=checkpoint_root(ctx) / "retrain" if ctx.base is None else None)
+    retrain = done.metrics
+    lora = lora_config_dict(found)
     results = {
         "config": cfg.to_dict(), "task": task_info(ctx),
-        "structure": found.structure.to_dict(), "lora_config": lora_config_dict(found),
+        "structure": found.structure.to_dict(), "lora_config": lora,
         "rounds": found.rounds, "fill": found.fill,
         "supernet_params": found.supernet_params, "budget_params": found.budget_params,
         "warmup": wu, "plan": found.plan.summary() if found.plan else None,
@@ -334,22 +362,73 @@ def run(cfg: RunConfig, export: bool = True) -> dict:
         "retrain_cost": {"steps": retrain["steps"], "seconds": retrain["train_seconds_no_eval"]},
         "retrain": retrain,
     }
+    sc, metric = results["search_cost"], ctx.task.metric
+    log(f"search: {found.steps} steps / {found.seconds:.1f}s; retrain: {retrain['steps']} steps / "
+        f"{retrain['train_seconds_no_eval']:.1f}s (evaluation excluded on both sides); search cost = "
+        f"{sc['ratio_steps']:.2f}x retrain (steps), {sc['ratio_seconds']:.2f}x (time); with the warm-up "
+        f"{sc['ratio_steps_with_warmup']:.2f}x, amortised over {sc['warmup_tasks']} task(s) "
+        f"{sc['ratio_steps_amortised']:.2f}x (steps)")
+    if "final" in retrain:
+        log(f"dev {metric}: final {retrain['final'][metric]:.4f}, best {retrain['best'][metric]:.4f}; "
+            f"trainable params {retrain['trainable_params_no_head']:,} (no head)")
+    return PruneResult(model=done.model, structure=found.structure, plan=found.plan, metrics=results,
+                       lora_config=lora, hf=done.hf, adapters=done.adapters, arch=found.arch)
+
+
+def run(cfg: RunConfig, export: bool = True) -> dict:
+    """The full PrunePEFT job from paths; writes the structure, results and report to cfg.output_dir."""
+    out = Path(cfg.output_dir)
+    start_run(cfg, export)
+    ctx = prepare(cfg)
+    done = search_and_retrain(ctx, out / "model" if export else None)
+    results = done.metrics
     if not is_main():
         return results
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "found_structure.json", json.dumps(found.structure.to_dict(), indent=1))
+    atomic_write_text(out / "found_structure.json", json.dumps(done.structure.to_dict(), indent=1))
     if results["lora_config"]:
         atomic_write_text(out / "lora_config.json", json.dumps(results["lora_config"], indent=1))
     atomic_write_text(out / "results.json", json.dumps(results, indent=1, default=str))
     from ..report import write_search_report
 
     write_search_report(out, results)
-    sc = results["search_cost"]
-    log(f"search: {found.steps} steps / {found.seconds:.1f}s; retrain: {retrain['steps']} steps / "
-        f"{retrain['train_seconds_no_eval']:.1f}s (evaluation excluded on both sides); search cost = "
-        f"{sc['ratio_steps']:.2f}x retrain (steps), {sc['ratio_seconds']:.2f}x (time); with the warm-up "
-        f"{sc['ratio_steps_with_warmup']:.2f}x, amortised over {sc['warmup_tasks']} task(s) "
-        f"{sc['ratio_steps_amortised']:.2f}x (steps)")
-    log(f"dev {metric}: final {retrain['final'][metric]:.4f}, best {retrain['best'][metric]:.4f}; "
-          f"trainable params {retrain['trainable_params_no_head']:,} (no head)")
     return results
+
+
+def prune_peft_model(model, train_data, *, config: RunConfig | dict | None = None, dev_data=None, tokenizer=None,
+                     collate_fn=None, task=None, **overrides) -> PruneResult:
+    """PrunePEFT on a model object: search the PEFT structure on a supernet built on a copy of `model`, retrain
+    it from scratch on another copy and return the retrained model, the structure and the metrics (`model`
+    itself is left unchanged; nothing is written but the warm-up cache; `result.save(folder, tokenizer)` writes
+    an export, `result.lora_config` is the plain-peft LoraConfig of a LoRA-only structure).
+
+    model: a supported HF model without PEFT (the search attaches its own units). train_data / dev_data: as for
+    light_peft_model (a DataLoader or a dataset of tokenized rows); the search draws subsets of the training
+    rows, so a training DataLoader gives its rows and collate_fn and is batched by train.batch_size.
+
+    >>> import torch, prunetune
+    >>> from transformers import BertConfig, BertForSequenceClassification
+    >>> tiny = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+    ...                   intermediate_size=32, max_position_embeddings=32)
+    >>> rows = [{"input_ids": torch.randint(1, 50, (8,)), "attention_mask": torch.ones(8, dtype=torch.long),
+    ...          "labels": i % 2} for i in range(16)]
+    >>> import tempfile
+    >>> prunetune.logs.set_verbosity("warning")  # the search logs its rounds at info
+    >>> res = prunetune.prune_peft_model(BertForSequenceClassification(tiny), rows, dev_data=rows,
+    ...         train__epochs=1, train__batch_size=4, train__eval_each_epoch=False, search__warmup=False,
+    ...         search__space=["lora_qv", "adapter_ffn"], search__budget=0.5, search__lora_r=2,
+    ...         search__adapter_size=2, search__warmup_cache=tempfile.mkdtemp())
+    >>> 0 < len(res.structure.units) < 4, "accuracy" in res.metrics["retrain"]["final"]
+    (True, True)
+    >>> prunetune.logs.set_verbosity("info")
+    """
+    from ..config import run_config
+    from .common import object_context
+
+    cfg = run_config(config, overrides)
+    if hasattr(model, "peft_config"):
+        raise PrunetuneError("PrunePEFT builds its own supernet of PEFT units: pass the base model, not a PeftModel "
+                             "(e.g. model.get_base_model() of a freshly wrapped one)")
+    ctx = object_context(cfg, model, train_data=train_data, dev_data=dev_data, tokenizer=tokenizer,
+                         collate_fn=collate_fn, task=task, base=model, rows=True)
+    return search_and_retrain(ctx)
