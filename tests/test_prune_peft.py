@@ -998,12 +998,27 @@ def test_model_object_route_refuses_what_it_cannot_search(bert_dir, sst2_dir, tm
 
     ctx = prepare(from_dict(_cfg(bert_dir, sst2_dir, tmp_path / "unused")))
     hf = AutoModelForSequenceClassification.from_pretrained(bert_dir)
-    with pytest.raises(PrunetuneError, match="not a PeftModel"):
-        prunetune.prune_peft_model(prunetune.with_peft(AutoModelForSequenceClassification.from_pretrained(bert_dir)),
-                                   ctx.train_loader)
     with pytest.raises(PrunetuneError, match="train.batch_size=8"):
         prunetune.prune_peft_model(hf, ctx.train_loader, train__batch_size=4)
     with pytest.raises(PrunetuneError, match="input_ids and labels"):
         prunetune.prune_peft_model(hf, [{"input_ids": [1, 2, 3]}] * 4, train__batch_size=2)
     with pytest.raises(PrunetuneError, match="train.resume"):
         prunetune.prune_peft_model(hf, ctx.train_loader, train__resume=True)
+
+
+def test_model_object_route_searches_the_base_of_a_peft_model(bert_dir, sst2_dir, tmp_path):
+    """A LoRA PeftModel is searched on its base (LoRA layers set aside on a copy): the same structure as on the
+    unwrapped model; the PeftModel itself keeps its LoRA."""
+    from transformers import AutoModelForSequenceClassification
+
+    ctx = prepare(from_dict(_cfg(bert_dir, sst2_dir, tmp_path / "unused")))
+    kw = dict(dev_data=ctx.dev_loader, tokenizer=ctx.tokenizer, task=ctx.task, train__epochs=1, train__batch_size=8,
+              search__warmup=False, search__round_steps=2, search__budget=0.4, search__space=["lora_qv", "lora_ffn"])
+    plain = prunetune.prune_peft_model(AutoModelForSequenceClassification.from_pretrained(bert_dir), ctx.train_loader,
+                                       **kw)
+    wrapped = prunetune.with_peft(AutoModelForSequenceClassification.from_pretrained(bert_dir))
+    lora_before = sum(1 for n, _ in wrapped.named_parameters() if "lora_" in n)
+    res = prunetune.prune_peft_model(wrapped, ctx.train_loader, **kw)
+    assert res.structure.to_dict() == plain.structure.to_dict()
+    _assert_metrics_equal(res.metrics["retrain"]["final"], plain.metrics["retrain"]["final"])
+    assert lora_before and sum(1 for n, _ in wrapped.named_parameters() if "lora_" in n) == lora_before

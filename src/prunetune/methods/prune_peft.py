@@ -6,6 +6,7 @@ retrain runs on the physically pruned foundation.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -402,7 +403,8 @@ def prune_peft_model(model, train_data, *, config: RunConfig | dict | None = Non
     itself is left unchanged; nothing is written but the warm-up cache; `result.save(folder, tokenizer)` writes
     an export, `result.lora_config` is the plain-peft LoraConfig of a LoRA-only structure).
 
-    model: a supported HF model without PEFT (the search attaches its own units). train_data / dev_data: as for
+    model: a supported HF model, or a LoRA PeftModel, whose base (a copy, LoRA layers taken out unmerged) is
+    searched: the search attaches its own units. train_data / dev_data: as for
     light_peft_model (a DataLoader or a dataset of tokenized rows); the search draws subsets of the training
     rows, so a training DataLoader gives its rows and collate_fn and is batched by train.batch_size.
 
@@ -426,9 +428,18 @@ def prune_peft_model(model, train_data, *, config: RunConfig | dict | None = Non
     from .common import object_context
 
     cfg = run_config(config, overrides)
-    if hasattr(model, "peft_config"):
-        raise PrunetuneError("PrunePEFT builds its own supernet of PEFT units: pass the base model, not a PeftModel "
-                             "(e.g. model.get_base_model() of a freshly wrapped one)")
+    if hasattr(model, "peft_config"):  # the search brings its own PEFT units: it starts from the base inside
+        model = base_of_peft_model(model)
     ctx = object_context(cfg, model, train_data=train_data, dev_data=dev_data, tokenizer=tokenizer,
                          collate_fn=collate_fn, task=task, base=model, rows=True)
     return search_and_retrain(ctx)
+
+
+def base_of_peft_model(model):
+    """A copy of a LoRA PeftModel's base model with its LoRA layers taken out (not merged): what the model was
+    before it was wrapped (the caller's model is not changed)."""
+    from .common import peft_inner_model
+
+    peft_inner_model(model)  # a LoRA PeftModel without modules_to_save wrappers, or a clear refusal
+    log("prunetune search: the PeftModel's own LoRA modules are set aside; the search builds its units on its base")
+    return copy.deepcopy(model).unload()
