@@ -40,7 +40,7 @@ import torch  # noqa: E402
 from light_peft import GLUE_DIRS  # noqa: E402  (benchmarks/ is on sys.path when a script here runs)
 
 from prunetune.arch import get_arch  # noqa: E402
-from prunetune.config import from_dict  # noqa: E402
+from prunetune.config import from_dict, set_dotted, yaml_load  # noqa: E402
 from prunetune.methods.common import prepare, train_fixed  # noqa: E402
 from prunetune.methods.prune_peft import iterative_prune, search, search_cost, search_loader  # noqa: E402
 from prunetune.report.stats import mean_std, paired_summary  # noqa: E402
@@ -112,12 +112,18 @@ def bench_task(task: str, args, seed: int) -> dict:
                    "warmup_cache": args.cache, "chunk": args.chunk},
         "output_dir": str(Path(args.out) / f"{task}-seed{seed}"),
     }
+    for dotted, value in args.common.items():  # --set
+        set_dotted(base, dotted, value)
     ctx = prepare(from_dict(base))
     from prunetune.models import load_model
 
     arch = get_arch(load_model(ctx.model_path, ctx.task.num_labels))
     sc = ctx.cfg.search
-    configs = {"lora-everywhere": fixed(arch, "lora_qv", sc), "adapters-everywhere": fixed(arch, "adapter_ffn", sc)}
+    if args.fixed == "each":  # one fixed configuration per unit type of the space, at its full width
+        configs = {f"{t}-everywhere": fixed(arch, t, sc) for t in sc.space}
+    else:
+        configs = {"lora-everywhere": fixed(arch, "lora_qv", sc), "adapters-everywhere": fixed(arch, "adapter_ffn", sc)}
+    fixed_names = list(configs)
     if args.budget == "fixed":
         budget = min(peft_params(ctx, s) for s in configs.values())
     else:  # a fraction of the supernet: the whole space at full width
@@ -141,11 +147,12 @@ def bench_task(task: str, args, seed: int) -> dict:
     rows = _reused(args, task, seed)
     selection = None
     if "chosen-fixed" in args.configs:
-        pick, on_split = choose_fixed(ctx, {n: configs[n] for n in FIXED}, seed)
+        pick, on_split = choose_fixed(ctx, {n: configs[n] for n in fixed_names}, seed)
         selection = {"picked": pick, "train_split_scores": on_split}
+    wanted = set(args.configs) | (set(fixed_names) if args.fixed == "each" else set())
     for name, structure in configs.items():
-        if name not in args.configs and not (name in FIXED and "chosen-fixed" in args.configs
-                                             and name not in {r["config"] for r in rows}):
+        if name not in wanted and not (name in fixed_names and "chosen-fixed" in args.configs
+                                       and name not in {r["config"] for r in rows}):
             continue
         print(f"-- {name}: {len(structure.lora)} LoRA modules, {len(structure.adapters)} adapters", flush=True)
         r = train_fixed(ctx, structure, desc=name).metrics
@@ -156,7 +163,7 @@ def bench_task(task: str, args, seed: int) -> dict:
     if selection is not None:  # the picked configuration's dev row, under its own name
         picked = next(r for r in rows if r["config"] == selection["picked"])
         rows.append(dict(picked, config="chosen-fixed", chosen=selection["picked"]))
-    rows.sort(key=lambda r: CONFIGS.index(r["config"]))
+    rows.sort(key=lambda r: CONFIGS.index(r["config"]) if r["config"] in CONFIGS else 0.5)
     retrain = next(r for r in rows if r["config"] == "prunepeft")
     cost = {**search_cost(found, wu, {"steps": retrain["retrain_steps"],
                                       "train_seconds_no_eval": retrain["retrain_seconds"]}),
@@ -294,12 +301,17 @@ def main(argv=None) -> int:
                    "configurations not retrained here (matched by task and seed)")
     p.add_argument("--budget", default="fixed", help="`fixed` (the smaller fixed configuration's PEFT "
                    "parameters) or a fraction of the supernet, e.g. 0.1")
+    p.add_argument("--fixed", choices=("paper", "each"), default="paper", help="fixed configurations: the "
+                   "paper's two (LoRA q+v everywhere, adapters after every FFN) or one per unit type of --space")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override for every run (e.g. search.warmup_by=prediction); repeatable")
     p.add_argument("--json", help="one file per task (`{task}` in the name), rewritten after every seed")
     argv = sys.argv[1:] if argv is None else argv
     args = p.parse_args(argv)
     args.configs = [c.strip() for c in args.configs.split(",") if c.strip()]
     args.reuse = [f for f in args.reuse.split(",") if f.strip()]
     args.space = [t.strip() for t in args.space.split(",") if t.strip()]
+    args.common = {k.strip(): yaml_load(v) for k, _, v in (item.partition("=") for item in args.set)}
     if missing := [f for f in args.reuse if not Path(f).is_file()]:
         p.error(f"--reuse: no such file: {', '.join(missing)}")
     if not set(args.configs) <= set(CONFIGS) or "prunepeft" not in args.configs:

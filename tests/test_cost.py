@@ -144,7 +144,7 @@ def test_timing_probe_leaves_the_run_unchanged(tmp_path):
     model_dir, data = save_tiny_bert(tmp_path / "bert"), write_sst2(tmp_path / "sst2")
     runs = [light(model_dir, {"data_dir": str(data)}, tmp_path / f"r{probe}", train={"max_steps": 6, "seed": 3},
                   estimate={"steps": 3}, prune={"cost_probe": probe})["light_peft"] for probe in (False, True)]
-    assert runs[0]["cost_rates"] == "default-cpu" and runs[1]["cost_rates"] == "probe"
+    assert runs[0]["cost_rates"] == "fitted-cpu" and runs[1]["cost_rates"] == "probe"
     assert runs[0]["plan"] == runs[1]["plan"]
     assert [p["loss"] for p in runs[0]["loss_curve"]] == [p["loss"] for p in runs[1]["loss_curve"]]
     assert runs[0]["final"] == runs[1]["final"]

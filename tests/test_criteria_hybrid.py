@@ -470,3 +470,86 @@ def test_hybrid_scores_are_distinct_and_seeded():
     h1 = combine(scores, blocks, {"X": ["magnitude", "taylor"]}, generator=torch.Generator().manual_seed(3))
     h2 = combine(scores, blocks, {"X": ["magnitude", "taylor"]}, generator=torch.Generator().manual_seed(3))
     assert h1 == h2 and len(set(h1.values())) == 6  # no exact ties left for a by-name order to decide
+
+
+def _real_criteria_scores(seed: int = 0):
+    """Real criteria on a tiny BERT supernet (6 layers, LoRA on q+v and on the FFN, adapters after the FFN)
+    after a few training steps: unit -> score for taylor, gradient, magnitude, activation, norm_ratio."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from prunetune.config import TrainConfig
+    from prunetune.train import TrainState
+
+    torch.manual_seed(seed)
+    hf = BertForSequenceClassification(BertConfig(vocab_size=60, hidden_size=32, num_hidden_layers=6,
+                                                  num_attention_heads=4, intermediate_size=48,
+                                                  max_position_embeddings=32))
+    net = Supernet(hf, get_arch(hf), ["lora_qv", "lora_ffn", "adapter_attn"], lora_r=4, adapter_size=4,
+                   lora_dropout=0.0)
+    g = torch.Generator().manual_seed(seed + 1)
+    batches = []
+    for _ in range(8):  # the label is whether token 7 occurs: something to learn, so gradients are not noise
+        ids = torch.randint(1, 60, (8, 12), generator=g)
+        batches.append({"input_ids": ids, "attention_mask": torch.ones_like(ids),
+                        "labels": (ids == 7).any(1).long()})
+    tracker = ImportanceTracker(hf, net.adapters, groups=net.groups(), spans=net.spans()).start()
+    state = TrainState(net.model, hf, {"adapters": net.adapters}, TrainConfig(lr=5e-3, batch_size=8), batches, 8,
+                       torch.device("cpu"), desc="null", constant_lr=True)
+    state.run(8, before_forward=lambda b: setattr(tracker, "token_mask", b.get("attention_mask")),
+              after_backward=lambda _s: tracker.after_backward(finite=True))
+    tracker.stop()
+    stats = tracker.unit_stats()
+    params = {u: net.unit_params(u) for u in net.alive}
+    ctx = {"generator": torch.Generator().manual_seed(0), "threshold": 1e-3, "per_parameter": True}
+    crits = ("taylor", "gradient", "magnitude", "activation", "norm_ratio")
+    kind = {u.name: u.type for u in net.units}
+    layer = {u.name: u.layer for u in net.units}
+    return {c: score_units(c, params, stats, ctx) for c in crits}, kind, layer, net.arch.num_layers
+
+
+def test_calibrated_combination_is_unbiased_on_real_correlated_criteria():
+    """The null on real criteria: scores from a trained tiny supernet (correlated as real criteria are), with
+    every unit made equal by handing each unit the whole score vector of a randomly drawn unit (a permutation
+    per trial keeps the criteria's joint distribution). Blocks get 1 to 5 criteria, as warm-up mappings do.
+    Per block (type x depth band) and per type, removals stay within tolerance of proportional to size."""
+    from prunetune.scores.proxy import spearman
+
+    real, kind, layer, layers = _real_criteria_scores()
+    units = sorted(real["taylor"])
+    rho = spearman([real["gradient"][u] for u in units], [real["taylor"][u] for u in units])
+    assert rho > 0.5, rho  # the point of the test: real criteria agree with each other
+    blocks = {u: block_of(kind[u], layer[u], layers) for u in units}
+    lists = [["taylor"], ["taylor", "gradient", "magnitude", "activation"], ["gradient", "norm_ratio"],
+             ["magnitude"], ["taylor", "gradient", "magnitude", "activation", "norm_ratio"], ["activation", "taylor"]]
+    mapping = {b: lists[i % len(lists)] for i, b in enumerate(sorted(set(blocks.values())))}
+    g_perm, g_ties = torch.Generator().manual_seed(5), torch.Generator().manual_seed(6)
+    trials = 4000
+    for k in (1, 4):
+        by_block = dict.fromkeys(set(blocks.values()), 0)
+        by_type = dict.fromkeys(set(kind.values()), 0)
+        for _ in range(trials):
+            perm = torch.randperm(len(units), generator=g_perm).tolist()
+            scores = {c: {u: s[units[perm[i]]] for i, u in enumerate(units)} for c, s in real.items()}
+            can = informative(scores, units, kind, WEIGHT_SPACE)
+            hybrid = combine(scores, blocks, mapping, "calibrated", g_ties, kind, WEIGHT_SPACE, can)
+            for u in lowest(hybrid, k):
+                by_block[blocks[u]] += 1
+                by_type[kind[u]] += 1
+        for counts, group in ((by_block, blocks), (by_type, kind)):
+            for name, n in counts.items():
+                p = sum(1 for u in units if group[u] == name) / len(units)
+                share = (n / (trials * k)) / p
+                # 4 binomial standard deviations (blocks of 1-2 units are small) or 10%, whichever is larger
+                tol = max(0.1, 4 * ((1 - p) / (p * trials * k)) ** 0.5)
+                assert abs(share - 1) <= tol, (k, name, share, tol, counts)
+    # the test has power: the paper's Eq. 1 on the same null is far from proportional (measured 0.33x-1.5x)
+    by_block = dict.fromkeys(set(blocks.values()), 0)
+    for _ in range(1000):
+        perm = torch.randperm(len(units), generator=g_perm).tolist()
+        scores = {c: {u: s[units[perm[i]]] for i, u in enumerate(units)} for c, s in real.items()}
+        hybrid = combine(scores, blocks, mapping, "eq1", g_ties, kind, WEIGHT_SPACE,
+                         informative(scores, units, kind, WEIGHT_SPACE))
+        for u in lowest(hybrid, 4):
+            by_block[blocks[u]] += 1
+    size = {b: sum(1 for u in units if blocks[u] == b) for b in by_block}
+    assert max(abs(by_block[b] / 4000 / (size[b] / len(units)) - 1) for b in by_block) > 0.4, by_block

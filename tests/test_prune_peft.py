@@ -723,6 +723,13 @@ def test_warmup_by_prediction_picks_the_criteria_that_agree_with_drop_loss(bert_
     assert all(-1.0 <= v <= 1.0 for v in wu["spearman"].values())
     # one pruning pass (by drop_loss), not one per criterion
     assert results["search_cost"]["warmup_steps"] == wu["steps"] > 0
+    # the report shows how well each criterion predicted drop_loss, overall and per block
+    report = (tmp_path / "pred" / "report.md").read_text()
+    assert "How well each criterion predicts drop_loss" in report
+    row = next(ln for ln in report.splitlines() if ln.startswith("| Spearman (all units)"))
+    assert all(f"{wu['spearman'][c]:+.2f}" in row for c in wu["spearman"])
+    assert all(any(ln.startswith(f"| {b} |") and f"{wu['agreement'][b]['taylor']:.2f}" in ln
+                   for ln in report.splitlines()) for b in wu["agreement"])
 
 
 # ------------------------------------------------------------------------------------------------- CLI

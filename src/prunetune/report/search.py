@@ -95,8 +95,27 @@ def write_search_report(out: str | Path, results: dict) -> Path:
     if mapping:
         lines += ["", "## Criteria per block (warm-up)", "", "| block | criteria |", "|---|---|"]
         lines += [f"| {b} | {', '.join(c)} |" for b, c in sorted(mapping.items())]
+    lines += _prediction_lines(results.get("warmup") or {})
     png = _plot(out, types, layers, cells, len(results["rounds"]))
     lines += ["", "## Units", "", f"![units]({png})"]
     path = out / "report.md"
     atomic_write_text(path, "\n".join(lines) + "\n")
     return path
+
+
+def _prediction_lines(wu: dict) -> list[str]:
+    """search.warmup_by=prediction: how well each criterion predicted the held-out drop_loss proxy, over all
+    alive units (Spearman) and per block (agreement of percentiles: 1 = same ranking, 2/3 = unrelated)."""
+    rho, agree = wu.get("spearman"), wu.get("agreement")
+    if not rho:
+        return []
+    crits = sorted(rho, key=lambda c: -rho[c])
+    lines = ["", "## How well each criterion predicts drop_loss (warm-up)", "",
+             "Spearman correlation with the held-out loss increase when a unit is dropped, mean over the warm-up's "
+             "rounds, and per block the percentile agreement the mapping was chosen by (1 = same ranking, "
+             "0.67 = unrelated).", "",
+             "| | " + " | ".join(crits) + " |", "|---|" + "---|" * len(crits),
+             "| Spearman (all units) | " + " | ".join(f"{rho[c]:+.2f}" for c in crits) + " |"]
+    for b in sorted(agree or {}):
+        lines.append(f"| {b} | " + " | ".join(f"{agree[b][c]:.2f}" if c in agree[b] else "" for c in crits) + " |")
+    return lines
