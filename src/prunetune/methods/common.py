@@ -268,6 +268,19 @@ def train_fixed(ctx: Context, structure: PeftStructure | None = None, plan=None,
     return TrainResult(model=state.model, metrics=result, hf=hf, adapters=adapters)
 
 
+def save_trained(folder, *, model, hf, plan, adapters=None, tokenizer=None, task_info: dict | None = None,
+                 merge: bool = False, overwrite: bool = False) -> Path:
+    """A trained model (a PeftModel, or the HF model itself with adapters beside it) as a prunetune export;
+    hf None: the HF model inside the PeftModel. Shared by LightResult.save and PruneResult.save."""
+    from ..export import save_export
+
+    peft_model = model if hasattr(model, "peft_config") else None
+    if hf is None:
+        hf = peft_model.base_model.model if peft_model is not None else model
+    return save_export(folder, hf, plan, tokenizer, peft_model=peft_model, adapters=adapters, task_info=task_info,
+                       merge=merge, overwrite=overwrite)
+
+
 def peft_inner_model(model):
     """The HF model inside a LoRA PeftModel; anything else is refused with the way to build one."""
     try:
@@ -377,7 +390,5 @@ def object_context(cfg: RunConfig, hf, *, train_data, dev_data=None, tokenizer=N
     task = task or Task(name="custom", text_fields=[], num_labels=num_labels,
                         metric="pearson" if num_labels == 1 else "accuracy")
     name = getattr(hf.config, "_name_or_path", "") or "<model object>"
-    if base is not None:  # a cache key must tell two model objects apart as two paths would be
-        name = f"<model object {model_fingerprint(base)}>"
     return Context(cfg, task, tokenizer, name, train_loader, dev_loader, dist_device(),
                    int(position_limit_of(hf.config) or 0), base=base)

@@ -85,12 +85,10 @@ class LightResult:
              task_info: dict | None = None) -> Path:
         """Write a prunetune export of the pruned model (reload: prunetune.AutoPrunedModel.from_pretrained);
         with a tokenizer, AutoTokenizer.from_pretrained(folder) loads it too."""
-        from ..export import save_export
+        from .common import save_trained
 
-        peft_model = self.model if hasattr(self.model, "peft_config") else None
-        hf = self.hf if self.hf is not None else (peft_model.base_model.model if peft_model is not None else self.model)
-        return save_export(folder, hf, self.plan, tokenizer, peft_model=peft_model, adapters=self.adapters,
-                           task_info=task_info, merge=merge, overwrite=overwrite)
+        return save_trained(folder, model=self.model, hf=self.hf, plan=self.plan, adapters=self.adapters,
+                            tokenizer=tokenizer, task_info=task_info, merge=merge, overwrite=overwrite)
 
 
 def score_step(*, cfg: RunConfig, masks: StructureMasks, tracker: ImportanceTracker, finite: bool) -> None:
@@ -474,7 +472,8 @@ def light_peft_model(model, train_data, *, config: RunConfig | dict | None = Non
     from .common import default_structure, object_context, seed_everything
 
     cfg = run_config(config, overrides)
-    if hasattr(model, "peft_config"):  # a PeftModel: LoRA as the caller set it up
+    wrapped = hasattr(model, "peft_config")
+    if wrapped:  # a PeftModel: LoRA as the caller set it up
         if cfg.peft.kind != "lora":
             raise PrunetuneError(f"the model is a PeftModel (LoRA) but peft.kind is {cfg.peft.kind!r}")
         hf = peft_inner_model(model)
@@ -483,7 +482,7 @@ def light_peft_model(model, train_data, *, config: RunConfig | dict | None = Non
         hf, arch = model, get_arch(model)
     ctx = object_context(cfg, hf, train_data=train_data, dev_data=dev_data, tokenizer=tokenizer,
                          collate_fn=collate_fn, task=task)
-    if hf is model:
+    if not wrapped:  # PEFT as config.peft says, attached once the data and config have been checked
         seed_everything(cfg.train.seed)
         model, adapters = default_structure(arch, cfg).build(hf, arch)
     return train_light(ctx, None, model=model, hf=hf, arch=arch, adapters=adapters, checkpoints=False)

@@ -30,7 +30,8 @@ from ..scores.hybrid import assign_criteria, block_of, combine, informative
 from ..train import TrainState, make_loader
 from ..units.structure import PeftStructure
 from ..units.supernet import Supernet
-from .common import Context, checkpoint_root, load_base, prepare, start_run, task_info, train_fixed
+from .common import (Context, checkpoint_root, load_base, model_fingerprint, prepare, start_run, task_info,
+                     train_fixed)
 
 
 @dataclass
@@ -187,7 +188,9 @@ def warmup_key(cfg: RunConfig, model_path: str) -> dict:
 def _cache_file(ctx: Context) -> Path:
     sc = ctx.cfg.search
     root = Path(sc.warmup_cache or os.environ.get("PRUNETUNE_CACHE") or Path.home() / ".cache" / "prunetune")
-    key = json.dumps(warmup_key(ctx.cfg, ctx.model_path), sort_keys=True, default=str)
+    # a model object is named by a digest of its config and weights, as a path names a model on disk
+    model = ctx.model_path if ctx.base is None else f"<model object {model_fingerprint(ctx.base)}>"
+    key = json.dumps(warmup_key(ctx.cfg, model), sort_keys=True, default=str)
     return root / "warmup" / (hashlib.sha256(key.encode()).hexdigest()[:16] + ".json")
 
 
@@ -331,13 +334,13 @@ class PruneResult:
              task_info: dict | None = None) -> Path:
         """Write a prunetune export of the retrained model (reload: prunetune.AutoPrunedModel.from_pretrained);
         with a tokenizer, AutoTokenizer.from_pretrained(folder) loads it too."""
-        from ..export import save_export
+        from .common import save_trained
 
         if self.model is None:
             raise PrunetuneError("this result holds no model (its retrain was restored as done from a checkpoint)")
         plan = self.plan or PruningPlan.unpruned(self.arch, self.hf.config.model_type)
-        return save_export(folder, self.hf, plan, tokenizer, peft_model=self.model if self.model is not self.hf
-                           else None, adapters=self.adapters, task_info=task_info, merge=merge, overwrite=overwrite)
+        return save_trained(folder, model=self.model, hf=self.hf, plan=plan, adapters=self.adapters,
+                            tokenizer=tokenizer, task_info=task_info, merge=merge, overwrite=overwrite)
 
 
 def search_and_retrain(ctx: Context, export_dir: Path | None = None) -> PruneResult:
