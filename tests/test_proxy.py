@@ -79,3 +79,34 @@ def test_spearman_by_hand():
     assert spearman([1, 2, 3], [10, 30, 20]) == pytest.approx(0.5)
     assert spearman([1, 1, 2], [1, 2, 3]) == pytest.approx(0.8660254)  # average ranks for ties
     assert spearman([1, 1, 1], [1, 2, 3]) == 0.0
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2", "opt", "llama"])
+@pytest.mark.parametrize("space,chunk", [(["lora_qv", "lora_ko", "lora_ffn", "parallel_ffn"], 2),
+                                         (["lora_qv", "adapter_ffn", "adapter_attn"], None)])
+def test_drop_loss_replaying_the_blocks_below_a_unit_gives_the_same_numbers(family, space, chunk):
+    """The fast path (blocks below the unit replayed from the all-on pass) against recomputing every block:
+    every unit type on each architecture, rank chunks and whole units, with padding and labels."""
+    hf = tiny(family)
+    if get_arch(hf).fused_qkv:  # GPT-2's c_attn holds q, k and v: lora_qv and lora_ko would share it
+        space = [t for t in space if t != "lora_ko"]
+    net = Supernet(hf, get_arch(hf), space, lora_r=4, lora_dropout=0.0, adapter_size=4, chunk=chunk)
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for u in net.units:
+            for p in net.unit_params(u.name):
+                p.add_(torch.randn(p.shape, generator=g) * 0.3)
+    batches = [dict(batch(seed=s, bsz=3, seq=7), labels=torch.tensor([0, 1, 1])) for s in (1, 2)]
+    units = sorted(net.alive)
+    net.model.eval()
+    before = mean_loss(net.model, batches, torch.device("cpu"))
+    assert net.blocks() is not None and len(net.blocks()) == 2 and {net.unit_blocks()[u] for u in units} == {0, 1}
+    slow = drop_loss(net.model, units, net.switched_off, batches, torch.device("cpu"))
+    fast = drop_loss(net.model, units, net.switched_off, batches, torch.device("cpu"), blocks=net.blocks(),
+                     unit_block=net.unit_blocks())
+    assert fast.keys() == slow.keys() and all(abs(slow[u]) > 1e-6 for u in units)  # every unit matters here
+    for u in units:
+        assert fast[u] == pytest.approx(slow[u], abs=1e-6), u
+    # the blocks are given back as they were: the model computes the same loss afterwards, bit for bit
+    assert all("forward" not in blk.__dict__ for blk in net.blocks())
+    assert mean_loss(net.model, batches, torch.device("cpu")) == before

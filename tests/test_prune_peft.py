@@ -689,9 +689,9 @@ def test_drop_loss_search_holds_its_rows_out_of_the_rounds(bert_dir, sst2_dir, t
     seen: list[int] = []
     original = prune_peft.drop_loss
 
-    def spy(model, units, switched_off, batches, device):
+    def spy(model, units, switched_off, batches, device, **kw):
         seen.append(sum(len(b["labels"]) for b in batches))
-        return original(model, units, switched_off, batches, device)
+        return original(model, units, switched_off, batches, device, **kw)
 
     cfg = _cfg(bert_dir, sst2_dir, tmp_path / "drop", warmup=False, criteria=["drop_loss"], proxy_samples=16)
     ctx = prepare(from_dict(cfg))

@@ -131,7 +131,8 @@ def iterative_prune(ctx: Context, loader, block_criteria: dict[str, list[str]] |
         if HELD_OUT & set(needed):
             if held_out is None:
                 raise PrunetuneError("the drop_loss criterion needs held-out rows (search.proxy_samples)")
-            stats["drop_loss"] = drop_loss(net.model, sorted(net.alive), net.switched_off, held_out, ctx.device)
+            stats["drop_loss"] = drop_loss(net.model, sorted(net.alive), net.switched_off, held_out, ctx.device,
+                                           blocks=net.blocks(), unit_block=net.unit_blocks())
         params = {u: net.unit_params(u) for u in net.alive}
         crit_ctx = {"generator": gen, "threshold": sc.threshold, "per_parameter": sc.per_parameter}
         scores = {c: score_units(c, params, stats, crit_ctx) for c in needed}

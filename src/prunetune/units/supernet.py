@@ -90,6 +90,15 @@ class Supernet:
                     self._handles.append(self._lora[pos].lora_B[ADAPTER].register_forward_pre_hook(
                         lambda _m, args, mask=self._masks[pos]: (args[0] * mask.to(args[0]),) + tuple(args[1:])))
 
+    def blocks(self) -> list[torch.nn.Module] | None:
+        """The model's layer stack in order (None when the architecture names none): drop_loss replays the
+        blocks below a unit instead of recomputing them."""
+        return list(self.hf.get_submodule(self.arch.blocks_prefix)) if self.arch.blocks_prefix else None
+
+    def unit_blocks(self) -> dict[str, int]:
+        """unit -> the first block it changes (its layer: every unit type lives inside one block)."""
+        return {u.name: u.layer for u in self.units}
+
     def unit_params(self, name: str) -> list[torch.Tensor]:
         """The unit's parameters; a chunk's are views of its rank rows / columns (LoRA A[lo:hi], B[:, lo:hi];
         adapter down rows and bias, up columns: the up bias is shared by the chunks and owned by none)."""
