@@ -104,7 +104,7 @@ except (OSError, ET.ParseError) as exc:
 out["tests"] = tests
 bench = {"rc": int(os.environ["SMOLLM_RC"]), "seconds": int(os.environ["SMOLLM_S"])}
 try:
-    row = json.loads((dest / "smollm.json").read_text())[0]
+    row = json.loads((dest / "smollm.json").read_text())["rows"][0]  # smollm.py: {summary, command, rows}
     keys = ("task", "device", "mixed_precision", "steps", "estimation_steps", "vanilla_step_ms", "light_step_ms",
             "step_speedup", "e2e_speedup", "vanilla_peak_mb", "light_peak_mb", "memory_ratio",
             "vanilla_cuda_max_allocated_mb", "light_cuda_max_allocated_mb", "vanilla_cuda_train_peak_mb",

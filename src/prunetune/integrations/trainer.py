@@ -70,6 +70,10 @@ class LightPeftCallback(TrainerCallback):
         if self.cfg.prune.cost_probe:
             raise PrunetuneError("LightPeftCallback does not support prune.cost_probe (timed passes outside the "
                                  "Trainer's loop); use the default cost model")
+        if self.cfg.prune.gradual > 0:
+            raise PrunetuneError("LightPeftCallback does not support prune.gradual (it prunes in one shot at t'); "
+                                 "use prunetune.light_peft_model(model, data, ...) or `prunetune light` for the "
+                                 "gradual fade")
         self.plan = None
         self.estimate: Estimate | None = None
         self.window: Window | None = None

@@ -43,23 +43,32 @@ def train_vanilla(ctx: Context) -> TrainResult:
 @dataclass
 class Window:
     """When Light-PEFT estimates: steps [0, steps) train with masks; importance is accumulated over
-    [start, steps); surgery runs after step `steps` of `total`."""
+    [start, steps); the plan's removed units then fade out over [steps, steps + fade) (prune.gradual); surgery
+    runs after step `cut` = steps + fade of `total`."""
     steps: int
     start: int
     total: int
+    fade: int = 0
+
+    @property
+    def cut(self) -> int:
+        return self.steps + self.fade
 
     @classmethod
     def of(cls, cfg: RunConfig, total: int, train_rows: int) -> "Window":
         est = estimation_steps(cfg, total, train_rows)
-        return cls(steps=est, start=est - max(1, int(round(cfg.estimate.window * est))), total=total)
+        fade = min(int(round(cfg.prune.gradual * total)), max(0, total - 1 - est))
+        return cls(steps=est, start=est - max(1, int(round(cfg.estimate.window * est))), total=total, fade=fade)
 
 
 @dataclass
 class Estimate:
-    """What the estimation phase leaves: the plan, and the mask values to fold into o / down weights
-    (prune.fold_masks) as (head masks, ffn masks) of plain lists, else None."""
+    """What the estimation phase leaves: the plan, the mask values to fold into o / down weights
+    (prune.fold_masks) as (head masks, ffn masks) of plain lists, else None, and the mask values the gradual
+    fade starts from (prune.gradual > 0), else None."""
     plan: PruningPlan
     fold_values: tuple[list, list] | None = None
+    fade_from: tuple[list, list] | None = None
 
 
 @dataclass
@@ -159,8 +168,9 @@ def plan_from_scores(*, cfg: RunConfig, arch, model_type: str, masks: StructureM
                          ffn_scope=p.ffn_scope, ffn_floor=p.ffn_floor, peft_kind=cfg.peft.kind,
                          model_type=model_type, meta=meta)
     plan.meta["allocation"] = allocation_summary(plan, cost=cost, scores=scores)
-    fold = ([m.tolist() for m in head_vals], [m.tolist() for m in ffn_vals]) if p.fold_masks else None
-    return Estimate(plan=plan, fold_values=fold)
+    values = ([m.tolist() for m in head_vals], [m.tolist() for m in ffn_vals])
+    return Estimate(plan=plan, fold_values=values if p.fold_masks else None,
+                    fade_from=values if p.gradual > 0 else None)
 
 
 def prune(*, model, hf, arch, adapters, estimate: Estimate, r: int, alpha: float, dropout: float,
@@ -216,7 +226,8 @@ def estimate(run: _LightRun) -> Estimate:
     checkpoint being resumed already made)."""
     cfg, ck, state, masks, tracker, win = run.cfg, run.ck, run.state, run.masks, run.tracker, run.window
     if ck is not None and ck["phase"] != "estimate":
-        return Estimate(plan=PruningPlan.from_dict(ck["plan"]), fold_values=ck.get("fold_values"))
+        return Estimate(plan=PruningPlan.from_dict(ck["plan"]), fold_values=ck.get("fold_values"),
+                        fade_from=ck.get("fade_from"))
     if ck is not None:
         state.load_state_dict(ck)
         tracker.load_state_dict(ck["tracker"])
@@ -246,6 +257,49 @@ def estimate(run: _LightRun) -> Estimate:
     run.info.update(estimation_seconds=time.perf_counter() - run.t0, estimation_peak_mb=state.memory.peak_mb,
                     cuda_estimation_peak_mb=mem.peak_mb)
     return est
+
+
+def fade_targets(plan: PruningPlan, start: tuple[list, list], fold: bool) -> tuple[list, list]:
+    """Where the gradual fade ends: removed heads and neurons at 0, kept ones at 1 (their mask is dropped at
+    surgery) or at their own value (prune.fold_masks folds it into o / down): the masked model at the end of
+    the fade computes what the pruned one computes."""
+    out = []
+    for values, kept_lists in zip(start, (plan.kept_heads, plan.kept_neurons)):
+        layers = []
+        for vals, kept in zip(values, kept_lists):
+            t = torch.zeros(len(vals))
+            t[list(kept)] = torch.tensor(vals)[list(kept)] if fold else 1.0
+            layers.append(t)
+        out.append(layers)
+    return out[0], out[1]
+
+
+def fade(run: _LightRun, est: Estimate) -> None:
+    """Phase 1b (prune.gradual > 0): the masks are frozen and the plan's removed heads and neurons fade out
+    linearly over window.fade steps while everything trains at full size, so the PEFT modules adapt to the
+    removal before the cut (one-shot surgery removes a third of the heads between two steps)."""
+    win, ck, state, masks = run.window, run.ck, run.state, run.masks
+    if win.fade == 0 or (ck is not None and ck["phase"] == "finetune"):
+        return
+    start = [[torch.tensor(v) for v in vals] for vals in est.fade_from]
+    end = fade_targets(est.plan, est.fade_from, run.cfg.prune.fold_masks)
+    for p in masks.parameters():  # set by the schedule, not trained (and not saved: a function of the step)
+        p.requires_grad_(False)
+        p.grad = None
+    if ck is not None and ck["phase"] == "fade":
+        state.load_state_dict(ck)
+    plan_dict = json.loads(est.plan.to_json())
+
+    def before_forward(_batch):
+        t = min(1.0, (state.step - win.steps + 1) / win.fade)  # reaches the targets exactly on the last step
+        masks.set_(heads=[a + t * (b - a) for a, b in zip(start[0], end[0])],
+                   ffn=[a + t * (b - a) for a, b in zip(start[1], end[1])])
+
+    t0 = time.perf_counter()
+    state.run(win.cut - state.step, before_forward=before_forward, on_epoch_end=run.on_epoch_end, desc="fade",
+              on_checkpoint=lambda: run.save("fade", plan=plan_dict, fold_values=est.fold_values,
+                                             fade_from=est.fade_from))
+    run.info["fade_seconds"] = run.info.get("fade_seconds", 0.0) + time.perf_counter() - t0
 
 
 def prune_phase(run: _LightRun, est: Estimate) -> Pruned:
@@ -283,7 +337,7 @@ def finetune(run: _LightRun, est: Estimate) -> dict:
         state.run(run.window.total - state.step, on_epoch_end=run.on_epoch_end, desc="fine-tune",
                   on_checkpoint=save_finetune)
     wall = time.perf_counter() - run.t0
-    evals, info, n_est = run.evals, run.info, run.window.steps
+    evals, info, n_est, cut = run.evals, run.info, run.window.steps, run.window.cut
     if ctx.dev_loader is not None and (not evals or evals[-1]["step"] != state.step):
         evals.append({"epoch": round(state.epoch, 2), "step": state.step,
                       **evaluate(state.model, ctx.dev_loader, ctx.task, ctx.device)})
@@ -291,8 +345,10 @@ def finetune(run: _LightRun, est: Estimate) -> dict:
     alloc = plan.meta.get("allocation", {})
     return {
         "evals": evals, **summarize_evals(evals, ctx.task.metric),
-        "plan": plan.summary(), "estimation_steps": n_est, "total_steps": run.window.total,
-        "step_seconds": mean_step(state.step_times[n_est:]),
+        "plan": plan.summary(), "estimation_steps": n_est, "fade_steps": run.window.fade,
+        "total_steps": run.window.total,
+        "step_seconds": mean_step(state.step_times[cut:]),  # the pruned model's steps
+        "fade_seconds": info.get("fade_seconds", 0.0),
         "estimation_step_seconds": mean_step(state.step_times[:n_est]),
         "estimation_seconds": info["estimation_seconds"], "surgery_seconds": info["surgery_seconds"],
         "train_seconds": wall, "peak_mb": state.memory.peak_mb, "estimation_peak_mb": info["estimation_peak_mb"],
@@ -316,6 +372,7 @@ def train_light(ctx: Context, export_dir: Path | None = None, model=None, hf=Non
     none."""
     run = _LightRun(ctx, model, hf, arch, adapters, checkpoints)
     est = estimate(run)
+    fade(run, est)
     prune_phase(run, est)
     metrics = finetune(run, est)
     if export_dir is not None and is_main():

@@ -196,9 +196,14 @@ class TrainState:
             torch.cuda.set_rng_state_all(rng["cuda"])
         if self.scaler is not None and payload.get("scaler"):
             self.scaler.load_state_dict(payload["scaler"])
-        self.step = payload["step"]
         self.history, self.step_times = list(payload["history"]), list(payload["step_times"])
-        self._batches = self._batch_iter(self.step * self.cfg.grad_accum)
+        self.seek(payload["step"])
+
+    def seek(self, step: int) -> None:
+        """Continue from optimizer step `step` of the schedule (its learning rate and its batches) without
+        training the steps before it: e.g. to time a fresh model on the same batches as one that has trained."""
+        self.step = step
+        self._batches = self._batch_iter(step * self.cfg.grad_accum)
 
     def run(self, n_steps: int, extra_loss: Callable[[], torch.Tensor] | None = None,
             before_forward: Callable[[dict], None] | None = None, after_backward: Callable[[int], None] | None = None,
