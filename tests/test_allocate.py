@@ -387,3 +387,43 @@ def test_no_backward_cut_keeps_a_module_in_the_lowest_block(kind, cfg):
     assert plan.meta["target"]["cut_block"] == lowest
     assert any(cost.block_of(m) == lowest for m in plan.peft_ranks)
     assert cost.predict(plan).speedup >= 1.6
+
+
+def test_an_unreachable_target_is_refused_before_the_estimation_trains(tmp_path, capsys, monkeypatch):
+    """The reachable speed does not depend on the scores: a target no plan can reach stops with one error line
+    before the first training step (it used to surface after t' steps of estimation)."""
+    from test_pipeline import save_tiny_bert, write_sst2
+
+    from prunetune.cli import main
+    from prunetune.train import TrainState
+
+    model_dir, data = save_tiny_bert(tmp_path / "bert"), write_sst2(tmp_path / "sst2")
+    steps = []
+    original = TrainState.run
+    monkeypatch.setattr(TrainState, "run", lambda self, n, **kw: (steps.append(n), original(self, n, **kw))[1])
+    args = ["light", "--model", str(model_dir), "--data-dir", str(data), "--output-dir", str(tmp_path / "out"),
+            "--set", "train.max_steps=6", "--set", "estimate.steps=3"]
+    capsys.readouterr()  # the model writer's progress bar
+    assert main([*args, "--set", "prune.target_speedup=50"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("prunetune: error:") and "not reachable" in err[0], err
+    assert steps == []  # nothing trained
+    assert main([*args, "--set", "prune.target_speedup=1.2"]) == 0 and steps  # a reachable one runs
+
+
+def test_the_up_front_check_sees_the_modules_the_plan_is_made_from(tmp_path):
+    """tracker.peft_ranks() (before any step) names the modules and ranks the estimation scores."""
+    from test_pipeline import save_tiny_llama, write_sst2
+
+    from prunetune.config import from_dict
+    from prunetune.methods import light_peft
+    from prunetune.methods.common import prepare
+
+    ctx = prepare(from_dict({"model": {"name_or_path": str(save_tiny_llama(tmp_path / "m"))},
+                             "data": {"task": "sst2", "data_dir": str(write_sst2(tmp_path / "d"))},
+                             "estimate": {"steps": 2}, "prune": {"target_speedup": 1.2},
+                             "train": {"max_steps": 4, "eval_each_epoch": False}, "output_dir": str(tmp_path / "o")}))
+    run = light_peft._LightRun(ctx, checkpoints=False)
+    before = run.tracker.peft_ranks()
+    est = light_peft.estimate(run)
+    assert before == {n: len(v) for n, v in est.plan.meta["rank_importance"].items()} and len(before) == 14  # q, k, v, o, gate, up, down x 2 layers

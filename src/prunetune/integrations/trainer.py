@@ -30,8 +30,8 @@ from ..arch import get_arch
 from ..config import RunConfig, run_config
 from ..errors import PrunetuneError
 from ..methods.common import base_param_counts, peft_inner_model
-from ..methods.light_peft import (Estimate, LightResult, Window, cost_model, path_step, plan_from_scores, prune,
-                                  score_step, token_lengths)
+from ..methods.light_peft import (Estimate, LightResult, Window, check_target, cost_model, path_step,
+                                  plan_from_scores, prune, score_step, token_lengths)
 from ..scores import ImportanceTracker, StructureMasks
 from ..train.loop import carry_state, grads_finite
 
@@ -106,8 +106,14 @@ class LightPeftCallback(TrainerCallback):
         self._batch = args.per_device_train_batch_size
         self._accum = args.gradient_accumulation_steps
         self.params_before = base_param_counts(hf, self.arch)
-        self.masks = StructureMasks(self.arch).to(device).attach(hf)
         self.tracker = ImportanceTracker(hf, None, self.cfg.estimate.rank_score)
+        # an unreachable target fails before the first step, not at t'
+        check_target(cfg=self.cfg, arch=self.arch, body_params=self.params_before["body"],
+                     model_type=hf.config.model_type,
+                     cost=cost_model(cfg=self.cfg, arch=self.arch, peft_ranks=self.tracker.peft_ranks(),
+                                     lengths=token_lengths(dataset), batch_size=self._batch, grad_accum=self._accum,
+                                     device=device))
+        self.masks = StructureMasks(self.arch).to(device).attach(hf)
         self._optimizer, self._scheduler = optimizer, lr_scheduler
         self._add_mask_group(optimizer, lr_scheduler, self.cfg.estimate.mask_lr or args.learning_rate)
         self._token_hook = model.register_forward_pre_hook(self._capture_mask, with_kwargs=True)

@@ -157,12 +157,8 @@ def plan_from_scores(*, cfg: RunConfig, arch, model_type: str, masks: StructureM
             # LoRA B starts at 0, so its Taylor terms are 0 until B has trained: PEFT removal would look free
             log(f"warning: every PEFT module scored 0 after {window.steps} estimation steps; target mode will "
                 "treat removing PEFT modules as free (set estimate.steps higher)")
-        plan = make_target_plan(arch=arch, cost=cost, scores=scores, target_speedup=p.target_speedup,
-                                target_params=p.target_params, body_params=body_params,
-                                uniform=p.ffn_scope == "layer", ffn_floor=p.ffn_floor, peft_kind=cfg.peft.kind,
-                                model_type=model_type, meta=meta,
-                                bounds=dict(heads=p.max_heads, ffn=p.max_ffn, modules=p.max_modules,
-                                            ranks=p.max_ranks), backward_cut=p.backward_cut)
+        plan = _target_plan(cfg=cfg, arch=arch, cost=cost, scores=scores, body_params=body_params,
+                            model_type=model_type, meta=meta)
     else:  # the paper's fixed ratios
         plan = make_plan(arch=arch, scores=scores, heads=p.heads, ffn=p.ffn, modules=p.modules, ranks=p.ranks,
                          ffn_scope=p.ffn_scope, ffn_floor=p.ffn_floor, peft_kind=cfg.peft.kind,
@@ -171,6 +167,31 @@ def plan_from_scores(*, cfg: RunConfig, arch, model_type: str, masks: StructureM
     values = ([m.tolist() for m in head_vals], [m.tolist() for m in ffn_vals])
     return Estimate(plan=plan, fold_values=values if p.fold_masks else None,
                     fade_from=values if p.gradual > 0 else None)
+
+
+def _target_plan(*, cfg: RunConfig, arch, cost: CostModel, scores: Scores, body_params: int, model_type: str,
+                 meta: dict | None = None) -> PruningPlan:
+    p = cfg.prune
+    return make_target_plan(arch=arch, cost=cost, scores=scores, target_speedup=p.target_speedup,
+                            target_params=p.target_params, body_params=body_params, uniform=p.ffn_scope == "layer",
+                            ffn_floor=p.ffn_floor, peft_kind=cfg.peft.kind, model_type=model_type, meta=meta,
+                            bounds=dict(heads=p.max_heads, ffn=p.max_ffn, modules=p.max_modules, ranks=p.max_ranks),
+                            backward_cut=p.backward_cut)
+
+
+def check_target(*, cfg: RunConfig, arch, cost: CostModel, body_params: int, model_type: str) -> None:
+    """Target mode, before the estimation phase trains: refuse a target no plan can reach. Whether one is
+    reachable depends on the cost model and the constraints, not on the scores, except for which PEFT module
+    the lowest block keeps (prune.backward_cut=false): the check keeps the cheapest, so it refuses only what the
+    real plan cannot reach either."""
+    if not cfg.prune.target_mode:
+        return
+    sec = cost.rates.seconds
+    scores = Scores(head=[torch.zeros(arch.num_units) for _ in arch.layers],
+                    ffn=[torch.zeros(arch.intermediate_size) for _ in arch.layers],
+                    module={m: -sec(cost.module_work(m)) for m in cost.peft_ranks},  # highest = kept = cheapest
+                    rank={m: torch.zeros(r) for m, r in cost.peft_ranks.items()})
+    _target_plan(cfg=cfg, arch=arch, cost=cost, scores=scores, body_params=body_params, model_type=model_type)
 
 
 def prune(*, model, hf, arch, adapters, estimate: Estimate, r: int, alpha: float, dropout: float,
@@ -232,6 +253,9 @@ def estimate(run: _LightRun) -> Estimate:
         state.load_state_dict(ck)
         tracker.load_state_dict(ck["tracker"])
         masks.load_score_state(ck["mask_scores"])
+    elif not cfg.prune.cost_probe:  # an unreachable target fails now, not after t' steps (probe rates: later)
+        check_target(cfg=cfg, arch=run.arch, cost=_cost_model(run.ctx, run.arch, tracker.peft_ranks()),
+                     body_params=run.params_before["body"], model_type=run.hf.config.model_type)
 
     def before_forward(batch):
         tracker.token_mask = batch.get("attention_mask")

@@ -299,6 +299,18 @@ class ImportanceTracker:
         layer = self._lora_layers().get(position)
         return [] if layer is None else [layer.lora_B[ADAPTER].weight]
 
+    def peft_ranks(self) -> dict[str, int]:
+        """Every trainable PEFT module this tracker scores and its rank (bottleneck width for adapters): what
+        the cost model needs before any step has run."""
+        out = {}
+        if self.adapters is not None:
+            out.update({name: int(self.adapters.get(name).down.weight.shape[0]) for name in self.adapters.names()})
+        for name, layer in lora_layers(self.hf_model).items():
+            a = layer.lora_A[ADAPTER].weight
+            if a.requires_grad:
+                out[name] = int(a.shape[0])
+        return out
+
     def _rank_tensors(self):
         if self.adapters is not None:
             for name in self.adapters.names():
