@@ -35,6 +35,15 @@ def _summary(out):
             [h["loss"] for h in res["light_peft"]["loss_curve"]], [h["loss"] for h in res["vanilla"]["loss_curve"]])
 
 
+def _killed_and_resumed(model, data, out, extra: list[str], kill_at: str):
+    """A CLI run SIGKILLed right after the checkpoint at `kill_at`, then resumed: its summary."""
+    proc = _cli(_args(model, data, out, *extra), {"PRUNETUNE_DEBUG_KILL_AT": kill_at})
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    proc = _cli(_args(model, data, out, *extra, "--resume"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return _summary(out)
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("resume")
@@ -81,12 +90,7 @@ def test_path_scores_and_merge_resume_exactly(setup):
     reference = _summary(root / "ref-path")
     plan = json.loads((root / "ref-path" / "plan.json").read_text())
     assert any(v > 0 for v in plan["meta"]["module_path"].values())
-    out = root / "killed-path"
-    proc = _cli(_args(model, data, out, *extra), {"PRUNETUNE_DEBUG_KILL_AT": "estimate:4"})
-    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
-    proc = _cli(_args(model, data, out, *extra, "--resume"))
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert _summary(out) == reference
+    assert _killed_and_resumed(model, data, root / "killed-path", extra, "estimate:4") == reference
 
 
 def test_seek_continues_on_the_batches_and_lr_of_a_state_that_trained_there():
@@ -140,9 +144,4 @@ def test_gradual_fade_resumes_exactly(setup):
     reference = _summary(root / "ref-fade")
     res = json.loads((root / "ref-fade" / "results.json").read_text())
     assert res["light_peft"]["fade_steps"] == 5
-    out = root / "killed-fade"
-    proc = _cli(_args(model, data, out, *extra), {"PRUNETUNE_DEBUG_KILL_AT": "fade:8"})
-    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
-    proc = _cli(_args(model, data, out, *extra, "--resume"))
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert _summary(out) == reference
+    assert _killed_and_resumed(model, data, root / "killed-fade", extra, "fade:8") == reference
