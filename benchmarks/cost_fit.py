@@ -146,6 +146,7 @@ def main(argv=None) -> int:
                                   dropout=cfg.peft.dropout)
         state = TrainState(pruned.model, pruned.hf, {}, cfg.train, ctx.train_loader, 10 ** 6, ctx.device,
                            desc=name)
+        state.seek(vanilla.step)  # the same batches as the vanilla side (padded lengths set the step time)
         times = {"vanilla": [], "pruned": []}
         t0 = time.perf_counter()
         for block in range(max(2, args.steps // BLOCK + 1)):
