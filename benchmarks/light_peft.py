@@ -162,16 +162,20 @@ def seed_table(sums: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_json(path_pattern: str, task: str, rows: list[dict], model: str, argv: list[str]) -> None:
+def write_json(path_pattern: str, task: str, rows: list[dict], model: str, argv: list[str],
+               script: str = "light_peft.py", extend=None) -> None:
     """One file per task: `summary` (the target-mode variant when one ran, else the first), `summaries` (all
-    variants), the command and every row."""
+    variants), the command and every row. extend(summary, rows), if given, adds a script's own figures to each
+    summary from its variant's rows."""
     task_rows = [r for r in rows if r["task"] == task]
     sums = summaries(task_rows, model)
     sums.sort(key=lambda s: s["target_speedup"] is None)  # stable: target mode first, then the given order
+    for s in sums if extend else []:
+        extend(s, [r for r in task_rows if r["variant"] == s["variant"]])
     path = Path(path_pattern.format(task=task))
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"summary": sums[0], "summaries": sums,
-                                "command": "python benchmarks/light_peft.py " + " ".join(argv),
+                                "command": f"python benchmarks/{script} " + " ".join(argv),
                                 "rows": task_rows}, indent=1))
 
 

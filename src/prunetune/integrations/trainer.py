@@ -108,11 +108,8 @@ class LightPeftCallback(TrainerCallback):
         self.params_before = base_param_counts(hf, self.arch)
         self.tracker = ImportanceTracker(hf, None, self.cfg.estimate.rank_score)
         # an unreachable target fails before the first step, not at t'
-        check_target(cfg=self.cfg, arch=self.arch, body_params=self.params_before["body"],
-                     model_type=hf.config.model_type,
-                     cost=cost_model(cfg=self.cfg, arch=self.arch, peft_ranks=self.tracker.peft_ranks(),
-                                     lengths=token_lengths(dataset), batch_size=self._batch, grad_accum=self._accum,
-                                     device=device))
+        check_target(cfg=self.cfg, arch=self.arch, peft_ranks=self.tracker.peft_ranks(), cost_of=self._cost_of,
+                     body_params=self.params_before["body"], model_type=hf.config.model_type)
         self.masks = StructureMasks(self.arch).to(device).attach(hf)
         self._optimizer, self._scheduler = optimizer, lr_scheduler
         self._add_mask_group(optimizer, lr_scheduler, self.cfg.estimate.mask_lr or args.learning_rate)
@@ -121,6 +118,11 @@ class LightPeftCallback(TrainerCallback):
         self._snap: dict[int, torch.Tensor] = {}
         self._active = True
         self._t0 = time.perf_counter()
+
+    def _cost_of(self, ranks: dict[str, int]):
+        """The step-time cost model at this Trainer's batch shape and the training rows' token lengths."""
+        return cost_model(cfg=self.cfg, arch=self.arch, peft_ranks=ranks, lengths=token_lengths(self._dataset),
+                          batch_size=self._batch, grad_accum=self._accum, device=self._device)
 
     def _capture_mask(self, _module, args, kwargs):
         self.tracker.token_mask = kwargs.get("attention_mask")
@@ -211,10 +213,7 @@ class LightPeftCallback(TrainerCallback):
         cfg = self.cfg
         self.estimate = plan_from_scores(
             cfg=cfg, arch=self.arch, model_type=hf.config.model_type, masks=self.masks, tracker=self.tracker,
-            window=self.window, body_params=self.params_before["body"],
-            cost_of=lambda ranks: cost_model(cfg=cfg, arch=self.arch, peft_ranks=ranks,
-                                             lengths=token_lengths(self._dataset), batch_size=self._batch,
-                                             grad_accum=self._accum, device=self._device))
+            window=self.window, body_params=self.params_before["body"], cost_of=self._cost_of)
         self.plan = self.estimate.plan
         self.masks.detach()
         lora = model.peft_config["default"]

@@ -179,13 +179,15 @@ def _target_plan(*, cfg: RunConfig, arch, cost: CostModel, scores: Scores, body_
                             backward_cut=p.backward_cut)
 
 
-def check_target(*, cfg: RunConfig, arch, cost: CostModel, body_params: int, model_type: str) -> None:
+def check_target(*, cfg: RunConfig, arch, peft_ranks: dict[str, int], cost_of, body_params: int,
+                 model_type: str) -> None:
     """Target mode, before the estimation phase trains: refuse a target no plan can reach. Whether one is
     reachable depends on the cost model and the constraints, not on the scores, except for which PEFT module
     the lowest block keeps (prune.backward_cut=false): the check keeps the cheapest, so it refuses only what the
-    real plan cannot reach either."""
+    real plan cannot reach either. cost_of(peft_ranks) -> CostModel, built only in target mode."""
     if not cfg.prune.target_mode:
         return
+    cost = cost_of(peft_ranks)
     sec = cost.rates.seconds
     scores = Scores(head=[torch.zeros(arch.num_units) for _ in arch.layers],
                     ffn=[torch.zeros(arch.intermediate_size) for _ in arch.layers],
@@ -254,8 +256,8 @@ def estimate(run: _LightRun) -> Estimate:
         tracker.load_state_dict(ck["tracker"])
         masks.load_score_state(ck["mask_scores"])
     elif not cfg.prune.cost_probe:  # an unreachable target fails now, not after t' steps (probe rates: later)
-        check_target(cfg=cfg, arch=run.arch, cost=_cost_model(run.ctx, run.arch, tracker.peft_ranks()),
-                     body_params=run.params_before["body"], model_type=run.hf.config.model_type)
+        check_target(cfg=cfg, arch=run.arch, peft_ranks=tracker.peft_ranks(), body_params=run.params_before["body"],
+                     cost_of=lambda ranks: _cost_model(run.ctx, run.arch, ranks), model_type=run.hf.config.model_type)
 
     def before_forward(batch):
         tracker.token_mask = batch.get("attention_mask")
