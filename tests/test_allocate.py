@@ -206,6 +206,8 @@ def test_allocation_summary_adds_up_to_the_predicted_saving():
     ({"max_modules": 0.5}, {}, "prune.max_modules: apply to target mode only"),
     ({"backward_cut": True, "heads": 0.5}, {}, "prune.backward_cut: apply to target mode only"),
     ({"target_speedup": 1.5, "max_heads": 1.0}, {}, r"prune.max_heads' must lie in \[0, 1\)"),
+    ({"min_modules_per_layer": 2}, {}, "prune.min_modules_per_layer: apply to target mode only"),
+    ({"target_speedup": 1.5, "min_modules_per_layer": -1}, {}, "min_modules_per_layer"),
 ])
 def test_target_config_is_validated(prune, estimate, match):
     with pytest.raises(PrunetuneError, match=match):
@@ -283,9 +285,10 @@ def test_fixed_ratio_plans_get_the_same_allocation_report():
 
 
 # ------------------------------------------------------------------------------------------ bounds
-def brute_force_bounded(arch, cost, heads, ffn, mods, rank, target: float, ranks: int, bounds: dict):
+def brute_force_bounded(arch, cost, heads, ffn, mods, rank, target: float, ranks: int, bounds: dict,
+                        floor: int = 0):
     """brute_force with per-type ceilings (plan.make_target_plan's `bounds`): heads per layer, neurons in all,
-    modules removed, ranks removed within kept modules."""
+    modules removed, ranks removed within kept modules; floor: PEFT modules every layer keeps (module_floor)."""
     from prunetune.plan import n_remove
     modules = sorted(rank)
     options = [None] + [set(c) for k in range(1, ranks + 1) for c in itertools.combinations(range(ranks), k)]
@@ -306,6 +309,10 @@ def brute_force_bounded(arch, cost, heads, ffn, mods, rank, target: float, ranks
         for choice in itertools.product(options, repeat=len(modules)):
             if all(c is None for c in choice) or sum(c is None for c in choice) > m_max or \
                     sum(ranks - len(c) for c in choice if c is not None) > r_max:
+                continue
+            kept_in = [sum(c is not None for m, c in zip(modules, choice) if arch.role_of(m)[0] == l)
+                       for l in range(arch.num_layers)]
+            if min(kept_in) < floor:
                 continue
             loss = struct + sum(mods[m] if c is None else sum(float(rank[m][i]) for i in range(ranks) if i not in c)
                                 for m, c in zip(modules, choice))
@@ -349,6 +356,52 @@ def test_bounded_allocator_against_brute_force(seed):
     largest = max([float(s.max()) for s in heads + ffn + list(rank.values())] + list(mods.values()))
     assert opt <= loss + 1e-12
     assert loss <= opt + 2 * largest + 1e-12
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_module_floor_against_brute_force(seed):
+    """module_floor=1: every layer keeps a PEFT module, the target is met, and the loss is within two units'
+    loss of the brute-force optimum under the same floor (modules made cheap, so the floor binds)."""
+    arch = arch_of("bert", **TINY)
+    peft = [arch.layers[l].q for l in range(2)] + [arch.layers[l].down for l in range(2)]
+    ranks = 2
+    cost = CostModel(arch, SeqStats(8, 24, 24 * 24), {m: ranks for m in peft})
+    heads, ffn, mods, rank = scores(arch, peft, seed, ranks)
+    mods = {m: v * 0.05 for m, v in mods.items()}
+    bounds = {"heads": 0.5, "ffn": 0.25, "modules": 0.75, "ranks": 0.25}
+    fastest = cost.step_time([1, 1], [2, 1], {arch.layers[0].q: 1, arch.layers[1].q: 1}).seconds
+    target = 1 + (cost.unpruned().seconds / fastest - 1) * (0.3 + 0.1 * seed)
+    plan = make_target_plan(arch=arch, cost=cost, scores=Scores(heads, ffn, mods, rank), target_speedup=target,
+                            ffn_floor=0.0, bounds=bounds, backward_cut=False, module_floor=1)
+    assert cost.predict(plan).speedup >= target
+    assert all(any(arch.role_of(m)[0] == l for m in plan.peft_ranks) for l in range(2))
+    opt = brute_force_bounded(arch, cost, heads, ffn, mods, rank, target, ranks, bounds, floor=1)
+    loss = plan_loss(plan, heads, ffn, mods, rank)
+    largest = max([float(s.max()) for s in heads + ffn + list(rank.values())] + list(mods.values()))
+    assert opt <= loss + 1e-12
+    assert loss <= opt + 2 * largest + 1e-12
+
+
+@pytest.mark.parametrize("kind,cfg", [("bert", MINILM), ("llama", GQA)])
+def test_module_floor_spreads_the_kept_modules_over_every_layer(kind, cfg):
+    """Scores that favour the top layers' modules (as early Taylor scores do): without a floor the plan empties
+    the lower layers, with module_floor=2 every layer keeps two, at the same target and module ceiling."""
+    arch, cost, (heads, ffn, mods, rank) = setup(kind, cfg)
+    mods = {m: (1 + arch.role_of(m)[0]) ** 3 * 1e-3 * v for m, v in mods.items()}
+    bounds = {"heads": 1 / 3, "ffn": 1 / 3, "modules": 0.6, "ranks": 0.0}
+    kw = dict(arch=arch, cost=cost, scores=Scores(heads, ffn, mods, rank), target_speedup=1.5, bounds=bounds,
+              backward_cut=False)
+
+    def per_layer(plan):
+        return [sum(arch.role_of(m)[0] == l for m in plan.peft_ranks) for l in range(arch.num_layers)]
+
+    free, floored = make_target_plan(**kw), make_target_plan(**kw, module_floor=2)
+    assert min(per_layer(free)) < 2
+    assert min(per_layer(floored)) >= 2
+    assert cost.predict(floored).speedup >= 1.5
+    assert removed_counts(floored)["modules"] <= round(0.6 * len(mods))
+    with pytest.raises(PrunetuneError, match="min_modules_per_layer"):  # a floor of all modules leaves no route
+        make_target_plan(**dict(kw, target_speedup=1.6, bounds=dict(bounds, heads=0.0, ffn=0.0)), module_floor=7)
 
 
 @pytest.mark.parametrize("kind,cfg", [("bert", MINILM), ("llama", GQA)])

@@ -273,6 +273,9 @@ class PruneConfig(ConfigBase):
         "target mode: at most this fraction of the PEFT modules removed; null = all but one"))
     max_ranks: float | None = option(0.0, ge=0.0, lt=1.0, help=(
         "target mode: at most this fraction of all LoRA ranks removed inside kept modules; null = unbounded"))
+    min_modules_per_layer: int = option(0, ge=0, help=(
+        "target mode: every layer keeps at least this many of its PEFT modules (all it has, if fewer), so the "
+        "kept modules are spread over the depth instead of gathering where early Taylor scores are largest"))
 
     @property
     def target_mode(self) -> bool:
@@ -285,7 +288,8 @@ class PruneConfig(ConfigBase):
             raise PrunetuneError(f"prune.target_speedup must be > 1 (a speedup over unpruned PEFT), got "
                                  f"{self.target_speedup}")
         default = {f.name: f.default for f in dataclasses.fields(self)}  # (PruneConfig() here would recurse)
-        changed = [f"prune.{k}" for k in ("backward_cut", "max_heads", "max_ffn", "max_modules", "max_ranks")
+        changed = [f"prune.{k}" for k in ("backward_cut", "max_heads", "max_ffn", "max_modules", "max_ranks",
+                                          "min_modules_per_layer")
                    if getattr(self, k) != default[k]]
         if changed and not self.target_mode:
             raise PrunetuneError(f"{', '.join(changed)}: apply to target mode only (the fixed ratios are "

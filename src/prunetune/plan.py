@@ -285,17 +285,29 @@ class _Pick:
 
 
 def _greedy(items: list[_Pick], caps: dict, need: float, module_extra: dict, module_ranks: dict,
-            allow_short: bool = False, totals: dict | None = None):
+            allow_short: bool = False, totals: dict | None = None, layer_caps: dict | None = None):
     """Take items by importance per saving until `need` is saved. caps: (kind, group) -> max removals; totals:
-    kind -> max removals over all groups (a module gone with its last rank counts as a module).
+    kind -> max removals over all groups (a module gone with its last rank counts as a module); layer_caps:
+    (module -> its layer, layer -> max modules removed there) or None.
     module_extra: module -> saving of its overhead (earned when its last rank goes, or with the module item).
     Returns (taken items, saved) or None when the items cannot reach `need`."""
     order = sorted(items, key=lambda p: (p.importance / p.saving, p.kind, str(p.group), p.index))
     totals = totals or {}
     kind_counts: dict = {}
+    layer_of, per_layer = layer_caps or ({}, {})
+    layer_gone: dict = {}
 
-    def room(kind: str) -> bool:
+    def room(kind: str, module: str | None = None) -> bool:
+        if module is not None and module in layer_of and \
+                layer_gone.get(layer_of[module], 0) >= per_layer[layer_of[module]]:
+            return False
         return kind not in totals or kind_counts.get(kind, 0) < totals[kind]
+
+    def module_gone(module: str) -> None:
+        gone_modules.add(module)
+        kind_counts["module"] = kind_counts.get("module", 0) + 1
+        if module in layer_of:
+            layer_gone[layer_of[module]] = layer_gone.get(layer_of[module], 0) + 1
 
     counts: dict = {}
     gone_modules: set = set()
@@ -307,25 +319,23 @@ def _greedy(items: list[_Pick], caps: dict, need: float, module_extra: dict, mod
             break
         key = (p.kind, p.group)
         if p.kind == "module":
-            if p.group in gone_modules or not room("module"):
+            if p.group in gone_modules or not room("module", p.group):
                 continue
             left = module_ranks[p.group] - counts.get(("rank", p.group), 0)
-            gone_modules.add(p.group)
-            kind_counts["module"] = kind_counts.get("module", 0) + 1
+            module_gone(p.group)
             saved += module_extra[p.group] + left * rank_saving.get(p.group, 0.0)
         elif p.kind == "rank" and p.group in gone_modules:
             continue
         elif counts.get(key, 0) >= caps.get(key, 0) or not room(p.kind):
             continue
-        elif p.kind == "rank" and counts.get(key, 0) + 1 == module_ranks[p.group] and not room("module"):
-            continue  # its last rank would remove the module past the module bound
+        elif p.kind == "rank" and counts.get(key, 0) + 1 == module_ranks[p.group] and not room("module", p.group):
+            continue  # its last rank would remove the module past the module bound (or its layer's floor)
         else:
             counts[key] = counts.get(key, 0) + 1
             kind_counts[p.kind] = kind_counts.get(p.kind, 0) + 1
             saved += p.saving
             if p.kind == "rank" and counts[key] == module_ranks[p.group]:
-                gone_modules.add(p.group)  # every rank removed: the module goes, with its overhead
-                kind_counts["module"] = kind_counts.get("module", 0) + 1
+                module_gone(p.group)  # every rank removed: the module goes, with its overhead
                 saved += module_extra[p.group]
         taken.append(p)
     if saved < need:
@@ -369,7 +379,8 @@ def _sorted_idx(scores: list[float]) -> list[int]:
 def make_target_plan(*, arch, cost, scores: Scores, target_speedup: float | None = None,
                      target_params: float | None = None, body_params: int | None = None, uniform: bool = False,
                      ffn_floor: float = 0.05, peft_kind: str = "lora", model_type: str = "",
-                     meta: dict | None = None, bounds: dict | None = None, backward_cut: bool = True) -> PruningPlan:
+                     meta: dict | None = None, bounds: dict | None = None, backward_cut: bool = True,
+                     module_floor: int = 0) -> PruningPlan:
     """The least-estimated-loss plan whose predicted step speedup (cost model) reaches target_speedup, or whose
     base (body) parameters are at most target_params of body_params. Constraints: >= 1 head unit per layer,
     >= ffn_floor of each layer's neurons, >= 1 PEFT module; uniform: the same head / neuron count in every layer
@@ -377,8 +388,11 @@ def make_target_plan(*, arch, cost, scores: Scores, target_speedup: float | None
     plan may remove, as fixed-ratio fractions {"heads": per layer, "ffn": of all neurons (per layer if uniform),
     "modules": of all PEFT modules, "ranks": of all PEFT ranks, removed within kept modules}; a missing key is
     unbounded. backward_cut=False keeps a PEFT module in the lowest block that has one (the backward pass still
-    reaches it: no plan buys speed by freezing the lower layers' adaptation). With bounds the greedy is no longer within one unit of the optimum (a cardinality cap per type makes
-    it a multi-constraint knapsack); tests bound its gap against brute force."""
+    reaches it: no plan buys speed by freezing the lower layers' adaptation). module_floor: every layer keeps at
+    least this many of its PEFT modules (all it has, if fewer), so the modules kept are spread over the depth
+    (a backward cut may then not empty a layer). With bounds the greedy is no longer within one unit of the
+    optimum (a cardinality cap per type makes it a multi-constraint knapsack); tests bound its gap against brute
+    force."""
     head_scores, ffn_scores, module_importance, rank_importance = scores.head, scores.ffn, scores.module, scores.rank
     if (target_speedup is None) == (target_params is None):
         raise PrunetuneError("target mode needs exactly one of prune.target_speedup and prune.target_params")
@@ -483,19 +497,26 @@ def make_target_plan(*, arch, cost, scores: Scores, target_speedup: float | None
                 items.append(_Pick("module", m, 0, float(module_importance.get(m, 0.0)),
                                    extra[m] + ranks_full[m] * rank_sec))
         totals = dict(structure_totals)
+        in_layer = {l: [m for m in modules if arch.role_of(m)[0] == l] for l in range(L)}
+        layer_caps = None
+        if module_floor > 0:  # removable per layer: what it has above the floor, less what the cut removed
+            layer_caps = ({m: arch.role_of(m)[0] for m in alive},
+                          {l: len(ms) - min(module_floor, len(ms)) - sum(m in forced for m in ms)
+                           for l, ms in in_layer.items()})
         if "modules" in bounds:  # the modules below the cut count against the module bound
             totals["module"] = n_remove(bounds["modules"], len(modules)) - len(forced)
         if "ranks" in bounds:
             totals["rank"] = n_remove(bounds["ranks"], sum(ranks_full.values()))
         start = cost.step_time([U] * L, [inter] * L, alive).seconds
         return {"cut": c, "forced": set(forced), "start": start, "items": items, "caps": caps, "extra": extra,
-                "totals": totals, "forced_loss": sum(float(module_importance.get(m, 0.0)) for m in forced)}
+                "totals": totals, "layer_caps": layer_caps,
+                "forced_loss": sum(float(module_importance.get(m, 0.0)) for m in forced)}
 
     def solve(prob, margin: float):
         """(loss, taken) at this cut for `goal` plus margin seconds, or None when the cut cannot reach it."""
         need = prob["start"] - goal + margin
         found = ([], 0.0) if need <= 0 else _greedy(prob["items"], prob["caps"], need, prob["extra"], ranks_full,
-                                                    totals=prob["totals"])
+                                                    totals=prob["totals"], layer_caps=prob["layer_caps"])
         if found is None:
             return None
         return prob["forced_loss"] + sum(p.importance for p in found[0]), found[0]
@@ -503,7 +524,7 @@ def make_target_plan(*, arch, cost, scores: Scores, target_speedup: float | None
     def everything(prob):
         """Every removal the constraints allow at this cut (the fastest plan there)."""
         taken = _greedy(prob["items"], prob["caps"], math.inf, prob["extra"], ranks_full, allow_short=True,
-                        totals=prob["totals"])[0]
+                        totals=prob["totals"], layer_caps=prob["layer_caps"])[0]
         return prob["forced_loss"] + sum(p.importance for p in taken), taken
 
     best = None
@@ -515,6 +536,8 @@ def make_target_plan(*, arch, cost, scores: Scores, target_speedup: float | None
                                                                                    len(modules)):
             break  # the cut alone removes more modules than the bound allows (and higher cuts remove more)
         prob = prepare(c)
+        if prob["layer_caps"] is not None and min(prob["layer_caps"][1].values()) < 0:
+            break  # the cut removes modules a layer's floor keeps (and higher cuts remove more)
         fastest = cost.predict(build(everything(prob)[1], set(prob["forced"]), c)).pruned.seconds
         most = max(most, base / fastest)
         if fastest > goal:  # exact: not even removing everything allowed at this cut reaches the target
@@ -525,7 +548,8 @@ def make_target_plan(*, arch, cost, scores: Scores, target_speedup: float | None
     if best is None:
         raise PrunetuneError(f"prune.target_speedup={target_speedup} is not reachable for this model and batch "
                              f"shape under the constraints (>= 1 head per layer, FFN floor, >= 1 PEFT module"
-                             f"{', prune.bounds' if bounds else ''}): "
+                             f"{', prune.bounds' if bounds else ''}"
+                             f"{', prune.min_modules_per_layer' if module_floor else ''}): "
                              f"the cost model predicts at most about {most:.2f}x")
     prob, sol = best
 

@@ -176,7 +176,7 @@ def _target_plan(*, cfg: RunConfig, arch, cost: CostModel, scores: Scores, body_
                             target_params=p.target_params, body_params=body_params, uniform=p.ffn_scope == "layer",
                             ffn_floor=p.ffn_floor, peft_kind=cfg.peft.kind, model_type=model_type, meta=meta,
                             bounds=dict(heads=p.max_heads, ffn=p.max_ffn, modules=p.max_modules, ranks=p.max_ranks),
-                            backward_cut=p.backward_cut)
+                            backward_cut=p.backward_cut, module_floor=p.min_modules_per_layer)
 
 
 def check_target(*, cfg: RunConfig, arch, peft_ranks: dict[str, int], cost_of, body_params: int,
