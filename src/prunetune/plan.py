@@ -497,7 +497,6 @@ def make_target_plan(*, arch, cost, scores: Scores, target_speedup: float | None
                 items.append(_Pick("module", m, 0, float(module_importance.get(m, 0.0)),
                                    extra[m] + ranks_full[m] * rank_sec))
         totals = dict(structure_totals)
-        in_layer = {l: [m for m in modules if arch.role_of(m)[0] == l] for l in range(L)}
         layer_caps = None
         if module_floor > 0:  # removable per layer: what it has above the floor, less what the cut removed
             layer_caps = ({m: arch.role_of(m)[0] for m in alive},
@@ -528,6 +527,7 @@ def make_target_plan(*, arch, cost, scores: Scores, target_speedup: float | None
         return prob["forced_loss"] + sum(p.importance for p in taken), taken
 
     best = None
+    in_layer = {l: [m for m in modules if arch.role_of(m)[0] == l] for l in range(L)}  # for module_floor
     for c in sorted({cost.block_of(m) for m in modules})[:None if backward_cut else 1]:
         forced_loss = sum(float(module_importance.get(m, 0.0)) for m in modules if cost.block_of(m) < c)
         if best is not None and forced_loss > best[1][0]:
@@ -535,9 +535,10 @@ def make_target_plan(*, arch, cost, scores: Scores, target_speedup: float | None
         if "modules" in bounds and sum(cost.block_of(m) < c for m in modules) > n_remove(bounds["modules"],
                                                                                    len(modules)):
             break  # the cut alone removes more modules than the bound allows (and higher cuts remove more)
-        prob = prepare(c)
-        if prob["layer_caps"] is not None and min(prob["layer_caps"][1].values()) < 0:
+        if module_floor and any(sum(cost.block_of(m) < c for m in ms) > len(ms) - min(module_floor, len(ms))
+                                for ms in in_layer.values()):
             break  # the cut removes modules a layer's floor keeps (and higher cuts remove more)
+        prob = prepare(c)
         fastest = cost.predict(build(everything(prob)[1], set(prob["forced"]), c)).pruned.seconds
         most = max(most, base / fastest)
         if fastest > goal:  # exact: not even removing everything allowed at this cut reaches the target
