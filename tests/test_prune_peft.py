@@ -7,6 +7,7 @@ import dataclasses
 import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -561,6 +562,53 @@ def test_units_to_remove_stops_at_the_budget():
     assert prune_peft._units_to_remove(order, net, 4, 5000) == []
 
 
+@pytest.mark.parametrize("k", [1, 2, 3, 0.25, 0.5])
+@pytest.mark.parametrize("budget", [0, 1500, 2500, 4000])
+def test_planned_rounds_bounds_the_rounds_of_any_removal_order(k, budget):
+    """planned_rounds sizes the warm-up's rows before it knows the order: it must not undercount, whatever
+    the criterion ranks first (every order of a 2-layer supernet with units of two sizes)."""
+    import itertools
+
+    net = _supernet("bert", ["lora_qv", "adapter_ffn"])
+    names = list(net.alive)
+    plan = prune_peft.planned_rounds([net.unit_size(u) for u in names], k, budget)
+    worst = 0
+    for order in itertools.permutations(names):
+        alive, rounds = list(order), 0
+        fake = SimpleNamespace(unit_size=net.unit_size, alive=alive,
+                               trainable=lambda: sum(net.unit_size(u) for u in alive))
+        while fake.trainable() > budget and len(alive) > 1:
+            n = int(k) if k >= 1 else max(1, int(round(k * len(alive))))
+            for u in prune_peft._units_to_remove(list(alive), fake, n, budget):
+                alive.remove(u)
+            rounds += 1
+        worst = max(worst, rounds)
+    assert worst == plan  # the bound is tight: the smallest-first order reaches it
+
+
+def test_warmup_draws_as_many_rows_as_its_rounds_consume(bert_dir, sst2_dir, tmp_path):
+    """A warm-up on a fixed small subset re-fits rows its rounds have seen (over-fitting poisons drop_loss):
+    it draws at least warmup_samples rows and as many as its rounds use, and sees none twice while rows last."""
+    ctx = prepare(from_dict(_cfg(bert_dir, sst2_dir, tmp_path / "o", tmp_path / "cache", space=["lora_qv", "lora_ffn"],
+                                 warmup_samples=4, warmup_round_steps=2, k=1, budget=0.3,
+                                 warmup_criteria=["magnitude"])))
+    wu = prune_peft.warmup(ctx)
+    batch = ctx.cfg.train.batch_size
+    assert wu["rows"] == wu["steps"] * batch > 4  # 8-row batches, 2 steps per round: 16 fresh rows a round
+    assert wu["epochs"] == pytest.approx(1.0)
+    # more rounds than rows: every training row, each seen about as often
+    many = prepare(from_dict(_cfg(bert_dir, sst2_dir, tmp_path / "m", tmp_path / "cache", space=["lora_qv", "lora_ffn"],
+                                  warmup_samples=4, warmup_round_steps=6, k=1, budget=0.3,
+                                  warmup_criteria=["magnitude"])))
+    wu = prune_peft.warmup(many)
+    assert wu["rows"] == len(many.train_loader.dataset) == 64 and wu["epochs"] > 1
+    # at least warmup_samples, when the rounds need fewer
+    few = prepare(from_dict(_cfg(bert_dir, sst2_dir, tmp_path / "f", tmp_path / "cache", space=["lora_qv", "lora_ffn"],
+                                 warmup_samples=40, warmup_round_steps=1, k=1, budget=0.3,
+                                 warmup_criteria=["magnitude"])))
+    assert prune_peft.warmup(few)["rows"] == 40
+
+
 def test_fill_spends_the_leftover_budget_at_a_smaller_width():
     net = _supernet("bert", ["lora_qv", "adapter_ffn"])  # h = 32; r = 8, adapter size 16
     assert net.size_at("lora_qv@0", 3) == 3 * 2 * (32 + 32)
@@ -730,6 +778,33 @@ def test_warmup_by_prediction_picks_the_criteria_that_agree_with_drop_loss(bert_
     assert all(f"{wu['spearman'][c]:+.2f}" in row for c in wu["spearman"])
     assert all(any(ln.startswith(f"| {b} |") and f"{wu['agreement'][b]['taylor']:.2f}" in ln
                    for ln in report.splitlines()) for b in wu["agreement"])
+
+
+def test_warmup_warns_when_drop_loss_has_turned_negative(bert_dir, sst2_dir, tmp_path, capsys):
+    """A supernet that over-fits its rows makes switching units off LOWER the held-out loss: the criteria
+    that predict drop_loss would then rank units backwards, and the user is told (with what to change)."""
+    cfg = _cfg(bert_dir, sst2_dir, tmp_path / "neg", tmp_path / "cache", warmup_by="prediction",
+               warmup_criteria=["magnitude", "taylor"], proxy_samples=16)
+    ctx = prepare(from_dict(cfg))
+    rows, held = prune_peft._split(ctx)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(prune_peft, "drop_loss", lambda model, units, *a, **k: {u: -1.0 - i for i, u in enumerate(units)})
+        capsys.readouterr()
+        wu = prune_peft.warmup(ctx, rows, held)
+    assert wu["drop_loss_negative"] and all(v == 1.0 for v in wu["drop_loss_negative"])
+    out = capsys.readouterr().out
+    assert "warning: in the warm-up's last round switching off 100% of the units lowers the held-out loss" in out
+    assert "search.warmup_round_steps" in out
+    # a healthy proxy (every unit's removal raises the loss) says nothing
+    cfg = _cfg(bert_dir, sst2_dir, tmp_path / "pos", tmp_path / "cache2", warmup_by="prediction",
+               warmup_criteria=["magnitude", "taylor"], proxy_samples=16)
+    ctx = prepare(from_dict(cfg))
+    rows, held = prune_peft._split(ctx)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(prune_peft, "drop_loss", lambda model, units, *a, **k: {u: 1.0 + i for i, u in enumerate(units)})
+        capsys.readouterr()
+        wu = prune_peft.warmup(ctx, rows, held)
+    assert all(v == 0.0 for v in wu["drop_loss_negative"]) and "warning" not in capsys.readouterr().out
 
 
 # ------------------------------------------------------------------------------------------------- CLI

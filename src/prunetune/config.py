@@ -419,7 +419,9 @@ class PrunePeftConfig(ConfigBase):
     bands: list[float] = option(factory=lambda: [0.2, 0.5, 0.8], help="depth-band edges (spindle bands)")
     threshold: float = option(1e-3, ge=0.0, help="|w| threshold of the `threshold` criterion")
     warmup: bool = option(True, help="assign criteria to blocks on a small subset first (cached)")
-    warmup_samples: int = option(256, ge=1, help="training rows of the warm-up")
+    warmup_samples: int = option(256, ge=1, help=(
+        "training rows of the warm-up, at least: it draws as many as its rounds consume, so no row is seen twice "
+        "while the training rows last"))
     warmup_round_steps: int = option(8, ge=1, help="steps per warm-up round")
     warmup_criteria: list[str] = option(
         factory=lambda: ["zeros", "threshold", "magnitude", "gradient", "taylor", "activation", "norm_ratio"],
