@@ -778,6 +778,10 @@ def test_warmup_by_prediction_picks_the_criteria_that_agree_with_drop_loss(bert_
     assert all(f"{wu['spearman'][c]:+.2f}" in row for c in wu["spearman"])
     assert all(any(ln.startswith(f"| {b} |") and f"{wu['agreement'][b]['taylor']:.2f}" in ln
                    for ln in report.splitlines()) for b in wu["agreement"])
+    # and how healthy the proxy was: the share of removals that lowered the held-out loss, round by round
+    assert wu["drop_loss_negative"] and all(0.0 <= v <= 1.0 for v in wu["drop_loss_negative"])
+    shares = ", ".join(f"{v:.0%}" for v in wu["drop_loss_negative"])
+    assert f"per warm-up round: {shares} (the warm-up trained on {wu['rows']} rows" in report
 
 
 def test_warmup_warns_when_drop_loss_has_turned_negative(bert_dir, sst2_dir, tmp_path, capsys):
