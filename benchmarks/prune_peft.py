@@ -284,6 +284,34 @@ def write_json(pattern: str, task: str, results: list[dict], n_tasks: int, model
                                indent=1))
 
 
+def merge(args, argv: list[str]) -> int:
+    """--merge: the runs of several JSON files (one seed each, say) into one file per task, summarised; a task
+    and seed found twice is refused (two runs of one seed would count as two seeds)."""
+    files = [f for f in args.merge.split(",") if f.strip()]
+    if not args.json or not files:
+        raise SystemExit("error: --merge needs files and --json")
+    runs, seen, commands = [], set(), []
+    for f in files:
+        data = json.loads(Path(f).read_text())
+        commands.append(data["command"])
+        for r in data["runs"]:
+            if (r["task"], r["seed"]) in seen:
+                raise SystemExit(f"error: {r['task']} seed {r['seed']} is in more than one merged file ({f})")
+            seen.add((r["task"], r["seed"]))
+            runs.append(r)
+    tasks = list(dict.fromkeys(r["task"] for r in runs))
+    n = args.warmup_tasks or len(tasks)
+    for task in tasks:
+        path = Path(args.json.format(task=task))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        mine = [r for r in runs if r["task"] == task]
+        path.write_text(json.dumps({"summary": task_summary(mine, n, args.model), "commands": commands,
+                                    "merged_by": "python benchmarks/prune_peft.py " + " ".join(argv),
+                                    "runs": sorted(mine, key=lambda r: r["seed"])}, indent=1))
+    print(seed_summary([task_summary([r for r in runs if r["task"] == t], n, args.model) for t in tasks]))
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tasks", default="rte,cola,sst2")
@@ -314,6 +342,10 @@ def main(argv=None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="config override for every run (e.g. search.warmup_by=prediction); repeatable")
     p.add_argument("--json", help="one file per task (`{task}` in the name), rewritten after every seed")
+    p.add_argument("--merge", default="", help="comma-separated JSON files of runs made side by side (e.g. one "
+                   "process per seed): train nothing, write their runs into --json with one summary per task")
+    p.add_argument("--warmup-tasks", type=int, default=None, help="with --merge: tasks sharing each seed's cached "
+                   "warm-up (its cost is amortised over them); default: the tasks in the merged files")
     argv = sys.argv[1:] if argv is None else argv
     args = p.parse_args(argv)
     args.configs = [c.strip() for c in args.configs.split(",") if c.strip()]
@@ -327,6 +359,8 @@ def main(argv=None) -> int:
                 f"got {','.join(args.configs)}")
     if args.budget != "fixed" and not 0 < float(args.budget) <= 1:
         p.error(f"--budget takes `fixed` or a fraction in (0, 1], got {args.budget}")
+    if args.merge:
+        return merge(args, argv)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if args.json and len(tasks) > 1 and "{task}" not in args.json:
         p.error("--json needs `{task}` in the file name when several tasks run (one file per task)")
