@@ -301,14 +301,16 @@ def merge(args, argv: list[str]) -> int:
             runs.append(r)
     tasks = list(dict.fromkeys(r["task"] for r in runs))
     n = args.warmup_tasks or len(tasks)
+    summaries = []
     for task in tasks:
         path = Path(args.json.format(task=task))
         path.parent.mkdir(parents=True, exist_ok=True)
         mine = [r for r in runs if r["task"] == task]
-        path.write_text(json.dumps({"summary": task_summary(mine, n, args.model), "commands": commands,
+        summaries.append(task_summary(mine, n, args.model))
+        path.write_text(json.dumps({"summary": summaries[-1], "commands": commands,
                                     "merged_by": "python benchmarks/prune_peft.py " + " ".join(argv),
                                     "runs": sorted(mine, key=lambda r: r["seed"])}, indent=1))
-    print(seed_summary([task_summary([r for r in runs if r["task"] == t], n, args.model) for t in tasks]))
+    print(seed_summary(summaries))
     return 0
 
 

@@ -578,8 +578,7 @@ def test_planned_rounds_bounds_the_rounds_of_any_removal_order(k, budget):
         fake = SimpleNamespace(unit_size=net.unit_size, alive=alive,
                                trainable=lambda: sum(net.unit_size(u) for u in alive))
         while fake.trainable() > budget and len(alive) > 1:
-            n = int(k) if k >= 1 else max(1, int(round(k * len(alive))))
-            for u in prune_peft._units_to_remove(list(alive), fake, n, budget):
+            for u in prune_peft._units_to_remove(list(alive), fake, prune_peft.per_round(k, len(alive)), budget):
                 alive.remove(u)
             rounds += 1
         worst = max(worst, rounds)

@@ -25,7 +25,7 @@ from ..io import atomic_write_text
 from ..plan import PruningPlan, Scores, make_plan
 from ..scores import ImportanceTracker, StructureMasks
 from ..scores.criteria import DYNAMIC, HELD_OUT, WEIGHT_SPACE, score_units
-from ..scores.proxy import drop_loss, spearman
+from ..scores.proxy import TURNED, drop_loss, spearman
 from ..scores.hybrid import assign_criteria, block_of, combine, informative
 from ..train import TrainState, make_loader
 from ..units.structure import PeftStructure
@@ -88,6 +88,11 @@ def _units_to_remove(order: list[str], supernet: Supernet, k: int, target: int) 
     return out
 
 
+def per_round(k: int | float, alive: int) -> int:
+    """Units a round removes (`search.k`): k itself, or a fraction of the `alive` units (at least one)."""
+    return int(k) if k >= 1 else max(1, int(round(k * alive)))
+
+
 def planned_rounds(sizes: list[int], k: int | float, target: int) -> int:
     """At most how many rounds a search removing k units per round (`search.k`) takes from units of these
     parameter counts down to `target`: the rounds it would take if every round removed the smallest units.
@@ -97,8 +102,7 @@ def planned_rounds(sizes: list[int], k: int | float, target: int) -> int:
     """
     alive, left, rounds = sorted(sizes), sum(sizes), 0
     while left > target and len(alive) > 1:
-        n = int(k) if k >= 1 else max(1, int(round(k * len(alive))))
-        for _ in range(n):  # as _units_to_remove: stop once the budget is met or one unit is left
+        for _ in range(per_round(k, len(alive))):  # as _units_to_remove: stop once the budget is met or one unit is left
             if left <= target or len(alive) <= 1:
                 break
             left -= alive.pop(0)
@@ -166,8 +170,7 @@ def iterative_prune(ctx: Context, loader, block_criteria: dict[str, list[str]] |
         can = informative(scores, sorted(net.alive), kind, WEIGHT_SPACE)  # which units each criterion can rank
         hybrid = combine(scores, {u: blocks[u] for u in net.alive}, mapping, sc.combine, gen, kind, WEIGHT_SPACE, can)
         order = sorted(hybrid, key=lambda u: (hybrid[u], u))
-        k = int(sc.k) if sc.k >= 1 else max(1, int(round(sc.k * len(net.alive))))
-        removed = _units_to_remove(order, net, k, target)
+        removed = _units_to_remove(order, net, per_round(sc.k, len(net.alive)), target)
         drawn = [u for u in removed if not any(u in can[c] for c in mapping[blocks[u]])]
         net.remove(removed)
         if sc.reinit:
@@ -311,7 +314,7 @@ def _warmup_by_prediction(ctx: Context, loader, held_out) -> dict:
     # share of units whose removal LOWERS the held-out loss, per round: high = the supernet over-fits its rows
     negative = [sum(v < 0 for v in rd["scores"]["drop_loss"].values()) / max(1, len(rd["scores"]["drop_loss"]))
                 for rd in r.rounds]
-    if negative and negative[-1] > 0.5:  # the proxy has turned: predicting it would rank units backwards
+    if negative and negative[-1] > TURNED:  # the proxy has turned: predicting it would rank units backwards
         log(f"warning: in the warm-up's last round switching off {negative[-1]:.0%} of the units lowers the held-out "
             "loss (the supernet over-fits or overshoots): fewer search.warmup_round_steps or a lower train.lr "
             "give drop_loss its meaning back")

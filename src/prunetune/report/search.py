@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..io import atomic_write_text
+from ..scores.proxy import TURNED
 
 
 def _type_layer(name: str) -> tuple[str, int]:
@@ -124,5 +125,5 @@ def _prediction_lines(wu: dict) -> list[str]:
                   + ", ".join(f"{v:.0%}" for v in negative)
                   + (f" (the warm-up trained on {wu['rows']} rows, {wu['epochs']:.2f} epochs)" if wu.get("rows") else "")
                   + (". Above 50% in the last round the criteria are matched to a proxy that ranks units backwards."
-                     if negative[-1] > 0.5 else ".")]
+                     if negative[-1] > TURNED else ".")]
     return lines

@@ -12,6 +12,10 @@ from typing import Callable, Sequence
 
 import torch
 
+# Above this share of units whose removal LOWERS the held-out loss (a supernet that over-fits or overshoots), the
+# proxy ranks units backwards: the warm-up warns and the report says so.
+TURNED = 0.5
+
 
 @torch.no_grad()
 def mean_loss(model, batches: list[dict], device: torch.device) -> float:
