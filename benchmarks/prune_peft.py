@@ -7,6 +7,8 @@ Compares, with identical retrain hyperparameters and seed:
   adapters-everywhere serial bottleneck adapter after every FFN (the space's adapter unit at every layer)
   uniform-lora       LoRA on every projection the space's LoRA units cover, at the largest uniform rank that
                      fits the budget (what a user picks by default, at PrunePEFT's budget)
+  uniform-lora-up    the same at the smallest uniform rank that reaches the budget (with uniform-lora it
+                     brackets the budget when no uniform rank spends it exactly)
   random-prune       the supernet pruned to the budget with the `random` criterion (no warm-up)
   prunepeft          the supernet pruned to the budget with the hybrid criteria (warm-up mapping, cached)
   chosen-fixed       (--select-fixed) the fixed configuration that wins on a held-out split of the TRAINING
@@ -46,7 +48,8 @@ from prunetune.methods.prune_peft import iterative_prune, search, search_cost, s
 from prunetune.report.stats import mean_std, paired_summary  # noqa: E402
 from prunetune.units.structure import UNIT_TYPES, PeftStructure, unit_positions  # noqa: E402
 
-CONFIGS = ("lora-everywhere", "adapters-everywhere", "uniform-lora", "random-prune", "prunepeft", "chosen-fixed")
+CONFIGS = ("lora-everywhere", "adapters-everywhere", "uniform-lora", "uniform-lora-up", "random-prune", "prunepeft",
+           "chosen-fixed")
 FIXED = ("lora-everywhere", "adapters-everywhere")
 
 
@@ -67,13 +70,13 @@ def peft_params(ctx, structure: PeftStructure) -> int:
     return n + (sum(p.numel() for p in adapters.parameters()) if adapters is not None else 0)
 
 
-def uniform_lora(ctx, arch, sc, budget: int) -> PeftStructure:
+def uniform_lora(ctx, arch, sc, budget: int, up: bool = False) -> PeftStructure:
     """LoRA on every projection the space's LoRA unit types cover (q+v when it has none), at the largest
-    uniform rank whose parameters fit the budget (at least 1)."""
+    uniform rank whose parameters fit the budget (at least 1); up: the smallest that reaches it."""
     types = [t for t in sc.space if UNIT_TYPES[t]["kind"] == "lora"] or ["lora_qv"]
     pos = [p for t in types for layer in range(arch.num_layers) for p in unit_positions(arch, t, layer)]
     per_rank = peft_params(ctx, PeftStructure(lora={p: 1 for p in pos}, lora_r_base=1))
-    r = max(1, budget // per_rank)
+    r = max(1, -(-budget // per_rank) if up else budget // per_rank)
     # alpha scales with the rank as in the space's units (alpha / r constant), so only the width differs
     return PeftStructure(lora={p: r for p in pos}, lora_alpha=sc.lora_alpha * r / sc.lora_r, lora_r_base=r)
 
@@ -101,19 +104,31 @@ def choose_fixed(ctx, structures: dict[str, PeftStructure], seed: int, fraction:
     return pick, scores
 
 
-def bench_task(task: str, args, seed: int) -> dict:
+def base_config(*, model: str, task: str, data_root: str, train_samples: int | None, max_length: int, epochs: float,
+                batch_size: int, lr: float, seed: int, space: list[str], k: float, data_fraction: float,
+                chunk: int | None, cache: str, output_dir: str, eval_samples: int | None = None,
+                overrides: dict | None = None) -> dict:
+    """The run config of one task and seed (shared with search_cost.py, so both measure the same setup);
+    overrides: {dotted key: value}, applied last (--set)."""
     base = {
-        "model": {"name_or_path": args.model},
-        "data": {"task": task, "data_dir": str(Path(args.data_root) / GLUE_DIRS[task]),
-                 "max_train_samples": args.train_samples, "max_eval_samples": args.eval_samples,
-                 "max_length": args.max_length},
-        "train": {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "seed": seed},
-        "search": {"space": args.space, "k": args.k, "data_fraction": args.data_fraction,
-                   "warmup_cache": args.cache, "chunk": args.chunk},
-        "output_dir": str(Path(args.out) / f"{task}-seed{seed}"),
+        "model": {"name_or_path": model},
+        "data": {"task": task, "data_dir": str(Path(data_root) / GLUE_DIRS[task]), "max_train_samples": train_samples,
+                 "max_eval_samples": eval_samples, "max_length": max_length},
+        "train": {"epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed},
+        "search": {"space": space, "k": k, "data_fraction": data_fraction, "warmup_cache": cache, "chunk": chunk},
+        "output_dir": output_dir,
     }
-    for dotted, value in args.common.items():  # --set
+    for dotted, value in (overrides or {}).items():
         set_dotted(base, dotted, value)
+    return base
+
+
+def bench_task(task: str, args, seed: int) -> dict:
+    base = base_config(model=args.model, task=task, data_root=args.data_root, train_samples=args.train_samples,
+                       eval_samples=args.eval_samples, max_length=args.max_length, epochs=args.epochs,
+                       batch_size=args.batch_size, lr=args.lr, seed=seed, space=args.space, k=args.k,
+                       data_fraction=args.data_fraction, chunk=args.chunk, cache=args.cache,
+                       output_dir=str(Path(args.out) / f"{task}-seed{seed}"), overrides=args.common)
     ctx = prepare(from_dict(base))
     from prunetune.models import load_model
 
@@ -135,6 +150,8 @@ def bench_task(task: str, args, seed: int) -> dict:
     ctx.cfg.search.budget = float(budget)
     if "uniform-lora" in args.configs:
         configs["uniform-lora"] = uniform_lora(ctx, arch, sc, budget)
+    if "uniform-lora-up" in args.configs:
+        configs["uniform-lora-up"] = uniform_lora(ctx, arch, sc, budget, up=True)
     print(f"== {task} (seed {seed}): {len(ctx.train_loader.dataset)} train / {len(ctx.dev_loader.dataset)} dev, "
           f"{ctx.total_steps} retrain steps, budget {budget:,} PEFT params", flush=True)
 
@@ -149,7 +166,8 @@ def bench_task(task: str, args, seed: int) -> dict:
     if "chosen-fixed" in args.configs:
         pick, on_split = choose_fixed(ctx, {n: configs[n] for n in fixed_names}, seed)
         selection = {"picked": pick, "train_split_scores": on_split}
-    wanted = set(args.configs) | (set(fixed_names) if args.fixed == "each" else set())
+    # --fixed each retrains every fixed configuration, except those an earlier run's JSON already has
+    wanted = set(args.configs) | ((set(fixed_names) - {r["config"] for r in rows}) if args.fixed == "each" else set())
     for name, structure in configs.items():
         if name not in wanted and not (name in fixed_names and "chosen-fixed" in args.configs
                                        and name not in {r["config"] for r in rows}):
@@ -160,7 +178,9 @@ def bench_task(task: str, args, seed: int) -> dict:
                      "best": r["best"][metric], "trainable_no_head": r["trainable_params_no_head"],
                      "retrain_steps": r["steps"], "retrain_seconds": r["train_seconds_no_eval"],
                      "units": structure.units or None})
-    if selection is not None:  # the picked configuration's dev row, under its own name
+    if selection is None and any(r["config"] == "chosen-fixed" for r in rows):  # reused with its row
+        selection = next(r for r in _earlier_runs(args, task, seed) if r.get("selection"))["selection"]
+    elif selection is not None:  # the picked configuration's dev row, under its own name
         picked = next(r for r in rows if r["config"] == selection["picked"])
         rows.append(dict(picked, config="chosen-fixed", chosen=selection["picked"]))
     rows.sort(key=lambda r: CONFIGS.index(r["config"]) if r["config"] in CONFIGS else 0.5)
@@ -180,16 +200,26 @@ def _reused(args, task: str, seed: int) -> list[dict]:
     units lie in this run's search space)."""
     rows = []
     for path in args.reuse:
-        for res in json.loads(Path(path).read_text()):
+        data = json.loads(Path(path).read_text())
+        for res in data["runs"] if isinstance(data, dict) else data:  # a --json / --merge file, or a bare list
             if res["task"] == task and res["seed"] == seed:
-                rows += [dict(r, reused=path) for r in res["rows"]
+                rows += [dict(r, reused=r.get("reused", path)) for r in res["rows"]
                          if r["config"] not in args.configs and r["config"] not in {x["config"] for x in rows}
                          and (r["config"] != "random-prune" or _in_space(r["units"], args.space))]
-    optional = {"uniform-lora", "chosen-fixed"}  # left out unless asked for
-    missing = sorted(set(CONFIGS) - optional - set(args.configs) - {r["config"] for r in rows})
+    required = {"random-prune", *(FIXED if args.fixed == "paper" else ())}  # --fixed each: retrained if missing
+    missing = sorted(required - set(args.configs) - {r["config"] for r in rows})
     if missing:
         raise SystemExit(f"error: no row for {', '.join(missing)} ({task}, seed {seed}): retrain it or --reuse a JSON")
     return rows
+
+
+def _earlier_runs(args, task: str, seed: int) -> list[dict]:
+    """The runs of this task and seed in the --reuse files."""
+    out = []
+    for path in args.reuse:
+        data = json.loads(Path(path).read_text())
+        out += [r for r in (data["runs"] if isinstance(data, dict) else data) if r["task"] == task and r["seed"] == seed]
+    return out
 
 
 def _in_space(units: list[str] | None, space: list[str]) -> bool:

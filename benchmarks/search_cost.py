@@ -23,12 +23,11 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TQDM_DISABLE", "1")  # before torch: importing torch imports tqdm, which reads it then
 
 import torch  # noqa: E402
-from light_peft import GLUE_DIRS  # noqa: E402  (benchmarks/ is on sys.path when a script here runs)
-from prune_peft import fixed, peft_params  # noqa: E402
+from prune_peft import GLUE_DIRS, base_config, fixed, peft_params  # noqa: E402  (benchmarks/ is on sys.path here)
 
 import prunetune.methods.prune_peft as pp  # noqa: E402
 from prunetune.arch import get_arch  # noqa: E402
-from prunetune.config import from_dict, set_dotted, yaml_load  # noqa: E402
+from prunetune.config import from_dict, yaml_load  # noqa: E402
 from prunetune.logs import set_verbosity  # noqa: E402
 from prunetune.methods.common import prepare, train_fixed  # noqa: E402
 from prunetune.models import load_model  # noqa: E402
@@ -66,16 +65,12 @@ def main(argv=None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override; repeatable")
     args = p.parse_args(argv)
     set_verbosity("warning")
-    base = {"model": {"name_or_path": args.model},
-            "data": {"task": args.task, "data_dir": str(Path(args.data_root) / GLUE_DIRS[args.task]),
-                     "max_train_samples": args.train_samples, "max_length": args.max_length},
-            "train": {"epochs": args.epochs, "batch_size": 32, "lr": args.lr, "seed": args.seed},
-            "search": {"space": args.space.split(","), "k": args.k, "data_fraction": args.data_fraction,
-                       "chunk": args.chunk, "warmup_by": "prediction", "warmup_cache": tempfile.mkdtemp()},
-            "output_dir": str(Path(tempfile.mkdtemp()) / "out")}
-    for item in args.set:
-        key, _, value = item.partition("=")
-        set_dotted(base, key.strip(), yaml_load(value))
+    base = base_config(model=args.model, task=args.task, data_root=args.data_root, train_samples=args.train_samples,
+                       max_length=args.max_length, epochs=args.epochs, batch_size=32, lr=args.lr, seed=args.seed,
+                       space=args.space.split(","), k=args.k, data_fraction=args.data_fraction, chunk=args.chunk,
+                       cache=tempfile.mkdtemp(), output_dir=str(Path(tempfile.mkdtemp()) / "out"),
+                       overrides={"search.warmup_by": "prediction",
+                                  **{k.strip(): yaml_load(v) for k, _, v in (i.partition("=") for i in args.set)}})
     ctx = prepare(from_dict(base))
     sc = ctx.cfg.search
     arch = get_arch(load_model(ctx.model_path, ctx.task.num_labels))
