@@ -190,7 +190,8 @@ def test_readme_reference_lists_every_key():
     assert not missing, f"README's configuration reference does not list {missing}"
 
 
-@pytest.mark.parametrize("module", ["prunetune.config", "prunetune.train.metric_logging", "prunetune.logs"])
+@pytest.mark.parametrize("module", ["prunetune.config", "prunetune.train.metric_logging", "prunetune.logs",
+                                    "prunetune.train.distill"])
 def test_docstring_examples(module):
     import importlib
 

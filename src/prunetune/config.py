@@ -254,6 +254,11 @@ class PruneConfig(ConfigBase):
         "fraction of all steps after estimation (the model still trains at full size, so the PEFT modules adapt "
         "to the removal), then surgery; 0 = one-shot surgery at t' (the paper). Removed PEFT modules and ranks "
         "train on and are cut at the end (prune.merge_removed keeps what they learned)"))
+    distill: float = option(0.0, ge=0.0, le=1.0, help=(
+        "LoRA: fine-tune after surgery on (1 - w) x task loss + w x distillation toward a frozen copy of the "
+        "model as it was just before surgery (KL of softened logits; squared error for regression; response "
+        "tokens for causal LM); costs one teacher forward per step and a copy of the weights; 0 = off"))
+    distill_temperature: float = option(2.0, gt=0.0, help="prune.distill: the softmax temperature of both sides")
     target_speedup: float | None = option(None, help=(
         "target mode: predicted fine-tune step speedup over unpruned PEFT (> 1); heads, neurons, PEFT modules and "
         "ranks are chosen jointly"))
@@ -485,6 +490,8 @@ class RunConfig(ConfigBase):
         return self.light.prune
 
     def _check(self) -> None:
+        if self.prune.distill and self.peft.kind != "lora":
+            raise PrunetuneError("prune.distill needs peft.kind=lora (the teacher is a copy of the PEFT model)")
         if self.prune.merge_removed and self.peft.kind != "lora":
             raise PrunetuneError("prune.merge_removed needs peft.kind=lora: an adapter is non-linear and cannot be "
                                  "merged into the base weights")

@@ -74,6 +74,9 @@ class LightPeftCallback(TrainerCallback):
             raise PrunetuneError("LightPeftCallback does not support prune.gradual (it prunes in one shot at t'); "
                                  "use prunetune.light_peft_model(model, data, ...) or `prunetune light` for the "
                                  "gradual fade")
+        if self.cfg.prune.distill > 0:
+            raise PrunetuneError("LightPeftCallback does not support prune.distill (the Trainer computes the "
+                                 "loss); use prunetune.light_peft_model(model, data, ...) or `prunetune light`")
         self.plan = None
         self.estimate: Estimate | None = None
         self.window: Window | None = None

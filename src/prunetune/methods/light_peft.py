@@ -21,6 +21,7 @@ from ..scores import ImportanceTracker, StructureMasks
 from ..surgery import prune_adapter_model, prune_lora_model
 from ..train import PeakMemory, TrainState, evaluate
 from ..train.checkpoint import load_checkpoint, save_checkpoint
+from ..train.distill import Distiller
 from ..train.memory import StepMemory
 from .common import (Context, base_param_counts, build_model, checkpoint_root, epoch_evaluator, eval_seconds,
                      mean_step, prepare, start_run, summarize_evals, task_info, train_fixed, TrainResult, peft_inner_model)
@@ -235,6 +236,8 @@ class _LightRun:
         self.on_epoch_end = (epoch_evaluator(ctx, self.state, self.evals)
                              if cfg.train.eval_each_epoch and ctx.dev_loader is not None else None)
         self.info: dict = dict(ck["info"]) if ck else {}  # estimation-phase figures that outlive a restart
+        self.distiller: Distiller | None = None  # prune.distill: set at surgery
+        self.teacher_state: dict = {}
         self.t0 = time.perf_counter() - self.info.get("elapsed", 0.0)
 
     def save(self, phase: str, **extra) -> None:
@@ -337,9 +340,18 @@ def prune_phase(run: _LightRun, est: Estimate) -> Pruned:
     lora = getattr(run.model, "peft_config", {}).get("default") if run.adapters is None else None
     if lora is not None:  # a PeftModel given by the caller: its own LoRA hyperparameters
         r, alpha, dropout = lora.r, lora.lora_alpha, lora.lora_dropout
+    if cfg.prune.distill > 0:  # the teacher: the model as it is now, before surgery slices it
+        run.distiller, run.teacher_state = Distiller.of(
+            run.model, weight=cfg.prune.distill, temperature=cfg.prune.distill_temperature,
+            causal=bool(getattr(run.ctx.task, "causal_lm", False)))
+        if run.ck is not None and run.ck["phase"] == "finetune":  # resumed: the rebuilt model has not trained
+            run.teacher_state = run.ck["teacher"]
+            run.distiller.load_trained(run.teacher_state)
     pruned = prune(model=run.model, hf=run.hf, arch=run.arch, adapters=run.adapters, estimate=est,
                    r=r, alpha=alpha, dropout=dropout, merge_removed=cfg.prune.merge_removed)
-    state.set_model(pruned.model, pruned.hf, pruned.extras, pruned.ops, reset=cfg.estimate.optimizer_state == "reset")
+    # the teacher rides along as a frozen extra: nothing of it trains, but peak_mb counts its weights
+    extras = {**pruned.extras, **({"teacher": run.distiller.teacher} if run.distiller is not None else {})}
+    state.set_model(pruned.model, pruned.hf, extras, pruned.ops, reset=cfg.estimate.optimizer_state == "reset")
     run.model, run.hf = pruned.model, pruned.hf
     state.memory = StepMemory()
     run.info.setdefault("surgery_seconds", time.perf_counter() - t1)
@@ -350,18 +362,19 @@ def finetune(run: _LightRun, est: Estimate) -> dict:
     """Phase 3: train the pruned model to the end of the schedule; returns the run's metrics."""
     ctx, state, plan = run.ctx, run.state, est.plan
     plan_dict = json.loads(plan.to_json())
+    teacher = {"teacher": run.teacher_state} if run.distiller is not None else {}
     if run.ck is not None and run.ck["phase"] == "finetune":
         state.load_state_dict(run.ck)
     else:
-        run.save("finetune", plan=plan_dict, fold_values=est.fold_values)
+        run.save("finetune", plan=plan_dict, fold_values=est.fold_values, **teacher)
 
     def save_finetune():
         run.info["elapsed"] = time.perf_counter() - run.t0
-        run.save("finetune", plan=plan_dict, fold_values=est.fold_values)
+        run.save("finetune", plan=plan_dict, fold_values=est.fold_values, **teacher)
 
     with PeakMemory(ctx.device) as mem:
         state.run(run.window.total - state.step, on_epoch_end=run.on_epoch_end, desc="fine-tune",
-                  on_checkpoint=save_finetune)
+                  on_checkpoint=save_finetune, loss_fn=run.distiller)
     wall = time.perf_counter() - run.t0
     evals, info, n_est, cut = run.evals, run.info, run.window.steps, run.window.cut
     if ctx.dev_loader is not None and (not evals or evals[-1]["step"] != state.step):

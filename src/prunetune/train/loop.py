@@ -208,8 +208,10 @@ class TrainState:
     def run(self, n_steps: int, extra_loss: Callable[[], torch.Tensor] | None = None,
             before_forward: Callable[[dict], None] | None = None, after_backward: Callable[[int], None] | None = None,
             on_epoch_end: Callable[[int], None] | None = None, desc: str | None = None,
-            on_checkpoint: Callable[[], None] | None = None) -> None:
-        """n_steps optimizer steps. on_checkpoint() is called every cfg.save_every steps and after the last."""
+            on_checkpoint: Callable[[], None] | None = None,
+            loss_fn: Callable[[dict, object], torch.Tensor] | None = None) -> None:
+        """n_steps optimizer steps. on_checkpoint() is called every cfg.save_every steps and after the last;
+        loss_fn(batch, outputs) replaces outputs.loss as what is minimised (e.g. distillation)."""
         self.model.train()
         bar = tqdm(total=n_steps, desc=desc or self.desc, leave=False, dynamic_ncols=True,
                    **({} if is_main() else {"disable": True}))
@@ -221,8 +223,9 @@ class TrainState:
                 if before_forward:
                     before_forward(batch)
                 with self.autocast(), self.memory.saving():
-                    loss = self.model(**batch).loss / self.cfg.grad_accum
-                    task_loss = task_loss + loss.detach()
+                    out = self.model(**batch)
+                    task_loss = task_loss + out.loss.detach() / self.cfg.grad_accum
+                    loss = (loss_fn(batch, out) if loss_fn is not None else out.loss) / self.cfg.grad_accum
                     if extra_loss is not None:
                         loss = loss + extra_loss() / self.cfg.grad_accum
                 (self.scaler.scale(loss) if self.scaler else loss).backward()

@@ -1,0 +1,62 @@
+"""Pair two screened levers over seeds: the paired difference METHOD - BASE (95% t interval) of
+`light_levers.py` runs, and each against that seed's vanilla run.
+
+    python benchmarks/levers_paired.py BASE METHOD 42,43,44 [--json benchmarks/results/NAME.json]
+
+Reads benchmarks/results/levers/{BASE,METHOD}-SEED.json (written by light_levers.py, same base config, so the
+two sides of a seed share the estimation and, when the lever does not change it, the plan).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from prunetune.report.stats import paired_summary
+
+LEVERS = Path(__file__).resolve().parent / "results" / "levers"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("base")
+    p.add_argument("method")
+    p.add_argument("seeds", help="comma-separated")
+    p.add_argument("--json")
+    args = p.parse_args(argv)
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    runs = {name: [json.loads((LEVERS / f"{name}-{s}.json").read_text()) for s in seeds]
+            for name in (args.base, args.method)}
+    acc = {name: [r["final"]["accuracy"] for r in rs] for name, rs in runs.items()}
+    ps = paired_summary(acc[args.base], acc[args.method])
+    vanilla = [r["summary"]["baseline_mean"] for r in runs[args.base]]
+    vs_vanilla = {name: paired_summary(vanilla, acc[name]) for name in acc} if None not in vanilla else {}
+    summary = {"task": "sst2", "metric": "accuracy", "model": "minilm", "seeds": seeds,
+               "variant": f"{args.method} vs {args.base}", "baseline_mean": ps.baseline_mean,
+               "method_mean": ps.method_mean, "paired_diff_mean": ps.diff_mean,
+               "paired_diff_ci95": list(ps.diff_ci95) if ps.diff_ci95 else None,
+               "step_speedup_mean": None, "e2e_speedup_mean": None,
+               "predicted_step_speedup": runs[args.method][0]["predicted_step_speedup"],
+               "target_speedup": runs[args.method][0]["summary"]["target_speedup"],
+               "vs_vanilla": {name: {"diff_mean": s.diff_mean, "ci95": list(s.diff_ci95) if s.diff_ci95 else None}
+                              for name, s in vs_vanilla.items()},
+               "note": "baseline = the BASE lever's runs (not vanilla); one-thread screens beside other jobs: no timings"}
+    rows = [{"seed": s, **{name: {"accuracy": runs[name][i]["final"]["accuracy"], "plan": runs[name][i]["plan"],
+                                  "step_ms": runs[name][i]["step_ms"]} for name in runs}}
+            for i, s in enumerate(seeds)]
+    print(f"{args.method} - {args.base}: {100 * ps.diff_mean:+.2f} points"
+          + (" [{:+.2f}, {:+.2f}]".format(*(100 * x for x in ps.diff_ci95)) if ps.diff_ci95 else "")
+          + f" over seeds {seeds} ({ps.baseline_mean:.4f} -> {ps.method_mean:.4f})")
+    for name, s in vs_vanilla.items():
+        print(f"{name} - vanilla: {100 * s.diff_mean:+.2f} points")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"summary": summary, "rows": rows,
+                                               "command": "python benchmarks/levers_paired.py "
+                                                          + " ".join(sys.argv[1:] if argv is None else argv)},
+                                              indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
