@@ -166,11 +166,11 @@ def bench_task(task: str, args, seed: int) -> dict:
     if "chosen-fixed" in args.configs:
         pick, on_split = choose_fixed(ctx, {n: configs[n] for n in fixed_names}, seed)
         selection = {"picked": pick, "train_split_scores": on_split}
+    have = {r["config"] for r in rows}  # reused from earlier runs
     # --fixed each retrains every fixed configuration, except those an earlier run's JSON already has
-    wanted = set(args.configs) | ((set(fixed_names) - {r["config"] for r in rows}) if args.fixed == "each" else set())
+    wanted = set(args.configs) | ((set(fixed_names) - have) if args.fixed == "each" else set())
     for name, structure in configs.items():
-        if name not in wanted and not (name in fixed_names and "chosen-fixed" in args.configs
-                                       and name not in {r["config"] for r in rows}):
+        if name not in wanted and not (name in fixed_names and "chosen-fixed" in args.configs and name not in have):
             continue
         print(f"-- {name}: {len(structure.lora)} LoRA modules, {len(structure.adapters)} adapters", flush=True)
         r = train_fixed(ctx, structure, desc=name).metrics
@@ -179,7 +179,7 @@ def bench_task(task: str, args, seed: int) -> dict:
                      "retrain_steps": r["steps"], "retrain_seconds": r["train_seconds_no_eval"],
                      "units": structure.units or None})
     if selection is None and any(r["config"] == "chosen-fixed" for r in rows):  # reused with its row
-        selection = next(r for r in _earlier_runs(args, task, seed) if r.get("selection"))["selection"]
+        selection = next(r for _path, r in _earlier_runs(args, task, seed) if r.get("selection"))["selection"]
     elif selection is not None:  # the picked configuration's dev row, under its own name
         picked = next(r for r in rows if r["config"] == selection["picked"])
         rows.append(dict(picked, config="chosen-fixed", chosen=selection["picked"]))
@@ -199,13 +199,10 @@ def _reused(args, task: str, seed: int) -> list[dict]:
     the fixed configurations' retrains are deterministic given the seed; random pruning only from a run whose
     units lie in this run's search space)."""
     rows = []
-    for path in args.reuse:
-        data = json.loads(Path(path).read_text())
-        for res in data["runs"] if isinstance(data, dict) else data:  # a --json / --merge file, or a bare list
-            if res["task"] == task and res["seed"] == seed:
-                rows += [dict(r, reused=r.get("reused", path)) for r in res["rows"]
-                         if r["config"] not in args.configs and r["config"] not in {x["config"] for x in rows}
-                         and (r["config"] != "random-prune" or _in_space(r["units"], args.space))]
+    for path, res in _earlier_runs(args, task, seed):
+        rows += [dict(r, reused=r.get("reused", path)) for r in res["rows"]
+                 if r["config"] not in args.configs and r["config"] not in {x["config"] for x in rows}
+                 and (r["config"] != "random-prune" or _in_space(r["units"], args.space))]
     required = {"random-prune", *(FIXED if args.fixed == "paper" else ())}  # --fixed each: retrained if missing
     missing = sorted(required - set(args.configs) - {r["config"] for r in rows})
     if missing:
@@ -213,13 +210,19 @@ def _reused(args, task: str, seed: int) -> list[dict]:
     return rows
 
 
-def _earlier_runs(args, task: str, seed: int) -> list[dict]:
-    """The runs of this task and seed in the --reuse files."""
+def _earlier_runs(args, task: str, seed: int) -> list[tuple[str, dict]]:
+    """(file, run) of this task and seed in the --reuse files, in their order."""
     out = []
     for path in args.reuse:
         data = json.loads(Path(path).read_text())
-        out += [r for r in (data["runs"] if isinstance(data, dict) else data) if r["task"] == task and r["seed"] == seed]
+        runs = data["runs"] if isinstance(data, dict) else data  # a --json / --merge file, or a bare list
+        out += [(path, r) for r in runs if r["task"] == task and r["seed"] == seed]
     return out
+
+
+def overrides(items: list[str]) -> dict:
+    """--set KEY=VALUE items as {dotted key: value} (values parsed as YAML)."""
+    return {k.strip(): yaml_load(v) for k, _, v in (item.partition("=") for item in items)}
 
 
 def _in_space(units: list[str] | None, space: list[str]) -> bool:
@@ -383,7 +386,7 @@ def main(argv=None) -> int:
     args.configs = [c.strip() for c in args.configs.split(",") if c.strip()]
     args.reuse = [f for f in args.reuse.split(",") if f.strip()]
     args.space = [t.strip() for t in args.space.split(",") if t.strip()]
-    args.common = {k.strip(): yaml_load(v) for k, _, v in (item.partition("=") for item in args.set)}
+    args.common = overrides(args.set)
     if missing := [f for f in args.reuse if not Path(f).is_file()]:
         p.error(f"--reuse: no such file: {', '.join(missing)}")
     if not set(args.configs) <= set(CONFIGS) or "prunepeft" not in args.configs:

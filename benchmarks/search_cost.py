@@ -23,11 +23,11 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TQDM_DISABLE", "1")  # before torch: importing torch imports tqdm, which reads it then
 
 import torch  # noqa: E402
-from prune_peft import GLUE_DIRS, base_config, fixed, peft_params  # noqa: E402  (benchmarks/ is on sys.path here)
+from prune_peft import GLUE_DIRS, base_config, fixed, overrides, peft_params  # noqa: E402  (benchmarks/ is on sys.path here)
 
 import prunetune.methods.prune_peft as pp  # noqa: E402
 from prunetune.arch import get_arch  # noqa: E402
-from prunetune.config import from_dict, yaml_load  # noqa: E402
+from prunetune.config import from_dict  # noqa: E402
 from prunetune.logs import set_verbosity  # noqa: E402
 from prunetune.methods.common import prepare, train_fixed  # noqa: E402
 from prunetune.models import load_model  # noqa: E402
@@ -69,8 +69,7 @@ def main(argv=None) -> int:
                        max_length=args.max_length, epochs=args.epochs, batch_size=32, lr=args.lr, seed=args.seed,
                        space=args.space.split(","), k=args.k, data_fraction=args.data_fraction, chunk=args.chunk,
                        cache=tempfile.mkdtemp(), output_dir=str(Path(tempfile.mkdtemp()) / "out"),
-                       overrides={"search.warmup_by": "prediction",
-                                  **{k.strip(): yaml_load(v) for k, _, v in (i.partition("=") for i in args.set)}})
+                       overrides={"search.warmup_by": "prediction", **overrides(args.set)})
     ctx = prepare(from_dict(base))
     sc = ctx.cfg.search
     arch = get_arch(load_model(ctx.model_path, ctx.task.num_labels))
