@@ -4,7 +4,10 @@
     python benchmarks/levers_paired.py BASE METHOD 42,43,44 [--json benchmarks/results/NAME.json]
 
 Reads benchmarks/results/levers/{BASE,METHOD}-SEED.json (written by light_levers.py, same base config, so the
-two sides of a seed share the estimation and, when the lever does not change it, the plan).
+two sides of a seed share the estimation and, when the lever does not change it, the plan). BASE may instead be
+`results:NAME.json[#VARIANT]`: the Light-PEFT side of a committed `light_peft.py` run (benchmarks/results/NAME.json;
+the variant is needed when it holds several) of the same config, e.g. `results:light_stsb_target.json` for a
+TASK=stsb screen.
 """
 from __future__ import annotations
 
@@ -26,36 +29,59 @@ def main(argv=None) -> int:
     p.add_argument("--json")
     args = p.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-    runs = {name: [json.loads((LEVERS / f"{name}-{s}.json").read_text()) for s in seeds]
-            for name in (args.base, args.method)}
-    acc = {name: [r["final"]["accuracy"] for r in rs] for name, rs in runs.items()}
+    runs = {name: [_run(name, s) for s in seeds] for name in (args.base, args.method)}
+    metric = runs[args.method][0]["summary"]["metric"]
+    acc = {name: [r["final"][metric] for r in rs] for name, rs in runs.items()}
     ps = paired_summary(acc[args.base], acc[args.method])
+    # against vanilla: over the seeds whose vanilla run is committed (the screens may add seeds beyond them)
     vanilla = [r["summary"]["baseline_mean"] for r in runs[args.base]]
-    vs_vanilla = {name: paired_summary(vanilla, acc[name]) for name in acc} if None not in vanilla else {}
-    summary = {"task": "sst2", "metric": "accuracy", "model": "minilm", "seeds": seeds,
+    with_vanilla = [i for i, v in enumerate(vanilla) if v is not None]
+    vs_vanilla = {name: paired_summary([vanilla[i] for i in with_vanilla], [a[i] for i in with_vanilla])
+                  for name, a in acc.items()} if len(with_vanilla) >= 2 else {}
+    summary = {"task": runs[args.method][0]["summary"]["task"], "metric": metric, "model": "minilm", "seeds": seeds,
                "variant": f"{args.method} vs {args.base}", "baseline_mean": ps.baseline_mean,
                "method_mean": ps.method_mean, "paired_diff_mean": ps.diff_mean,
                "paired_diff_ci95": list(ps.diff_ci95) if ps.diff_ci95 else None,
                "step_speedup_mean": None, "e2e_speedup_mean": None,
                "predicted_step_speedup": runs[args.method][0]["predicted_step_speedup"],
                "target_speedup": runs[args.method][0]["summary"]["target_speedup"],
-               "vs_vanilla": {name: {"diff_mean": s.diff_mean, "ci95": list(s.diff_ci95) if s.diff_ci95 else None}
-                              for name, s in vs_vanilla.items()},
+               "vs_vanilla": {name: {"diff_mean": s.diff_mean, "ci95": list(s.diff_ci95) if s.diff_ci95 else None,
+                                     "seeds": [seeds[i] for i in with_vanilla]} for name, s in vs_vanilla.items()},
                "note": "baseline = the BASE lever's runs (not vanilla); one-thread screens beside other jobs: no timings"}
-    rows = [{"seed": s, **{name: {"accuracy": runs[name][i]["final"]["accuracy"], "plan": runs[name][i]["plan"],
+    rows = [{"seed": s, **{name: {metric: runs[name][i]["final"][metric], "plan": runs[name][i]["plan"],
                                   "step_ms": runs[name][i]["step_ms"]} for name in runs}}
             for i, s in enumerate(seeds)]
     print(f"{args.method} - {args.base}: {100 * ps.diff_mean:+.2f} points"
           + (" [{:+.2f}, {:+.2f}]".format(*(100 * x for x in ps.diff_ci95)) if ps.diff_ci95 else "")
           + f" over seeds {seeds} ({ps.baseline_mean:.4f} -> {ps.method_mean:.4f})")
     for name, s in vs_vanilla.items():
-        print(f"{name} - vanilla: {100 * s.diff_mean:+.2f} points")
+        print(f"{name} - vanilla: {100 * s.diff_mean:+.2f} points"
+              + (" [{:+.2f}, {:+.2f}]".format(*(100 * x for x in s.diff_ci95)) if s.diff_ci95 else "")
+              + f" over seeds {[seeds[i] for i in with_vanilla]}")
     if args.json:
         Path(args.json).write_text(json.dumps({"summary": summary, "rows": rows,
                                                "command": "python benchmarks/levers_paired.py "
                                                           + " ".join(sys.argv[1:] if argv is None else argv)},
                                               indent=1))
     return 0
+
+
+def _run(name: str, seed: int) -> dict:
+    """One seed of a screened lever, or (`results:NAME.json`) the Light-PEFT side of a committed light_peft.py
+    row in the same shape (final metric, plan, step time, paired vanilla)."""
+    if not name.startswith("results:"):
+        return json.loads((LEVERS / f"{name}-{seed}.json").read_text())
+    file, _, variant = name.split(":", 1)[1].partition("#")
+    doc = json.loads((LEVERS.parent / file).read_text())
+    rows = [r for r in doc["rows"] if r["seed"] == seed and variant in ("", r["variant"])]
+    if len(rows) != 1:
+        sys.exit(f"levers_paired.py: {file} has {len(rows)} rows for seed {seed}"
+                 + ("" if variant else "; name the variant: results:FILE.json#VARIANT"))
+    row = rows[0]
+    return {"final": {row["metric"]: row["light_final"]}, "plan": row["plan"], "step_ms": row["light_step_ms"],
+            "predicted_step_speedup": row["predicted_step_speedup"],
+            "summary": {"task": row["task"], "metric": row["metric"], "baseline_mean": row["vanilla_final"],
+                        "target_speedup": row.get("target_speedup")}}
 
 
 if __name__ == "__main__":

@@ -8,6 +8,9 @@ lr 5e-4, max_length 128, full dev set), so a seed's result pairs with that scrip
 that screens well must then be run with light_peft.py over paired seeds: one seed is an anecdote.
 PATH_SCALE=k (diagnostic) multiplies the path importance of PEFT modules and ranks by k.
 ROWS=n changes the training rows (default 4000); SST2_DIR the data folder.
+TASK=stsb / TASK=cola screen those tasks instead, with the setup of their committed 3-seed target rows
+(STS-B: 6,000 rows = all, max_length 128; CoLA: 9,000 rows = all, max_length 64; 3 epochs), paired with those
+rows' vanilla runs; their data folders are ../shared/data/STS-B and ../shared/data/CoLA (DATA_DIR overrides).
 """
 from __future__ import annotations
 
@@ -39,7 +42,12 @@ def main(argv: list[str]) -> int:
             return {k: v * scale for k, v in modules.items()}, {k: v * scale for k, v in ranks.items()}
 
         ImportanceTracker.path_scores = scaled
-    base = base_config(seed, int(os.environ.get("ROWS", "4000")), f"runs/levers/{name}-{seed}", overrides)
+    task = os.environ.get("TASK", "sst2")
+    if task not in TASKS:
+        sys.exit(f"light_levers.py: TASK must be one of {sorted(TASKS)}, got {task!r}")
+    rows = int(os.environ.get("ROWS", TASKS[task]["rows"]))
+    base = base_config(seed, rows, f"runs/levers/{name}-{seed}", overrides, task=task)
+    metric = TASKS[task]["metric"]
     ctx = prepare(from_dict(base))
     t0 = time.time()
     light = train_light(ctx)
@@ -52,15 +60,15 @@ def main(argv: list[str]) -> int:
            "command": "python benchmarks/light_levers.py " + " ".join(argv)}
     # the paired baseline: this seed's vanilla run of the 3-seed evidence at these rows (same base config)
     paired = not overrides_touch_base(overrides)
-    vanilla = _vanilla_final(seed, base["data"]["max_train_samples"]) if paired else None
-    out = {"summary": {"task": "sst2", "metric": "accuracy", "variant": name, "model": "minilm", "seeds": [seed],
-                       "baseline_mean": vanilla, "method_mean": result["final"]["accuracy"],
-                       "paired_diff_mean": None if vanilla is None else result["final"]["accuracy"] - vanilla,
+    vanilla = _vanilla_final(seed, rows, task) if paired else None
+    out = {"summary": {"task": task, "metric": metric, "variant": name, "model": "minilm", "seeds": [seed],
+                       "baseline_mean": vanilla, "method_mean": result["final"][metric],
+                       "paired_diff_mean": None if vanilla is None else result["final"][metric] - vanilla,
                        "paired_diff_ci95": None, "step_speedup_mean": None, "e2e_speedup_mean": None,
                        "predicted_step_speedup": result["predicted_step_speedup"],
                        "target_speedup": base.get("prune", {}).get("target_speedup"),
                        "note": f"one-seed screen; baseline = seed {seed}'s vanilla run in "
-                               f"{VANILLA.get(base['data']['max_train_samples'])}; no timings (shared CPU)"}, **out}
+                               f"{VANILLA.get((task, rows))}; no timings (shared CPU)"}, **out}
     path = ROOT / "results" / "levers" / f"{name}-{seed}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=1))
@@ -68,13 +76,21 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def base_config(seed: int, rows: int, output_dir: str, overrides=(), **train) -> dict:
-    """The screens' run config (MiniLM SST-2, batch 32, lr 5e-4, max_length 128, 3 epochs; that of
-    `light_peft.py --tasks sst2`), with `section.key=value` overrides; shared by light_plans.py and
+# per task: data folder, default rows, max_length and metric of its committed light_peft.py target row
+TASKS = {"sst2": {"folder": "SST-2", "rows": "4000", "max_length": 128, "metric": "accuracy"},
+         "stsb": {"folder": "STS-B", "rows": "6000", "max_length": 128, "metric": "pearson"},
+         "cola": {"folder": "CoLA", "rows": "9000", "max_length": 64, "metric": "matthews"}}
+
+
+def base_config(seed: int, rows: int, output_dir: str, overrides=(), task: str = "sst2", **train) -> dict:
+    """The screens' run config (MiniLM, batch 32, lr 5e-4, 3 epochs, the task's max_length; that of
+    `light_peft.py --tasks TASK`), with `section.key=value` overrides; shared by light_plans.py and
     light_speed.py so all three measure the same setup."""
-    data_dir = os.environ.get("SST2_DIR", str(ROOT.parents[1] / "shared" / "data" / "SST-2"))
+    default_dir = str(ROOT.parents[1] / "shared" / "data" / TASKS[task]["folder"])
+    data_dir = os.environ.get("SST2_DIR" if task == "sst2" else "DATA_DIR", default_dir)
     base = {"model": {"name_or_path": "minilm"},
-            "data": {"task": "sst2", "data_dir": data_dir, "max_train_samples": rows, "max_length": 128},
+            "data": {"task": task, "data_dir": data_dir, "max_train_samples": rows,
+                     "max_length": TASKS[task]["max_length"]},
             "train": {"epochs": 3, "batch_size": 32, "lr": 5e-4, "seed": seed, **train},
             "output_dir": output_dir}
     for item in overrides:
@@ -90,15 +106,16 @@ def overrides_touch_base(overrides: list[str]) -> bool:
 
 
 # the committed 3-seed evidence whose vanilla runs pair with a screen of the same rows and seed
-VANILLA = {4000: "light_sst2_4k_target.json", 8000: "light_sst2_target.json"}
+VANILLA = {("sst2", 4000): "light_sst2_4k_target.json", ("sst2", 8000): "light_sst2_target.json",
+           ("stsb", 6000): "light_stsb_target.json", ("cola", 9000): "light_cola_target.json"}
 
 
-def _vanilla_final(seed: int, rows: int) -> float | None:
-    """Vanilla's final dev accuracy for this seed and row count from the committed evidence (None when not
-    there)."""
-    if rows not in VANILLA:
+def _vanilla_final(seed: int, rows: int, task: str = "sst2") -> float | None:
+    """Vanilla's final dev metric for this task, seed and row count from the committed evidence (None when
+    not there)."""
+    if (task, rows) not in VANILLA:
         return None
-    path = ROOT / "results" / VANILLA[rows]
+    path = ROOT / "results" / VANILLA[(task, rows)]
     rows = json.loads(path.read_text())["rows"] if path.exists() else []
     return next((r["vanilla_final"] for r in rows if r["seed"] == seed), None)
 

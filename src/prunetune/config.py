@@ -259,6 +259,9 @@ class PruneConfig(ConfigBase):
         "model as it was just before surgery (KL of softened logits; squared error for regression; response "
         "tokens for causal LM); costs one teacher forward per step and a copy of the weights; 0 = off"))
     distill_temperature: float = option(2.0, gt=0.0, help="prune.distill: the softmax temperature of both sides")
+    finetune_lr_scale: float = option(1.0, gt=0.0, help=(
+        "the learning rate after surgery is train.lr x this (same schedule, warm-up and decay); 1 = the paper. "
+        "The pruned model trains fewer PEFT modules, which may want larger steps"))
     target_speedup: float | None = option(None, help=(
         "target mode: predicted fine-tune step speedup over unpruned PEFT (> 1); heads, neurons, PEFT modules and "
         "ranks are chosen jointly"))

@@ -20,7 +20,6 @@ micro-batch): equal up to rounding.
 """
 from __future__ import annotations
 
-import copy
 import time
 from pathlib import Path
 
@@ -115,6 +114,10 @@ class LightPeftCallback(TrainerCallback):
                      body_params=self.params_before["body"], model_type=hf.config.model_type)
         self.masks = StructureMasks(self.arch).to(device).attach(hf)
         self._optimizer, self._scheduler = optimizer, lr_scheduler
+        if self.cfg.prune.finetune_lr_scale != 1.0 and not isinstance(
+                getattr(_inner(lr_scheduler), "base_lrs", None), list):
+            raise PrunetuneError("prune.finetune_lr_scale needs an LR scheduler with base_lrs (a torch LRScheduler) "
+                                 "to scale after surgery")
         self._add_mask_group(optimizer, lr_scheduler, self.cfg.estimate.mask_lr or args.learning_rate)
         self._token_hook = model.register_forward_pre_hook(self._capture_mask, with_kwargs=True)
         self._snap_hooks: list = []
@@ -243,8 +246,15 @@ class LightPeftCallback(TrainerCallback):
             values = getattr(sched, key, None) if sched is not None else None
             if isinstance(values, list) and len(values) > i:
                 values.pop(i)
+        scale = self.cfg.prune.finetune_lr_scale  # the schedule carries on from base_lrs scaled by it
+        if scale != 1.0 and sched is not None and isinstance(getattr(sched, "base_lrs", None), list):
+            for key in ("base_lrs", "_last_lr"):  # _last_lr: what the Trainer logs for the next step
+                values = getattr(sched, key, None)
+                if isinstance(values, list):
+                    values[:] = [lr * scale for lr in values]
         for g in opt.param_groups:
             g["params"] = [named[names[id(p)]] for p in g["params"] if names.get(id(p)) in named]
+            g["lr"] *= scale
         opt.state.clear()
         if self.cfg.estimate.optimizer_state != "reset":
             opt.state.update(carry_state(old_state, named, ops))

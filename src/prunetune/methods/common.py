@@ -11,6 +11,7 @@ import random
 import time
 from pathlib import Path
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -25,6 +26,9 @@ from ..train import PeakMemory, TrainState, evaluate, make_loader
 from ..train.checkpoint import check_resumable, load_checkpoint, recover_checkpoints, save_checkpoint
 from ..surgery.base import apply_plan
 from ..units.structure import PeftStructure
+
+if TYPE_CHECKING:  # the annotation only; data.base is imported lazily where rows are built
+    from ..data.base import EncodedDataset
 
 
 def seed_everything(seed: int) -> None:

@@ -351,6 +351,7 @@ def prune_phase(run: _LightRun, est: Estimate) -> Pruned:
                    r=r, alpha=alpha, dropout=dropout, merge_removed=cfg.prune.merge_removed)
     # the teacher rides along as a frozen extra: nothing of it trains, but peak_mb counts its weights
     extras = {**pruned.extras, **({"teacher": run.distiller.teacher} if run.distiller is not None else {})}
+    state.lr_scale = cfg.prune.finetune_lr_scale  # set before the optimizer is rebuilt: its groups carry base_lr
     state.set_model(pruned.model, pruned.hf, extras, pruned.ops, reset=cfg.estimate.optimizer_state == "reset")
     run.model, run.hf = pruned.model, pruned.hf
     state.memory = StepMemory()

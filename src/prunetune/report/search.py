@@ -121,7 +121,7 @@ def _prediction_lines(wu: dict) -> list[str]:
         lines.append(f"| {b} | " + " | ".join(f"{agree[b][c]:.2f}" if c in agree[b] else "" for c in crits) + " |")
     negative = wu.get("drop_loss_negative")
     if negative:  # the proxy's health: removals that LOWER the held-out loss mean an over-fitted supernet
-        lines += ["", f"Units whose removal lowers the held-out loss, per warm-up round: "
+        lines += ["", "Units whose removal lowers the held-out loss, per warm-up round: "
                   + ", ".join(f"{v:.0%}" for v in negative)
                   + (f" (the warm-up trained on {wu['rows']} rows, {wu['epochs']:.2f} epochs)" if wu.get("rows") else "")
                   + (". Above 50% in the last round the criteria are matched to a proxy that ranks units backwards."

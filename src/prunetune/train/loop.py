@@ -81,6 +81,7 @@ class TrainState:
                  desc: str = "train", constant_lr: bool = False, metric_logger: MetricLogger | None = None):
         self.cfg, self.loader, self.total_steps, self.device = cfg, loader, total_steps, device
         self.mask_lr = mask_lr or cfg.lr
+        self.lr_scale = 1.0  # multiplies cfg.lr for the model's parameters (prune.finetune_lr_scale after surgery)
         self.constant_lr = constant_lr  # search rounds: warm-up then flat (their number is not known ahead)
         self.warmup = int(round(cfg.warmup_ratio * total_steps))
         self.step = 0
@@ -119,12 +120,13 @@ class TrainState:
         masks = [p for n, p in named.items() if n.startswith("masks.")]
         decay = [p for n, p in named.items() if not n.startswith("masks.") and p.ndim > 1]
         no_decay = [p for n, p in named.items() if not n.startswith("masks.") and p.ndim <= 1]
-        groups = [{"params": decay, "weight_decay": self.cfg.weight_decay, "base_lr": self.cfg.lr},
-                  {"params": no_decay, "weight_decay": 0.0, "base_lr": self.cfg.lr}]
+        lr = self.cfg.lr * self.lr_scale
+        groups = [{"params": decay, "weight_decay": self.cfg.weight_decay, "base_lr": lr},
+                  {"params": no_decay, "weight_decay": 0.0, "base_lr": lr}]
         if masks:
             groups.append({"params": masks, "weight_decay": 0.0, "base_lr": self.mask_lr})
         groups = [g for g in groups if g["params"]]
-        self.optimizer = torch.optim.AdamW(groups, lr=self.cfg.lr)
+        self.optimizer = torch.optim.AdamW(groups, lr=lr)
         self._names = {id(p): n for n, p in named.items()}  # names as of this build (surgery renames nothing)
         # clipped: the model's trainable parameters in the model's order, masks excluded, as a transformers
         # Trainer clips model.parameters() (the Trainer callback and this loop then take identical steps)
@@ -260,8 +262,8 @@ class TrainState:
             if self.step % max(1, self.cfg.log_every) == 0:
                 bar.set_postfix(loss=f"{loss_value:.4f}")
                 self.history.append({"step": self.step, "loss": loss_value, "task_loss": float(task_loss),
-                                     "lr": self.cfg.lr * f})
-                self.metric_logger.log_dict({f"{self.desc}/loss": loss_value, f"{self.desc}/lr": self.cfg.lr * f}, self.step)
+                                     "lr": self.cfg.lr * self.lr_scale * f})
+                self.metric_logger.log_dict({f"{self.desc}/loss": loss_value, f"{self.desc}/lr": self.cfg.lr * self.lr_scale * f}, self.step)
             if on_epoch_end and self.step % self.steps_per_epoch == 0:
                 on_epoch_end(self.step // self.steps_per_epoch)
                 self.model.train()
