@@ -247,7 +247,7 @@ class LightPeftCallback(TrainerCallback):
             if isinstance(values, list) and len(values) > i:
                 values.pop(i)
         scale = self.cfg.prune.finetune_lr_scale  # the schedule carries on from base_lrs scaled by it
-        if scale != 1.0 and sched is not None and isinstance(getattr(sched, "base_lrs", None), list):
+        if scale != 1.0:  # on_train_begin refused a scheduler without a base_lrs list for this
             for key in ("base_lrs", "_last_lr"):  # _last_lr: what the Trainer logs for the next step
                 values = getattr(sched, key, None)
                 if isinstance(values, list):

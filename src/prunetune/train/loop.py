@@ -261,9 +261,9 @@ class TrainState:
             bar.update(1)
             if self.step % max(1, self.cfg.log_every) == 0:
                 bar.set_postfix(loss=f"{loss_value:.4f}")
-                self.history.append({"step": self.step, "loss": loss_value, "task_loss": float(task_loss),
-                                     "lr": self.cfg.lr * self.lr_scale * f})
-                self.metric_logger.log_dict({f"{self.desc}/loss": loss_value, f"{self.desc}/lr": self.cfg.lr * self.lr_scale * f}, self.step)
+                lr = self.cfg.lr * self.lr_scale * f
+                self.history.append({"step": self.step, "loss": loss_value, "task_loss": float(task_loss), "lr": lr})
+                self.metric_logger.log_dict({f"{self.desc}/loss": loss_value, f"{self.desc}/lr": lr}, self.step)
             if on_epoch_end and self.step % self.steps_per_epoch == 0:
                 on_epoch_end(self.step // self.steps_per_epoch)
                 self.model.train()
