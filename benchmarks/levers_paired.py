@@ -16,6 +16,7 @@ import json
 import sys
 from pathlib import Path
 
+from light_levers import _vanilla_final, overrides_touch_base  # this folder: the screens' vanilla pairs
 from prunetune.report.stats import paired_summary
 
 LEVERS = Path(__file__).resolve().parent / "results" / "levers"
@@ -34,7 +35,10 @@ def main(argv=None) -> int:
     acc = {name: [r["final"][metric] for r in rs] for name, rs in runs.items()}
     ps = paired_summary(acc[args.base], acc[args.method])
     # against vanilla: over the seeds whose vanilla run is committed (the screens may add seeds beyond them)
-    vanilla = [r["summary"]["baseline_mean"] for r in runs[args.base]]
+    # (recorded by the screen, or committed since: a screen that records its rows and leaves the base config alone)
+    vanilla = [r["summary"]["baseline_mean"] if r["summary"]["baseline_mean"] is not None or "rows" not in r
+               or overrides_touch_base(r["overrides"]) else _vanilla_final(s, r["rows"], r["summary"]["task"])
+               for r, s in zip(runs[args.method], seeds)]
     with_vanilla = [i for i, v in enumerate(vanilla) if v is not None]
     vs_vanilla = {name: paired_summary([vanilla[i] for i in with_vanilla], [a[i] for i in with_vanilla])
                   for name, a in acc.items()} if len(with_vanilla) >= 2 else {}

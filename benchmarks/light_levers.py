@@ -52,7 +52,7 @@ def main(argv: list[str]) -> int:
     t0 = time.time()
     light = train_light(ctx)
     result, plan = light.metrics, light.plan
-    out = {"name": name, "seed": seed, "overrides": overrides, "path_scale": scale, "final": result["final"],
+    out = {"name": name, "seed": seed, "rows": rows, "overrides": overrides, "path_scale": scale, "final": result["final"],
            "evals": result["evals"], "plan": result["plan"], "predicted_step_speedup": result["predicted_step_speedup"],
            "step_ms": 1e3 * result["step_seconds"], "wall_s": time.time() - t0,
            "kept_modules": sorted(plan.peft_ranks), "heads_per_layer": [len(k) for k in plan.kept_heads],
@@ -68,7 +68,7 @@ def main(argv: list[str]) -> int:
                        "predicted_step_speedup": result["predicted_step_speedup"],
                        "target_speedup": base.get("prune", {}).get("target_speedup"),
                        "note": f"one-seed screen; baseline = seed {seed}'s vanilla run in "
-                               f"{VANILLA.get((task, rows))}; no timings (shared CPU)"}, **out}
+                               f"{' / '.join(VANILLA.get((task, rows), ('(none)',)))}; no timings (shared CPU)"}, **out}
     path = ROOT / "results" / "levers" / f"{name}-{seed}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=1))
@@ -105,19 +105,22 @@ def overrides_touch_base(overrides: list[str]) -> bool:
     return any(o.split("=")[0].split(".")[0] in ("data", "train", "peft", "model") for o in overrides)
 
 
-# the committed 3-seed evidence whose vanilla runs pair with a screen of the same rows and seed
-VANILLA = {("sst2", 4000): "light_sst2_4k_target.json", ("sst2", 8000): "light_sst2_target.json",
-           ("stsb", 6000): "light_stsb_target.json", ("cola", 9000): "light_cola_target.json"}
+# the committed evidence whose vanilla runs pair with a screen of the same rows and seed (files searched in order)
+VANILLA = {("sst2", 4000): ("light_sst2_4k_target.json",),
+           ("sst2", 8000): ("light_sst2_target.json",), ("stsb", 6000): ("light_stsb_target.json",),
+           ("cola", 9000): ("light_cola_target.json",)}
 
 
 def _vanilla_final(seed: int, rows: int, task: str = "sst2") -> float | None:
     """Vanilla's final dev metric for this task, seed and row count from the committed evidence (None when
     not there)."""
-    if (task, rows) not in VANILLA:
-        return None
-    path = ROOT / "results" / VANILLA[(task, rows)]
-    rows = json.loads(path.read_text())["rows"] if path.exists() else []
-    return next((r["vanilla_final"] for r in rows if r["seed"] == seed), None)
+    for name in VANILLA.get((task, rows), ()):
+        path = ROOT / "results" / name
+        found = [r["vanilla_final"] for r in (json.loads(path.read_text())["rows"] if path.exists() else [])
+                 if r["seed"] == seed]
+        if found:
+            return found[0]
+    return None
 
 
 if __name__ == "__main__":

@@ -10,6 +10,10 @@ train on the same batches with the same learning rate; checked) train STEPS opti
 alternating blocks of 10 so that machine drift hits both sides alike; the first block of each is warm-up and
 not counted. Prints and writes benchmarks/results/speed/NAME-SEED.json: predicted step speedup (the cost model's),
 measured (mean step time vanilla / pruned), and their ratio. A timing: run it with nothing else on the machine.
+
+MODEL=smollm2 times SmolLM2-135M instead, on the causal instruction task of the committed SmolLM2 target rows
+(`smollm.py --tasks causal --train-samples 1024 --max-length 64 --epochs 1 --batch-size 8 --ffn-scope layer`);
+the overrides are that script's `--set` (ROWS is then ignored). Writes speed/smollm2-NAME-SEED.json.
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import torch  # noqa: E402
 
+import smollm  # noqa: E402  (this folder: SmolLM2's run config)
 from light_levers import base_config  # noqa: E402  (this folder: the screens' shared run config)
 from prunetune.config import from_dict  # noqa: E402
 from prunetune.methods import light_peft  # noqa: E402
@@ -33,12 +38,26 @@ from prunetune.train.loop import TrainState  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
 BLOCK = 10
+SMOLLM_ARGS = ["--tasks=causal", "--train-samples=1024", "--eval-samples=200", "--max-length=64", "--epochs=1",
+               "--batch-size=8", "--ffn-scope=layer"]
 
 
 def main(argv: list[str]) -> int:
     seed, name, overrides = int(argv[0]), argv[1], argv[2:]
     rows, steps = int(os.environ.get("ROWS", "8000")), int(os.environ.get("STEPS", "60"))
-    ctx = prepare(from_dict(base_config(seed, rows, f"runs/speed/{name}-{seed}", overrides, eval_each_epoch=False)))
+    model_name = os.environ.get("MODEL", "minilm")
+    if model_name == "smollm2":
+        name = f"smollm2-{name}"
+        args = smollm.parse_args(smollm.parser(), SMOLLM_ARGS + [f"--out=runs/speed/{name}-{seed}"]
+                                 + [f"--set={o}" for o in overrides])
+        base, _ = smollm.run_config("causal", args, seed)
+        base["train"]["eval_each_epoch"] = False
+        rows = args.train_samples
+    elif model_name == "minilm":
+        base = base_config(seed, rows, f"runs/speed/{name}-{seed}", overrides, eval_each_epoch=False)
+    else:
+        raise SystemExit(f"light_speed.py: MODEL must be minilm or smollm2, got {model_name!r}")
+    ctx = prepare(from_dict(base))
     t0 = time.perf_counter()
     run = light_peft._LightRun(ctx, checkpoints=False)
     est = light_peft.estimate(run)  # the plan a real run would make
@@ -65,7 +84,7 @@ def main(argv: list[str]) -> int:
     alloc = est.plan.meta["allocation"]
     predicted = alloc["predicted_speedup"]
     measured = mean["vanilla"] / mean["pruned"]
-    out = {"name": name, "seed": seed, "rows": rows, "overrides": overrides, "threads": torch.get_num_threads(),
+    out = {"name": name, "model": model_name, "seed": seed, "rows": rows, "overrides": overrides, "threads": torch.get_num_threads(),
            "plan": est.plan.summary(), "cut_block": alloc.get("cut_block"),
            "predicted_step_speedup": predicted, "measured_step_speedup": measured,
            "measured_median_speedup": median["vanilla"] / median["pruned"],
@@ -73,7 +92,8 @@ def main(argv: list[str]) -> int:
            "vanilla_step_ms": 1e3 * mean["vanilla"], "pruned_step_ms": 1e3 * mean["pruned"],
            "timed_steps_each": len(times["vanilla"]), "estimation_and_surgery_s": estimation_s,
            "cost_rates": alloc.get("prediction", {}).get("rates"),
-           "command": "python benchmarks/light_speed.py " + " ".join(argv)}
+           "command": ("MODEL=smollm2 " if model_name == "smollm2" else "") + "python benchmarks/light_speed.py "
+           + " ".join(argv)}
     path = ROOT / "results" / "speed" / f"{name}-{seed}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=1))

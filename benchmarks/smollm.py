@@ -119,7 +119,9 @@ def answer_accuracy(model, tokenizer, rows: list[dict], max_length: int, batch: 
     return correct / max(1, len(rows))
 
 
-def bench_task(task: str, args, seed: int) -> dict:
+def run_config(task: str, args, seed: int) -> tuple[dict, list[dict] | None]:
+    """The run config both sides share (also light_speed.py's MODEL=smollm2 timing), and the causal task's dev
+    rows for the answer accuracy (None for classification)."""
     out = Path(args.out) / f"{task}-seed{seed}"
     data: dict = {"max_train_samples": args.train_samples, "max_eval_samples": args.eval_samples,
                   "max_length": args.max_length}
@@ -140,6 +142,11 @@ def bench_task(task: str, args, seed: int) -> dict:
     }
     for dotted, value in args.common.items():  # --set: applied to both sides
         set_dotted(base, dotted, value)
+    return base, dev_rows
+
+
+def bench_task(task: str, args, seed: int) -> dict:
+    base, dev_rows = run_config(task, args, seed)
     ctx = prepare(from_dict(base))
     print(f"== {task} (seed {seed}): {len(ctx.train_loader.dataset)} train / {len(ctx.dev_loader.dataset)} dev, "
           f"{ctx.total_steps} steps, batch {args.batch_size}, max_length {args.max_length}", flush=True)
@@ -179,7 +186,7 @@ def bench_task(task: str, args, seed: int) -> dict:
     return row
 
 
-def main(argv=None) -> int:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tasks", default="sst2,causal", help="comma-separated: sst2, rte, causal")
     p.add_argument("--data-root", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"))
@@ -211,9 +218,19 @@ def main(argv=None) -> int:
     p.add_argument("--export", help="also export each Light-PEFT model to EXPORT/<task>")
     p.add_argument("--json", help="write summary + rows here (one file per task: `{task}` in the name with several "
                    "tasks), rewritten after each seed")
-    argv = sys.argv[1:] if argv is None else argv
+    return p
+
+
+def parse_args(p: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.common = {k.strip(): yaml_load(v) for k, _, v in (item.partition("=") for item in args.set)}
+    return args
+
+
+def main(argv=None) -> int:
+    p = parser()
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(p, argv)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if args.json and len(tasks) > 1 and "{task}" not in args.json:
         p.error("--json needs `{task}` in the file name when several tasks run (one file per task)")
