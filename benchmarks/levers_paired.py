@@ -22,6 +22,16 @@ from prunetune.report.stats import paired_summary
 LEVERS = Path(__file__).resolve().parent / "results" / "levers"
 
 
+def _vanilla_of(run: dict, seed: int) -> float | None:
+    """This screen's paired vanilla metric: the one it recorded, else one committed since (only for a screen
+    that records its rows and leaves the base config alone)."""
+    if run["summary"]["baseline_mean"] is not None:
+        return run["summary"]["baseline_mean"]
+    if "rows" not in run or overrides_touch_base(run["overrides"]):
+        return None
+    return _vanilla_final(seed, run["rows"], run["summary"]["task"])
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("base")
@@ -35,10 +45,7 @@ def main(argv=None) -> int:
     acc = {name: [r["final"][metric] for r in rs] for name, rs in runs.items()}
     ps = paired_summary(acc[args.base], acc[args.method])
     # against vanilla: over the seeds whose vanilla run is committed (the screens may add seeds beyond them)
-    # (recorded by the screen, or committed since: a screen that records its rows and leaves the base config alone)
-    vanilla = [r["summary"]["baseline_mean"] if r["summary"]["baseline_mean"] is not None or "rows" not in r
-               or overrides_touch_base(r["overrides"]) else _vanilla_final(s, r["rows"], r["summary"]["task"])
-               for r, s in zip(runs[args.method], seeds)]
+    vanilla = [_vanilla_of(r, s) for r, s in zip(runs[args.method], seeds)]
     with_vanilla = [i for i, v in enumerate(vanilla) if v is not None]
     vs_vanilla = {name: paired_summary([vanilla[i] for i in with_vanilla], [a[i] for i in with_vanilla])
                   for name, a in acc.items()} if len(with_vanilla) >= 2 else {}

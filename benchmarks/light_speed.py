@@ -84,7 +84,8 @@ def main(argv: list[str]) -> int:
     alloc = est.plan.meta["allocation"]
     predicted = alloc["predicted_speedup"]
     measured = mean["vanilla"] / mean["pruned"]
-    out = {"name": name, "model": model_name, "seed": seed, "rows": rows, "overrides": overrides, "threads": torch.get_num_threads(),
+    out = {"name": name, "model": model_name, "seed": seed, "rows": rows, "overrides": overrides,
+           "threads": torch.get_num_threads(),
            "plan": est.plan.summary(), "cut_block": alloc.get("cut_block"),
            "predicted_step_speedup": predicted, "measured_step_speedup": measured,
            "measured_median_speedup": median["vanilla"] / median["pruned"],
