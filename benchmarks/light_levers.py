@@ -52,8 +52,8 @@ def main(argv: list[str]) -> int:
     t0 = time.time()
     light = train_light(ctx)
     result, plan = light.metrics, light.plan
-    out = {"name": name, "seed": seed, "rows": rows, "overrides": overrides, "path_scale": scale, "final": result["final"],
-           "evals": result["evals"], "plan": result["plan"], "predicted_step_speedup": result["predicted_step_speedup"],
+    out = {"name": name, "seed": seed, "rows": rows, "overrides": overrides, "path_scale": scale,
+           "final": result["final"], "evals": result["evals"], "plan": result["plan"], "predicted_step_speedup": result["predicted_step_speedup"],
            "step_ms": 1e3 * result["step_seconds"], "wall_s": time.time() - t0,
            "kept_modules": sorted(plan.peft_ranks), "heads_per_layer": [len(k) for k in plan.kept_heads],
            "neurons_per_layer": [len(k) for k in plan.kept_neurons], "allocation": plan.meta["allocation"]["types"],
@@ -106,7 +106,8 @@ def overrides_touch_base(overrides: list[str]) -> bool:
 
 
 # the committed evidence whose vanilla runs pair with a screen of the same rows and seed (files searched in order)
-VANILLA = {("sst2", 4000): ("light_sst2_4k_target.json",),
+VANILLA = {("sst2", 4000): ("light_sst2_4k_target.json", "light_sst2_4k_found50_seed45.json",
+                            "light_sst2_4k_found50_seed46.json"),
            ("sst2", 8000): ("light_sst2_target.json",), ("stsb", 6000): ("light_stsb_target.json",),
            ("cola", 9000): ("light_cola_target.json",)}
 
