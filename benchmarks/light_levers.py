@@ -53,7 +53,8 @@ def main(argv: list[str]) -> int:
     light = train_light(ctx)
     result, plan = light.metrics, light.plan
     out = {"name": name, "seed": seed, "rows": rows, "overrides": overrides, "path_scale": scale,
-           "final": result["final"], "evals": result["evals"], "plan": result["plan"], "predicted_step_speedup": result["predicted_step_speedup"],
+           "final": result["final"], "evals": result["evals"], "plan": result["plan"],
+           "predicted_step_speedup": result["predicted_step_speedup"],
            "step_ms": 1e3 * result["step_seconds"], "wall_s": time.time() - t0,
            "kept_modules": sorted(plan.peft_ranks), "heads_per_layer": [len(k) for k in plan.kept_heads],
            "neurons_per_layer": [len(k) for k in plan.kept_neurons], "allocation": plan.meta["allocation"]["types"],
