@@ -137,6 +137,21 @@ def test_calibrate_recovers_the_rates_that_produced_the_timings():
     assert fitted.op_seconds == pytest.approx(truth.op_seconds, rel=1e-6)
 
 
+def test_calibrate_names_a_uniform_rescale_when_timings_grow_faster_than_the_batch():
+    # measured on a 2-core CPU (SmolLM2, 8 vs 2 rows: 4.4x the time): no non-negative overhead fits, so the probe
+    # can only rescale every rate by one factor, which must leave every predicted ratio unchanged and say so
+    _, _, arch, names = tiny_lora("bert", r=R)
+    cost = CostModel(arch, SeqStats(8, 20, 400), {n: R for n in names})
+    fitted = calibrate(cost, lambda rows: (0.3 * rows ** 1.1, 20.0))
+    assert fitted.source == "probe-uniform"
+    assert fitted.flops_per_s / cost.rates.flops_per_s == pytest.approx(cost.rates.op_seconds / fitted.op_seconds)
+    rescaled = CostModel(arch, cost.seq, cost.peft_ranks, fitted)
+    plan = ([1, 2], [3, 8], {n: (R // 2 if i % 2 else 0) for i, n in enumerate(names)})
+    assert rescaled.step_time(*plan).seconds / rescaled.unpruned().seconds == pytest.approx(
+        cost.step_time(*plan).seconds / cost.unpruned().seconds, rel=1e-12)
+    assert rescaled.unpruned(optimizer=False).seconds == pytest.approx(0.3 * 8 ** 1.1, rel=1e-9)
+
+
 def test_timing_probe_leaves_the_run_unchanged(tmp_path):
     """The optional probe (prune.cost_probe) times passes of the unpruned model: same plan, same losses after."""
     from test_pipeline import light, save_tiny_bert, write_sst2

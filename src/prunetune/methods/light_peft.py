@@ -431,9 +431,22 @@ def _cost_model(ctx, arch, peft_ranks: dict[str, int], probe_model=None) -> Cost
     """Step-time model at this run's batch shape (the training rows' real token lengths); with probe_model, its
     rates are fitted to a few timed forward/backward passes of the (still unpruned) model on this device."""
     cfg = ctx.cfg
-    probe = (lambda b: _time_passes(ctx, probe_model, b)) if probe_model is not None else None
-    return cost_model(cfg=cfg, arch=arch, peft_ranks=peft_ranks, lengths=token_lengths(ctx.train_loader.dataset),
-                      batch_size=cfg.train.batch_size, grad_accum=cfg.train.grad_accum, device=ctx.device, probe=probe)
+    timed: list[tuple[int, float]] = []
+
+    def probe(rows):
+        seconds, length = _time_passes(ctx, probe_model, rows)
+        timed.append((rows, seconds))
+        return seconds, length
+
+    cost = cost_model(cfg=cfg, arch=arch, peft_ranks=peft_ranks, lengths=token_lengths(ctx.train_loader.dataset),
+                      batch_size=cfg.train.batch_size, grad_accum=cfg.train.grad_accum, device=ctx.device,
+                      probe=probe if probe_model is not None else None)
+    if cost.rates.source == "probe-uniform":  # say it: this calibration cannot change the plan or the prediction
+        passes = ", ".join(f"{rows} rows {seconds:.3f}s" for rows, seconds in timed)
+        log(f"prune.cost_probe: timed passes ({passes}) grow at least as fast as the batch, so no fixed per-op "
+            "overhead can be fitted; the probe only rescales every rate by one factor, which leaves the plan and "
+            "the predicted speedup as the default rates make them")
+    return cost
 
 
 def token_lengths(dataset) -> list[int]:
