@@ -163,7 +163,7 @@ def seed_table(sums: list[dict]) -> str:
 
 
 def write_json(path_pattern: str, task: str, rows: list[dict], model: str, argv: list[str],
-               script: str = "light_peft.py", extend=None) -> None:
+               script: str = "light_peft.py", extend=None, sources: list[str] | None = None) -> None:
     """One file per task: `summary` (the target-mode variant when one ran, else the first), `summaries` (all
     variants), the command and every row. extend(summary, rows), if given, adds a script's own figures to each
     summary from its variant's rows."""
@@ -176,7 +176,36 @@ def write_json(path_pattern: str, task: str, rows: list[dict], model: str, argv:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"summary": sums[0], "summaries": sums,
                                 "command": f"python benchmarks/{script} " + " ".join(argv),
-                                "rows": task_rows}, indent=1))
+                                **({"sources": sources} if sources else {}), "rows": task_rows}, indent=1))
+
+
+def check_seeds(p: argparse.ArgumentParser, spec: str) -> None:
+    """`--seeds 43` means 43 seeds from --seed: almost surely a seed meant as a list of one."""
+    if "," not in spec and spec.strip().isdigit() and int(spec) > 20:
+        p.error(f"--seeds {spec} asks for {spec} seeds; for one seed {spec} write "
+                f"--seed {spec} --seeds 1 (or a list: --seeds {spec},{int(spec) + 1})")
+
+
+def merge_json(files: list[str], out: str | None, argv: list[str], script: str = "light_peft.py",
+               extend=None) -> int:
+    """One evidence file from runs of the same task and variants on different seeds (e.g. processes run side by
+    side): the rows joined, the summary recomputed over all seeds, each source's command kept."""
+    if not out:
+        raise SystemExit(f"{script}: --merge needs --json OUT")
+    sources = [json.loads(Path(f).read_text()) for f in files]
+    rows = [r for src in sources for r in src["rows"]]
+    keys = [(r["task"], r["variant"], r["seed"]) for r in rows]
+    if len(set(keys)) != len(keys):
+        raise SystemExit(f"{script}: --merge: a task, variant and seed appears in more than one file")
+    tasks = {r["task"] for r in rows}
+    models = {src["summary"]["model"] for src in sources}
+    if len(tasks) != 1 or len(models) != 1:
+        raise SystemExit(f"{script}: --merge: the files hold different tasks or models ({sorted(tasks)}, "
+                         f"{sorted(models)})")
+    write_json(out, tasks.pop(), rows, models.pop(), argv, script=script, extend=extend,
+               sources=[src["command"] for src in sources])
+    print(seed_table(summaries(rows, rows[0].get("model", sources[0]["summary"]["model"]))))
+    return 0
 
 
 def parse_seeds(spec: str, first: int) -> list[int]:
@@ -235,15 +264,17 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="runs/bench_light")
     p.add_argument("--json", help="write summary + rows here, rewritten after each seed; `{task}` in the name "
                    "is replaced by the task (needed with several tasks)")
+    p.add_argument("--merge", metavar="A.json,B.json", help="train nothing: join these runs' rows (other seeds "
+                   "of the same task) into --json with the summary over all their seeds")
     argv = sys.argv[1:] if argv is None else argv
     args = p.parse_args(argv)
+    check_seeds(p, args.seeds)
+    if args.merge:
+        return merge_json(args.merge.split(","), args.json, argv)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if args.json and len(tasks) > 1 and "{task}" not in args.json:
         p.error("--json needs `{task}` in the file name when several tasks run (one file per task)")
     args.common = {k.strip(): yaml_load(v) for k, _, v in (item.partition("=") for item in args.set)}
-    if "," not in args.seeds and args.seeds.strip().isdigit() and int(args.seeds) > 20:
-        p.error(f"--seeds {args.seeds} asks for {args.seeds} seeds; for one seed {args.seeds} write "
-                f"--seed {args.seeds} --seeds 1 (or a list: --seeds {args.seeds},{int(args.seeds) + 1})")
     seeds = parse_seeds(args.seeds, args.seed)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"device {'cuda' if torch.cuda.is_available() else 'cpu'}, seeds {seeds}", flush=True)

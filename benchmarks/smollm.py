@@ -37,8 +37,8 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from light_peft import (GLUE_DIRS, compare_row, latency_ms, parse_seeds, seed_table, summaries, table,  # noqa: E402
-                        write_json)
+from light_peft import (GLUE_DIRS, check_seeds, compare_row, latency_ms, merge_json, parse_seeds,  # noqa: E402
+                        seed_table, summaries, table, write_json)
 
 from prunetune.config import DataConfig, from_dict, set_dotted, yaml_load  # noqa: E402
 from prunetune.data import load_task, sample_path  # noqa: E402
@@ -218,6 +218,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--export", help="also export each Light-PEFT model to EXPORT/<task>")
     p.add_argument("--json", help="write summary + rows here (one file per task: `{task}` in the name with several "
                    "tasks), rewritten after each seed")
+    p.add_argument("--merge", metavar="A.json,B.json", help="train nothing: join these runs' rows (other seeds "
+                   "of the same task) into --json with the summary over all their seeds")
     return p
 
 
@@ -231,6 +233,9 @@ def main(argv=None) -> int:
     p = parser()
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(p, argv)
+    check_seeds(p, args.seeds)
+    if args.merge:
+        return merge_json(args.merge.split(","), args.json, argv, script="smollm.py", extend=answer_summary)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if args.json and len(tasks) > 1 and "{task}" not in args.json:
         p.error("--json needs `{task}` in the file name when several tasks run (one file per task)")
