@@ -2,6 +2,7 @@
 `light_levers.py` runs, and each against that seed's vanilla run.
 
     python benchmarks/levers_paired.py BASE METHOD 42,43,44 [--json benchmarks/results/NAME.json]
+    python benchmarks/levers_paired.py vanilla METHOD 42,...,46    # METHOD against each seed's vanilla run
 
 Reads benchmarks/results/levers/{BASE,METHOD}-SEED.json (written by light_levers.py, same base config, so the
 two sides of a seed share the estimation and, when the lever does not change it, the plan). BASE may instead be
@@ -40,15 +41,20 @@ def main(argv=None) -> int:
     p.add_argument("--json")
     args = p.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-    runs = {name: [_run(name, s) for s in seeds] for name in (args.base, args.method)}
+    runs = {name: [_run(name, s) for s in seeds] for name in (args.base, args.method) if name != "vanilla"}
     metric = runs[args.method][0]["summary"]["metric"]
     acc = {name: [r["final"][metric] for r in rs] for name, rs in runs.items()}
-    ps = paired_summary(acc[args.base], acc[args.method])
     # against vanilla: over the seeds whose vanilla run is committed (the screens may add seeds beyond them)
     vanilla = [_vanilla_of(r, s) for r, s in zip(runs[args.method], seeds)]
+    if args.base == "vanilla":  # BASE = each seed's own vanilla run: every seed needs one
+        if None in vanilla:
+            sys.exit(f"levers_paired.py: no vanilla run for seed(s) "
+                     f"{[s for s, v in zip(seeds, vanilla) if v is None]}")
+        acc = {"vanilla": vanilla, **acc}
+    ps = paired_summary(acc[args.base], acc[args.method])
     with_vanilla = [i for i, v in enumerate(vanilla) if v is not None]
     vs_vanilla = {name: paired_summary([vanilla[i] for i in with_vanilla], [a[i] for i in with_vanilla])
-                  for name, a in acc.items()} if len(with_vanilla) >= 2 else {}
+                  for name, a in acc.items() if name != "vanilla"} if len(with_vanilla) >= 2 else {}
     summary = {"task": runs[args.method][0]["summary"]["task"], "metric": metric, "model": "minilm", "seeds": seeds,
                "variant": f"{args.method} vs {args.base}", "baseline_mean": ps.baseline_mean,
                "method_mean": ps.method_mean, "paired_diff_mean": ps.diff_mean,
@@ -58,7 +64,8 @@ def main(argv=None) -> int:
                "target_speedup": runs[args.method][0]["summary"]["target_speedup"],
                "vs_vanilla": {name: {"diff_mean": s.diff_mean, "ci95": list(s.diff_ci95) if s.diff_ci95 else None,
                                      "seeds": [seeds[i] for i in with_vanilla]} for name, s in vs_vanilla.items()},
-               "note": "baseline = the BASE lever's runs (not vanilla); one-thread screens beside other jobs: no timings"}
+               "note": ("baseline = each seed's vanilla run" if args.base == "vanilla" else
+                        "baseline = the BASE lever's runs (not vanilla)") + "; one-thread runs beside other jobs: no timings"}
     rows = [{"seed": s, **{name: {metric: runs[name][i]["final"][metric], "plan": runs[name][i]["plan"],
                                   "step_ms": runs[name][i]["step_ms"]} for name in runs}}
             for i, s in enumerate(seeds)]
@@ -79,7 +86,13 @@ def main(argv=None) -> int:
 
 def _run(name: str, seed: int) -> dict:
     """One seed of a screened lever, or (`results:NAME.json`) the Light-PEFT side of a committed light_peft.py
-    row in the same shape (final metric, plan, step time, paired vanilla)."""
+    row in the same shape (final metric, plan, step time, paired vanilla); `A|B|...`: the first of these
+    sources that holds this seed (seeds run by different scripts, e.g. screens and later light_peft.py runs)."""
+    if "|" in name:
+        for source in name.split("|"):
+            if _has_seed(source, seed):
+                return _run(source, seed)
+        sys.exit(f"levers_paired.py: none of {name.split('|')} has seed {seed}")
     if not name.startswith("results:"):
         return json.loads((LEVERS / f"{name}-{seed}.json").read_text())
     file, _, variant = name.split(":", 1)[1].partition("#")
@@ -93,6 +106,15 @@ def _run(name: str, seed: int) -> dict:
             "predicted_step_speedup": row["predicted_step_speedup"],
             "summary": {"task": row["task"], "metric": row["metric"], "baseline_mean": row["vanilla_final"],
                         "target_speedup": row.get("target_speedup")}}
+
+
+def _has_seed(name: str, seed: int) -> bool:
+    if not name.startswith("results:"):
+        return (LEVERS / f"{name}-{seed}.json").exists()
+    file, _, variant = name.split(":", 1)[1].partition("#")
+    path = LEVERS.parent / file
+    return path.exists() and any(r["seed"] == seed and variant in ("", r["variant"])
+                                 for r in json.loads(path.read_text())["rows"])
 
 
 if __name__ == "__main__":
