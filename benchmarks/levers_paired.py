@@ -95,9 +95,7 @@ def _run(name: str, seed: int) -> dict:
         sys.exit(f"levers_paired.py: none of {name.split('|')} has seed {seed}")
     if not name.startswith("results:"):
         return json.loads((LEVERS / f"{name}-{seed}.json").read_text())
-    file, _, variant = name.split(":", 1)[1].partition("#")
-    doc = json.loads((LEVERS.parent / file).read_text())
-    rows = [r for r in doc["rows"] if r["seed"] == seed and variant in ("", r["variant"])]
+    file, variant, rows = _committed_rows(name, seed)
     if len(rows) != 1:
         sys.exit(f"levers_paired.py: {file} has {len(rows)} rows for seed {seed}"
                  + ("" if variant else "; name the variant: results:FILE.json#VARIANT"))
@@ -108,13 +106,18 @@ def _run(name: str, seed: int) -> dict:
                         "target_speedup": row.get("target_speedup")}}
 
 
+def _committed_rows(name: str, seed: int) -> tuple[str, str, list[dict]]:
+    """`results:FILE.json[#VARIANT]` -> (file, variant, its rows of this seed and variant; none if no file)."""
+    file, _, variant = name.split(":", 1)[1].partition("#")
+    path = LEVERS.parent / file
+    rows = json.loads(path.read_text())["rows"] if path.exists() else []
+    return file, variant, [r for r in rows if r["seed"] == seed and variant in ("", r["variant"])]
+
+
 def _has_seed(name: str, seed: int) -> bool:
     if not name.startswith("results:"):
         return (LEVERS / f"{name}-{seed}.json").exists()
-    file, _, variant = name.split(":", 1)[1].partition("#")
-    path = LEVERS.parent / file
-    return path.exists() and any(r["seed"] == seed and variant in ("", r["variant"])
-                                 for r in json.loads(path.read_text())["rows"])
+    return bool(_committed_rows(name, seed)[2])
 
 
 if __name__ == "__main__":

@@ -202,9 +202,10 @@ def merge_json(files: list[str], out: str | None, argv: list[str], script: str =
     if len(tasks) != 1 or len(models) != 1:
         raise SystemExit(f"{script}: --merge: the files hold different tasks or models ({sorted(tasks)}, "
                          f"{sorted(models)})")
-    write_json(out, tasks.pop(), rows, models.pop(), argv, script=script, extend=extend,
+    model = models.pop()
+    write_json(out, tasks.pop(), rows, model, argv, script=script, extend=extend,
                sources=[src["command"] for src in sources])
-    print(seed_table(summaries(rows, rows[0].get("model", sources[0]["summary"]["model"]))))
+    print(seed_table(summaries(rows, model)))
     return 0
 
 
