@@ -2,6 +2,7 @@
 (train.report_to: a registered backend receives loss / lr at the logging steps; a missing one is refused)."""
 from __future__ import annotations
 
+import json
 import logging
 import types
 
@@ -255,3 +256,58 @@ def test_mlflow_logger_logs_metrics_in_its_own_run(monkeypatch, tmp_path):
     assert (calls["start"], calls["end"]) == (1, 1)
     steps = sorted({s for n, _, s in calls["metrics"] if n.endswith("loss")})
     assert steps == [1, 2] and all(isinstance(v, float) for _, v, _ in calls["metrics"])
+
+
+def _tiny_rows(n: int = 16):
+    g = torch.Generator().manual_seed(0)
+    return [{"input_ids": torch.randint(1, 50, (8,), generator=g), "attention_mask": torch.ones(8, dtype=torch.long),
+             "labels": i % 2} for i in range(n)]
+
+
+def _tiny_bert():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    return BertForSequenceClassification(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1,
+                                                    num_attention_heads=2, intermediate_size=32,
+                                                    max_position_embeddings=32))
+
+
+@pytest.mark.parametrize("each_epoch", [True, False])
+def test_dev_metrics_reach_the_metric_loggers(fake_backend, tmp_path, each_epoch):
+    import prunetune
+
+    rows = _tiny_rows()
+    res = prunetune.light_peft_model(_tiny_bert(), rows, dev_data=rows, train__epochs=2, train__batch_size=4,
+                                     train__eval_each_epoch=each_epoch, train__report_to=["fake"],
+                                     train__logging_dir=str(tmp_path / "logs"), estimate__steps=2,
+                                     prune__heads=0.5)
+    dev = [(n, v, s) for n, v, s in fake_backend[0].records if "/dev_" in n]
+    evals = res.metrics["evals"]
+    # one accuracy point per dev evaluation (each epoch end, or the final one), at the step it was made
+    assert [(v, s) for n, v, s in dev if n == "light-peft/dev_accuracy"] == \
+        [(pytest.approx(e["accuracy"]), e["step"]) for e in evals]
+    assert len(evals) == (2 if each_epoch else 1) and evals[-1]["step"] == 8
+    assert {n for n, _, _ in dev} >= {"light-peft/dev_accuracy"}
+    assert all(n.startswith("light-peft/") for n, _, _ in fake_backend[0].records)
+
+
+def test_jsonl_backend_appends_flushed_lines(tmp_path):
+    cfg = load_config(None, {"train.report_to": "jsonl", "output_dir": str(tmp_path / "run"),
+                             "train.log_every": 1, "train.save_every": 0, "train.warmup_ratio": 0.0})
+    state = _state(cfg.train)
+    state.run(3)
+    path = tmp_path / "run" / "logs" / "metrics.jsonl"
+    lines = [json.loads(ln) for ln in path.read_text().splitlines()]  # readable before close: flushed per line
+    assert [ln["step"] for ln in lines] == [1, 2, 3]
+    assert all(set(ln) == {"step", "time", "fine-tune/loss", "fine-tune/lr"} for ln in lines)
+    assert [ln["fine-tune/loss"] for ln in lines] == [pytest.approx(h["loss"]) for h in state.history]
+    ml.close_metric_loggers()
+    _state(cfg.train).run(1)  # a second run (or a resumed one) appends: the earlier lines stay
+    ml.close_metric_loggers()
+    assert [json.loads(ln)["step"] for ln in path.read_text().splitlines()] == [1, 2, 3, 1]
+
+
+def test_jsonl_backend_needs_a_folder():
+    with pytest.raises(PrunetuneError, match="logging_dir"):
+        ml.get_metric_logger(["jsonl"], None)

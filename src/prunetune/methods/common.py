@@ -156,17 +156,32 @@ def base_param_counts(hf, arch: Arch) -> dict[str, int]:
 
 class epoch_evaluator:  # noqa: N801 - used like the function it was: on_epoch_end=epoch_evaluator(...)
     """Dev evaluation at each epoch end; `seconds` is the time it took, so training time can be told apart
-    from evaluation time (a search cost ratio compares training with training)."""
+    from evaluation time (a search cost ratio compares training with training). The metrics also go to the
+    run's metric loggers (train.report_to) as `<run>/dev_<metric>` at the current step."""
 
     def __init__(self, ctx: Context, state, evals: list):
         self.ctx, self.state, self.evals, self.seconds = ctx, state, evals, 0.0
 
     def __call__(self, epoch: int) -> None:
-        ctx, t0 = self.ctx, time.perf_counter()
-        metrics = evaluate(self.state.model, ctx.dev_loader, ctx.task, ctx.device)
+        t0 = time.perf_counter()
+        metrics = dev_eval(self.ctx, self.state, self.evals, epoch)
         self.seconds += time.perf_counter() - t0
-        self.evals.append({"epoch": epoch, "step": self.state.step, **metrics})
-        log(f"  epoch {epoch}: dev {ctx.task.metric} = {metrics.get(ctx.task.metric):.4f}")
+        log(f"  epoch {epoch}: dev {self.ctx.task.metric} = {metrics.get(self.ctx.task.metric):.4f}")
+
+
+def dev_eval(ctx: Context, state, evals: list, epoch: float) -> dict:
+    """Evaluate on the dev set, append the row to `evals` and send the metrics to the run's metric loggers."""
+    metrics = evaluate(state.model, ctx.dev_loader, ctx.task, ctx.device)
+    evals.append({"epoch": epoch, "step": state.step, **metrics})
+    state.metric_logger.log_dict({f"{state.desc}/dev_{k}": v for k, v in metrics.items()
+                                  if isinstance(v, (int, float)) and not isinstance(v, bool)}, state.step)
+    return metrics
+
+
+def final_eval(ctx: Context, state, evals: list) -> None:
+    """The end-of-schedule dev row, unless the last epoch-end evaluation was already at this step."""
+    if ctx.dev_loader is not None and (not evals or evals[-1]["step"] != state.step):
+        dev_eval(ctx, state, evals, round(state.epoch, 2))
 
 
 def summarize_evals(evals: list[dict], metric: str, greater_is_better: bool | None = None) -> dict:
@@ -244,9 +259,7 @@ def train_fixed(ctx: Context, structure: PeftStructure | None = None, plan=None,
     with PeakMemory(ctx.device) as mem:
         state.run(ctx.total_steps - state.step, on_epoch_end=evaluator, on_checkpoint=save)
     wall = time.perf_counter() - t0
-    if ctx.dev_loader is not None and (not evals or evals[-1]["step"] != state.step):
-        evals.append({"epoch": round(state.epoch, 2), "step": state.step,
-                      **evaluate(state.model, ctx.dev_loader, ctx.task, ctx.device)})
+    final_eval(ctx, state, evals)
     result = {
         "evals": evals, **summarize_evals(evals, ctx.task.metric), "steps": state.step,
         "step_seconds": mean_step(state.step_times), "train_seconds": wall, "peak_mb": state.memory.peak_mb,

@@ -19,12 +19,13 @@ from ..cost import CostModel, DeviceRates, calibrate, seq_stats
 from ..plan import PruningPlan, Scores, allocation_summary, make_plan, make_target_plan
 from ..scores import ImportanceTracker, StructureMasks
 from ..surgery import prune_adapter_model, prune_lora_model
-from ..train import PeakMemory, TrainState, evaluate
+from ..train import PeakMemory, TrainState
 from ..train.checkpoint import load_checkpoint, save_checkpoint
 from ..train.distill import Distiller
 from ..train.memory import StepMemory
 from .common import (Context, base_param_counts, build_model, checkpoint_root, epoch_evaluator, eval_seconds,
-                     mean_step, prepare, start_run, summarize_evals, task_info, train_fixed, TrainResult, peft_inner_model)
+                     final_eval, mean_step, prepare, start_run, summarize_evals, task_info, train_fixed, TrainResult,
+                     peft_inner_model)
 
 
 def estimation_steps(cfg: RunConfig, total: int, train_rows: int) -> int:
@@ -378,9 +379,7 @@ def finetune(run: _LightRun, est: Estimate) -> dict:
                   on_checkpoint=save_finetune, loss_fn=run.distiller)
     wall = time.perf_counter() - run.t0
     evals, info, n_est, cut = run.evals, run.info, run.window.steps, run.window.cut
-    if ctx.dev_loader is not None and (not evals or evals[-1]["step"] != state.step):
-        evals.append({"epoch": round(state.epoch, 2), "step": state.step,
-                      **evaluate(state.model, ctx.dev_loader, ctx.task, ctx.device)})
+    final_eval(ctx, state, evals)
     before, after = run.params_before, base_param_counts(run.hf, run.arch)
     alloc = plan.meta.get("allocation", {})
     return {

@@ -1,9 +1,13 @@
 """Metric loggers for the training loop: a small pluggable interface (`log(name, value, step)`, `log_dict`,
 `close`), backends for TensorBoard, Weights & Biases and MLflow (each used only when installed and asked for
-in `train.report_to`), and a registry so other backends can be added.
+in `train.report_to`), a dependency-free `jsonl` backend (`logging_dir/metrics.jsonl`, one line per logging
+step), and a registry so other backends can be added.
 
 Only rank 0 logs; other ranks get a `NullLogger`. A run opens one logger per (backends, folder) and reuses it
-across its phases (tags carry the phase: `estimate/loss`, `fine-tune/lr`); they are closed at exit.
+across its phases and runs; tags carry the run, so a vanilla baseline and Light-PEFT trained in one command
+land side by side: `light-peft/loss`, `light-peft/lr`, `vanilla/loss`, and at each epoch end the dev metrics
+(`light-peft/dev_accuracy`, `vanilla/dev_perplexity`, ...). PrunePEFT's search rounds and retrain log under
+their own names (`search`, `retrain`, ...). They are closed at exit.
 
 >>> class Printer(MetricLogger):
 ...     def log(self, name, value, step):
@@ -17,7 +21,9 @@ from __future__ import annotations
 
 import atexit
 import importlib.util
+import json
 import os
+import time
 from pathlib import Path
 from typing import Callable, Mapping
 
@@ -123,11 +129,40 @@ class MLflowLogger(MetricLogger):
             self._own = False
 
 
+class JsonlLogger(MetricLogger):
+    """Appends one JSON object per logging step to `log_dir/metrics.jsonl` ({"step": .., "time": unix seconds,
+    tag: value, ...}); each line is flushed, so a run that is killed keeps what it logged. Appending (never
+    truncating) keeps an earlier run's lines and lets a resumed run continue the file."""
+
+    def __init__(self, log_dir: str | None):
+        if not log_dir:  # never a file dropped in the working directory unasked
+            raise PrunetuneError("the jsonl metric logger needs a folder (train.logging_dir)")
+        Path(log_dir).mkdir(parents=True, exist_ok=True)
+        self.path = Path(log_dir) / "metrics.jsonl"
+        self._file = None
+
+    def log(self, name: str, value: float, step: int) -> None:
+        self.log_dict({name: value}, step)
+
+    def log_dict(self, payload: Mapping[str, float], step: int) -> None:
+        if self._file is None:
+            self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - held open until close()
+        line = {"step": int(step), "time": round(time.time(), 3), **{k: float(v) for k, v in payload.items()}}
+        self._file.write(json.dumps(line) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
 # name -> (factory(log_dir) -> MetricLogger, the package it needs or None)
 _BACKENDS: dict[str, tuple[Callable[[str | None], MetricLogger], str | None]] = {
     "tensorboard": (TensorBoardLogger, "tensorboard"),
     "wandb": (WandbLogger, "wandb"),
     "mlflow": (MLflowLogger, "mlflow"),
+    "jsonl": (JsonlLogger, None),
 }
 _OPEN: dict[tuple, MetricLogger] = {}
 
