@@ -21,6 +21,7 @@ from prunetune.errors import PrunetuneError
 from prunetune.methods import prune_peft
 from prunetune.methods.common import prepare
 from prunetune.plan import PruningPlan
+from prunetune.report.search import _prediction_lines
 from prunetune.units.lora import ADAPTER, lora_layers
 from prunetune.units.structure import PeftStructure, unit_positions
 from prunetune.units.supernet import Supernet
@@ -797,6 +798,12 @@ def test_warmup_warns_when_drop_loss_has_turned_negative(bert_dir, sst2_dir, tmp
     out = capsys.readouterr().out
     assert "warning: in the warm-up's last round switching off 100% of the units lowers the held-out loss" in out
     assert "search.warmup_round_steps" in out
+    # and a backwards proxy chooses nothing: no round is used, every block keeps search.criteria
+    assert wu["rounds_used"] == [] and wu["spearman"] == {} and wu["agreement"] == {b: {} for b in wu["mapping"]}
+    assert wu["mapping"] and all(c == list(ctx.cfg.search.criteria) for c in wu["mapping"].values())
+    assert "no round is left, so every block uses search.criteria" in out
+    report = "\n".join(_prediction_lines(wu))
+    assert "rounds used: none: every block keeps search.criteria" in report and "100%" in report
     # a healthy proxy (every unit's removal raises the loss) says nothing
     cfg = _cfg(bert_dir, sst2_dir, tmp_path / "pos", tmp_path / "cache2", warmup_by="prediction",
                warmup_criteria=["magnitude", "taylor"], proxy_samples=16)
@@ -807,6 +814,41 @@ def test_warmup_warns_when_drop_loss_has_turned_negative(bert_dir, sst2_dir, tmp
         capsys.readouterr()
         wu = prune_peft.warmup(ctx, rows, held)
     assert all(v == 0.0 for v in wu["drop_loss_negative"]) and "warning" not in capsys.readouterr().out
+    assert wu["rounds_used"] == list(range(1, len(wu["drop_loss_negative"]) + 1))
+
+
+def test_warmup_by_prediction_leaves_out_the_rounds_where_drop_loss_turned(bert_dir, sst2_dir, tmp_path, capsys):
+    """A healthy first round, turned later ones (the supernet over-fits as the rounds go on): only round 1 shapes
+    the mapping, so two runs that differ only in what the turned rounds say map alike, and the user is told."""
+
+    def turning(later):  # round 1: every removal raises the held-out loss; later rounds: `later(i, n)` (< 0)
+        calls = []
+
+        def proxy(model, units, *a, **k):
+            calls.append(1)
+            n = len(units)
+            return {u: (1.0 + i if len(calls) == 1 else later(i, n)) for i, u in enumerate(units)}
+        return proxy
+
+    def warmup_with(proxy_fn, name):
+        cfg = _cfg(bert_dir, sst2_dir, tmp_path / name, tmp_path / f"cache-{name}", warmup_by="prediction",
+                   warmup_criteria=["magnitude", "taylor"], proxy_samples=16)
+        ctx = prepare(from_dict(cfg))
+        rows, held = prune_peft._split(ctx)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(prune_peft, "drop_loss", proxy_fn)
+            return prune_peft.warmup(ctx, rows, held)
+
+    capsys.readouterr()
+    a = warmup_with(turning(lambda i, n: -1.0 - i), "a")
+    out = capsys.readouterr().out
+    rounds = len(a["drop_loss_negative"])
+    assert rounds >= 2 and a["drop_loss_negative"][0] == 0.0 and a["rounds_used"] == [1]
+    assert f"warm-up round(s) {', '.join(map(str, range(2, rounds + 1)))} of {rounds} are left out" in out
+    # the turned rounds ranked the other way round: were they used, the percentile agreement would change
+    b = warmup_with(turning(lambda i, n: -100.0 * (n - i)), "b")
+    assert b["rounds_used"] == [1] and b["mapping"] == a["mapping"] and b["agreement"] == a["agreement"]
+    assert b["spearman"] == a["spearman"]
 
 
 # ------------------------------------------------------------------------------------------------- CLI

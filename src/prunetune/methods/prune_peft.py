@@ -208,10 +208,11 @@ _NOT_IN_WARMUP_KEY = {"search": {"round_steps", "data_fraction", "fill", "warmup
 
 def warmup_key(cfg: RunConfig, model_path: str) -> dict:
     """What the cached warm-up mapping depends on (version: what a cached mapping means; 2: drawn units ignored,
-    3: rank-calibrated hybrid, full settings in the key, 4: the warm-up draws as many rows as its rounds use)."""
+    3: rank-calibrated hybrid, full settings in the key, 4: the warm-up draws as many rows as its rounds use,
+    5: prediction leaves out the rounds where drop_loss had turned)."""
     config = cfg.to_dict()
     model = os.path.abspath(model_path) if os.path.exists(model_path) else model_path
-    return {"version": 4, "model": model, "dtype": cfg.model.dtype, "max_length": cfg.data.max_length,
+    return {"version": 5, "model": model, "dtype": cfg.model.dtype, "max_length": cfg.data.max_length,
             "peft_dropout": cfg.peft.dropout,
             **{section: {k: v for k, v in config[section].items() if k not in skip}
                for section, skip in _NOT_IN_WARMUP_KEY.items()}}
@@ -290,7 +291,10 @@ def _warmup_by_prediction(ctx: Context, loader, held_out) -> dict:
     weight-space criteria, as the hybrid ranks them) is compared with the drop_loss percentile in the same
     grouping: a block's agreement is the mean over its units and the rounds of 1 - |difference| (1: the same
     ranking, 2/3: unrelated). It works for blocks of one unit, where a per-block correlation cannot. The
-    Spearman correlation of each criterion with drop_loss over all alive units is reported alongside."""
+    Spearman correlation of each criterion with drop_loss over all alive units is reported alongside.
+    Rounds where the proxy has turned (more than TURNED of the units' removal LOWERS the held-out loss: the
+    supernet over-fits or overshoots) rank units backwards, so they are left out of both; with no healthy round
+    at all every block keeps `search.criteria`."""
     from ..scores.hybrid import _groups, percentiles
 
     sc = ctx.cfg.search
@@ -300,7 +304,11 @@ def _warmup_by_prediction(ctx: Context, loader, held_out) -> dict:
     g = torch.Generator().manual_seed(ctx.cfg.train.seed)
     agree: dict[str, dict[str, list[float]]] = {b: {c: [] for c in candidates} for b in r.blocks}
     rho: dict[str, list[float]] = {c: [] for c in candidates}
-    for rd in r.rounds:
+    # share of units whose removal LOWERS the held-out loss, per round: high = the supernet over-fits its rows
+    negative = [sum(v < 0 for v in rd["scores"]["drop_loss"].values()) / max(1, len(rd["scores"]["drop_loss"]))
+                for rd in r.rounds]
+    healthy = [i for i, share in enumerate(negative) if share <= TURNED]
+    for rd in (r.rounds[i] for i in healthy):
         target = rd["scores"]["drop_loss"]
         units = sorted(target)
         for c in candidates:
@@ -311,18 +319,21 @@ def _warmup_by_prediction(ctx: Context, loader, held_out) -> dict:
             for u in units:
                 agree[r.unit_blocks[u]][c].append(1 - abs(pc[u] - pt[u]))
             rho[c].append(spearman([rd["scores"][c][u] for u in units], [target[u] for u in units]))
-    # share of units whose removal LOWERS the held-out loss, per round: high = the supernet over-fits its rows
-    negative = [sum(v < 0 for v in rd["scores"]["drop_loss"].values()) / max(1, len(rd["scores"]["drop_loss"]))
-                for rd in r.rounds]
+    turned = [i + 1 for i in range(len(negative)) if i not in healthy]
     if negative and negative[-1] > TURNED:  # the proxy has turned: predicting it would rank units backwards
         log(f"warning: in the warm-up's last round switching off {negative[-1]:.0%} of the units lowers the held-out "
             "loss (the supernet over-fits or overshoots): fewer search.warmup_round_steps or a lower train.lr "
             "give drop_loss its meaning back")
+    if turned:
+        log(f"warning: warm-up round(s) {', '.join(map(str, turned))} of {len(negative)} are left out of the mapping "
+            "(drop_loss had turned there)" + ("" if healthy else f"; no round is left, so every block uses "
+                                              f"search.criteria {list(sc.criteria)}"))
     mean = {b: {c: sum(v) / len(v) for c, v in per.items() if v} for b, per in agree.items()}
     mapping = {b: sorted(c for c, v in m.items() if v == max(m.values())) if m else list(sc.criteria)
                for b, m in mean.items()}
     return {"mapping": mapping, "agreement": mean, "steps": r.steps, "rows": r.rows, "epochs": r.epochs,
-            "spearman": {c: sum(v) / len(v) for c, v in rho.items() if v}, "drop_loss_negative": negative}
+            "spearman": {c: sum(v) / len(v) for c, v in rho.items() if v}, "drop_loss_negative": negative,
+            "rounds_used": [i + 1 for i in healthy]}
 
 
 def search_loader(ctx: Context, rows=None):

@@ -107,23 +107,25 @@ def write_search_report(out: str | Path, results: dict) -> Path:
 def _prediction_lines(wu: dict) -> list[str]:
     """search.warmup_by=prediction: how well each criterion predicted the held-out drop_loss proxy, over all
     alive units (Spearman) and per block (agreement of percentiles: 1 = same ranking, 2/3 = unrelated)."""
-    rho, agree = wu.get("spearman"), wu.get("agreement")
-    if not rho:
+    rho, agree, negative = wu.get("spearman"), wu.get("agreement"), wu.get("drop_loss_negative")
+    if not rho and not negative:
         return []
-    crits = sorted(rho, key=lambda c: -rho[c])
-    lines = ["", "## How well each criterion predicts drop_loss (warm-up)", "",
-             "Spearman correlation with the held-out loss increase when a unit is dropped, mean over the warm-up's "
-             "rounds, and per block the percentile agreement the mapping was chosen by (1 = same ranking, "
-             "0.67 = unrelated).", "",
-             "| | " + " | ".join(crits) + " |", "|---|" + "---|" * len(crits),
-             "| Spearman (all units) | " + " | ".join(f"{rho[c]:+.2f}" for c in crits) + " |"]
-    for b in sorted(agree or {}):
-        lines.append(f"| {b} | " + " | ".join(f"{agree[b][c]:.2f}" if c in agree[b] else "" for c in crits) + " |")
-    negative = wu.get("drop_loss_negative")
+    lines = ["", "## How well each criterion predicts drop_loss (warm-up)"]
+    if rho:
+        crits = sorted(rho, key=lambda c: -rho[c])
+        lines += ["", "Spearman correlation with the held-out loss increase when a unit is dropped, mean over the "
+                  "warm-up's rounds where the proxy had not turned, and per block the percentile agreement the mapping was chosen by (1 = same "
+                  "ranking, 0.67 = unrelated).", "",
+                  "| | " + " | ".join(crits) + " |", "|---|" + "---|" * len(crits),
+                  "| Spearman (all units) | " + " | ".join(f"{rho[c]:+.2f}" for c in crits) + " |"]
+        for b in sorted(agree or {}):
+            lines.append(f"| {b} | " + " | ".join(f"{agree[b][c]:.2f}" if c in agree[b] else "" for c in crits)
+                         + " |")
     if negative:  # the proxy's health: removals that LOWER the held-out loss mean an over-fitted supernet
         lines += ["", "Units whose removal lowers the held-out loss, per warm-up round: "
                   + ", ".join(f"{v:.0%}" for v in negative)
                   + (f" (the warm-up trained on {wu['rows']} rows, {wu['epochs']:.2f} epochs)" if wu.get("rows") else "")
-                  + (". Above 50% in the last round the criteria are matched to a proxy that ranks units backwards."
-                     if negative[-1] > TURNED else ".")]
+                  + (f". Rounds above {TURNED:.0%} rank units backwards and are left out of the mapping (rounds used: "
+                     + (", ".join(map(str, wu.get("rounds_used") or [])) or "none: every block keeps search.criteria")
+                     + ")." if any(v > TURNED for v in negative) else ".")]
     return lines
