@@ -8,7 +8,8 @@ peak training memory ratio, inference-latency ratio. Both runs share seed, data 
 hyperparameters; only Light-PEFT's estimation/pruning differs. With several seeds (`--seeds N`: N seeds from
 `--seed` on, or a comma list), each seed trains both sides again and the summary gives mean +- std of both and
 the paired difference (Light-PEFT - vanilla) with a 95% t interval. The JSON (one file per task; `{task}` in
-the name) is rewritten after every seed, so a run cut short keeps the seeds it finished.
+the name) is rewritten after every seed, so a run cut short keeps the seeds it finished; within a seed, each
+side's loss and per-epoch dev metrics go to OUT/TASK-seedSEED/logs/SIDE/metrics.jsonl as they come.
 """
 from __future__ import annotations
 
@@ -84,14 +85,17 @@ def parse_variant(spec: str) -> tuple[str, dict]:
 
 def bench_task(task: str, args, seed: int) -> list[dict]:
     """One seed of one task: vanilla once, then every variant against it."""
+    out = Path(args.out) / f"{task}-seed{seed}"
     base = {
         "model": {"name_or_path": args.model},
         "data": {"task": task, "data_dir": str(Path(args.data_root) / GLUE_DIRS[task]),
                  "max_train_samples": args.train_samples, "max_eval_samples": args.eval_samples,
                  "max_length": args.max_length},
         "prune": {"heads": args.heads, "ffn": args.ffn, "modules": args.modules, "ranks": args.ranks},
-        "train": {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "seed": seed},
-        "output_dir": str(Path(args.out) / f"{task}-seed{seed}"),
+        # loss and dev metrics as they come (kept when a long run is cut short): OUT/TASK-seedSEED/logs/SIDE
+        "train": {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "seed": seed,
+                  "report_to": ["jsonl"], "logging_dir": str(out / "logs" / "vanilla")},
+        "output_dir": str(out),
     }
     for dotted, value in args.common.items():  # --set: applied to both sides
         set_dotted(base, dotted, value)
@@ -110,6 +114,7 @@ def bench_task(task: str, args, seed: int) -> list[dict]:
         merged = copy.deepcopy(base)
         for dotted, value in over.items():
             set_dotted(merged, dotted, value)
+        merged["train"]["logging_dir"] = str(Path(base["output_dir"]) / "logs" / name)
         ctx.cfg = from_dict(merged)  # validated like a user config
         done = train_light(ctx)
         light = done.metrics
