@@ -374,8 +374,9 @@ class TrainConfig(ConfigBase):
         "checkpoint every N optimizer steps into output_dir/checkpoints (and at phase ends; 0 = phase ends only)"))
     resume: bool = option(False, help="continue from output_dir/checkpoints (same config, data and model)")
     report_to: list[str] = option(factory=list, choices=_metric_backends, help=(
-        "metric loggers for loss and learning rate (a list, or one name; each backend needs its package "
-        "installed); empty = none"))
+        "metric loggers for the loss, the learning rate and the per-epoch dev metrics, tagged by run (a list, or "
+        "one name; tensorboard / wandb / mlflow need their package, jsonl appends to logging_dir/metrics.jsonl); "
+        "empty = none"))
     logging_dir: str | None = option(None, path=True, nonempty=True, help=(
         "where the metric loggers write; unset = output_dir/logs"))
     tensorboard_dir: str | None = option(None, path=True, nonempty=True, help=(  # kept so older configs load
