@@ -114,7 +114,7 @@ def bench_task(task: str, args, seed: int) -> list[dict]:
         merged = copy.deepcopy(base)
         for dotted, value in over.items():
             set_dotted(merged, dotted, value)
-        merged["train"]["logging_dir"] = str(Path(base["output_dir"]) / "logs" / name)
+        merged["train"]["logging_dir"] = str(out / "logs" / name)
         ctx.cfg = from_dict(merged)  # validated like a user config
         done = train_light(ctx)
         light = done.metrics

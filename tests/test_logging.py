@@ -8,6 +8,7 @@ import types
 
 import pytest
 import torch
+from models import tiny
 from torch import nn
 
 from prunetune import PrunetuneError, load_config
@@ -264,21 +265,12 @@ def _tiny_rows(n: int = 16):
              "labels": i % 2} for i in range(n)]
 
 
-def _tiny_bert():
-    from transformers import BertConfig, BertForSequenceClassification
-
-    torch.manual_seed(0)
-    return BertForSequenceClassification(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1,
-                                                    num_attention_heads=2, intermediate_size=32,
-                                                    max_position_embeddings=32))
-
-
 @pytest.mark.parametrize("each_epoch", [True, False])
 def test_dev_metrics_reach_the_metric_loggers(fake_backend, tmp_path, each_epoch):
     import prunetune
 
     rows = _tiny_rows()
-    res = prunetune.light_peft_model(_tiny_bert(), rows, dev_data=rows, train__epochs=2, train__batch_size=4,
+    res = prunetune.light_peft_model(tiny("bert"), rows, dev_data=rows, train__epochs=2, train__batch_size=4,
                                      train__eval_each_epoch=each_epoch, train__report_to=["fake"],
                                      train__logging_dir=str(tmp_path / "logs"), estimate__steps=2,
                                      prune__heads=0.5)

@@ -319,7 +319,7 @@ def _warmup_by_prediction(ctx: Context, loader, held_out) -> dict:
             for u in units:
                 agree[r.unit_blocks[u]][c].append(1 - abs(pc[u] - pt[u]))
             rho[c].append(spearman([rd["scores"][c][u] for u in units], [target[u] for u in units]))
-    turned = [i + 1 for i in range(len(negative)) if i not in healthy]
+    turned = [i + 1 for i, share in enumerate(negative) if share > TURNED]
     if negative and negative[-1] > TURNED:  # the proxy has turned: predicting it would rank units backwards
         log(f"warning: in the warm-up's last round switching off {negative[-1]:.0%} of the units lowers the held-out "
             "loss (the supernet over-fits or overshoots): fewer search.warmup_round_steps or a lower train.lr "

@@ -114,8 +114,8 @@ def _prediction_lines(wu: dict) -> list[str]:
     if rho:
         crits = sorted(rho, key=lambda c: -rho[c])
         lines += ["", "Spearman correlation with the held-out loss increase when a unit is dropped, mean over the "
-                  "warm-up's rounds where the proxy had not turned, and per block the percentile agreement the mapping was chosen by (1 = same "
-                  "ranking, 0.67 = unrelated).", "",
+                  "warm-up's rounds where the proxy had not turned, and per block the percentile agreement the "
+                  "mapping was chosen by (1 = same ranking, 0.67 = unrelated).", "",
                   "| | " + " | ".join(crits) + " |", "|---|" + "---|" * len(crits),
                   "| Spearman (all units) | " + " | ".join(f"{rho[c]:+.2f}" for c in crits) + " |"]
         for b in sorted(agree or {}):
