@@ -796,12 +796,13 @@ def test_warmup_warns_when_drop_loss_has_turned_negative(bert_dir, sst2_dir, tmp
         wu = prune_peft.warmup(ctx, rows, held)
     assert wu["drop_loss_negative"] and all(v == 1.0 for v in wu["drop_loss_negative"])
     out = capsys.readouterr().out
-    assert "warning: in the warm-up's last round switching off 100% of the units lowers the held-out loss" in out
+    assert "in the warm-up's last round switching off 100% of the units lowers the held-out loss" in out
     assert "search.warmup_round_steps" in out
     # and a backwards proxy chooses nothing: no round is used, every block keeps search.criteria
     assert wu["rounds_used"] == [] and wu["spearman"] == {} and wu["agreement"] == {b: {} for b in wu["mapping"]}
     assert wu["mapping"] and all(c == list(ctx.cfg.search.criteria) for c in wu["mapping"].values())
     assert "no round is left, so every block uses search.criteria" in out
+    assert len([ln for ln in out.splitlines() if "warning" in ln]) == 1  # one line says what, why and the remedy
     report = "\n".join(_prediction_lines(wu))
     assert "rounds used: none: every block keeps search.criteria" in report and "100%" in report
     # a healthy proxy (every unit's removal raises the loss) says nothing

@@ -320,14 +320,15 @@ def _warmup_by_prediction(ctx: Context, loader, held_out) -> dict:
                 agree[r.unit_blocks[u]][c].append(1 - abs(pc[u] - pt[u]))
             rho[c].append(spearman([rd["scores"][c][u] for u in units], [target[u] for u in units]))
     turned = [i + 1 for i, share in enumerate(negative) if share > TURNED]
-    if negative and negative[-1] > TURNED:  # the proxy has turned: predicting it would rank units backwards
-        log(f"warning: in the warm-up's last round switching off {negative[-1]:.0%} of the units lowers the held-out "
-            "loss (the supernet over-fits or overshoots): fewer search.warmup_round_steps or a lower train.lr "
-            "give drop_loss its meaning back")
-    if turned:
-        log(f"warning: warm-up round(s) {', '.join(map(str, turned))} of {len(negative)} are left out of the mapping "
-            "(drop_loss had turned there)" + ("" if healthy else f"; no round is left, so every block uses "
-                                              f"search.criteria {list(sc.criteria)}"))
+    if turned:  # one warning line: which rounds were dropped, why, and what to change
+        msg = (f"warning: warm-up round(s) {', '.join(map(str, turned))} of {len(negative)} are left out of the "
+               "mapping (drop_loss had turned there)")
+        if negative[-1] > TURNED:  # the proxy ends turned: the supernet over-fits its rows or overshoots
+            msg += (f"; in the warm-up's last round switching off {negative[-1]:.0%} of the units lowers the "
+                    "held-out loss: fewer search.warmup_round_steps or a lower train.lr give drop_loss its meaning back")
+        if not healthy:
+            msg += f"; no round is left, so every block uses search.criteria {list(sc.criteria)}"
+        log(msg)
     mean = {b: {c: sum(v) / len(v) for c, v in per.items() if v} for b, per in agree.items()}
     mapping = {b: sorted(c for c, v in m.items() if v == max(m.values())) if m else list(sc.criteria)
                for b, m in mean.items()}
