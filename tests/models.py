@@ -7,6 +7,7 @@ from transformers import (BertConfig, BertForSequenceClassification, GPT2Config,
                           OPTForSequenceClassification)
 
 VOCAB = 64
+LLAMA_SHAPED = ["mistral", "qwen2", "qwen3", "gemma", "olmo"]  # the other model types arch/ registers as llama
 
 
 def tiny(family: str, num_labels: int = 2, causal_lm: bool = False, seed: int = 0):
@@ -29,6 +30,13 @@ def tiny(family: str, num_labels: int = 2, causal_lm: bool = False, seed: int = 
                           num_key_value_heads=3, intermediate_size=40, max_position_embeddings=64,
                           num_labels=num_labels, pad_token_id=0, bos_token_id=1, eos_token_id=2)
         model = (LlamaForCausalLM if causal_lm else LlamaForSequenceClassification)(cfg)
+    elif family in LLAMA_SHAPED:  # registered in the llama family: the same layout under other names and norms
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+        cfg = AutoConfig.for_model(family, vocab_size=VOCAB, hidden_size=48, num_hidden_layers=2,
+                                   num_attention_heads=6, num_key_value_heads=3, head_dim=8, intermediate_size=40,
+                                   max_position_embeddings=64, num_labels=num_labels, pad_token_id=0,
+                                   bos_token_id=1, eos_token_id=2)
+        model = (AutoModelForCausalLM if causal_lm else AutoModelForSequenceClassification).from_config(cfg)
     else:
         raise ValueError(family)
     return model.eval()

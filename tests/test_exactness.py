@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from models import (batch, random_masks, random_plan, randomize_biases, tiny, tiny_lora, zero_pruned_lora,
+from models import (LLAMA_SHAPED, batch, random_masks, random_plan, randomize_biases, tiny, tiny_lora, zero_pruned_lora,
                     zero_pruned_masks)
 
 from prunetune.arch import get_arch
@@ -267,6 +267,15 @@ def test_adapter_masked_equals_pruned(family):
     assert set(ops) == set(trained)
     for n, p in trained.items():  # the ops map each old tensor onto its kept part
         torch.testing.assert_close(apply_ops(old[n], ops[n]), p.detach(), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("family", LLAMA_SHAPED)
+def test_llama_shaped_families_masked_equal_pruned(family):
+    """Mistral, Qwen2/3, Gemma and OLMo go through arch/'s llama entry (their own norms, Qwen3's per-head q/k
+    norms, Gemma's head_dim): LoRA and adapter surgery are exact on them too."""
+    test_lora_masked_equals_pruned_with_fold(family, "sdpa")
+    test_lora_masks_one_dropped_without_fold(family)
+    test_adapter_masked_equals_pruned(family)
 
 
 # ------------------------------------------------------------------------------------- training after
