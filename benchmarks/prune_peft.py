@@ -33,6 +33,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -96,8 +97,11 @@ def choose_fixed(ctx, structures: dict[str, PeftStructure], seed: int, fraction:
     metric = ctx.task.metric
     scores = {}
     for name, st in structures.items():
+        t0 = time.perf_counter()
         r = train_fixed(sub, st, desc=f"select {name}").metrics
         scores[name] = r["final"][metric]
+        print(f"-- select {name}: {metric} {scores[name]:.4f} on the training split "
+              f"({time.perf_counter() - t0:.0f} s)", flush=True)  # a seed runs for an hour: show where it is
     from prunetune.data.metrics import greater_is_better
 
     pick = (max if greater_is_better(metric) else min)(scores, key=scores.get)
@@ -178,6 +182,8 @@ def bench_task(task: str, args, seed: int) -> dict:
                      "best": r["best"][metric], "trainable_no_head": r["trainable_params_no_head"],
                      "retrain_steps": r["steps"], "retrain_seconds": r["train_seconds_no_eval"],
                      "units": structure.units or None})
+        print(f"   {name}: dev {metric} {rows[-1]['final']:.4f}, {r['train_seconds_no_eval']:.0f} s of training",
+              flush=True)
     if selection is None and any(r["config"] == "chosen-fixed" for r in rows):  # reused with its row
         selection = next(r for _path, r in _earlier_runs(args, task, seed) if r.get("selection"))["selection"]
     elif selection is not None:  # the picked configuration's dev row, under its own name
