@@ -195,9 +195,8 @@ def test_tracker_unit_stats_are_per_unit_means_over_steps():
     assert stats["activation"]["adapter_ffn@1"] == 0.0
     assert stats["activation"]["lora_qv@1"] == 0.0
     assert stats["gradient"]["lora_qv@1"] == 0.0 and stats["taylor"]["lora_qv@1"] == 0.0
-    # the activation of a later unit is not the running sum of the earlier ones (reference-code defect)
-    assert stats["activation"]["parallel_ffn@1"] != pytest.approx(
-        stats["activation"]["parallel_ffn@0"] + stats["activation"]["parallel_ffn@1"])
+    # the activation of a later unit is its own output, not the running sum of the earlier ones (a defect of the
+    # reference code): the exact per-unit check above would fail on a running sum, since @0's output is non-zero
     # taylor is |sum w*g| per step, not signed and not |sum over steps|: some unit changes sign between steps
     assert all(v >= 0 for v in stats["taylor"].values())
     assert any(min(v) < 0 < max(v) for v in taylor_seen.values() if v), taylor_seen

@@ -140,7 +140,7 @@ def test_bert_heads_pruned_is_not_plain_but_loads(tmp_path):
     ref = _logits(new, b)
     prunetune.save_export(tmp_path / "m", new.base_model.model, plan, peft_model=new, merge=True)
     assert _manifest(tmp_path / "m")["plain_from_pretrained"] is False
-    with pytest.raises(Exception):  # the saved config describes the unpruned shape
+    with pytest.raises(RuntimeError, match="mismatched_sizes|size mismatch"):  # the config: the unpruned shape
         AutoModelForSequenceClassification.from_pretrained(tmp_path / "m")
     torch.testing.assert_close(_logits(prunetune.load(tmp_path / "m").model, b), ref, atol=ATOL, rtol=0)
 

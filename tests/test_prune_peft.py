@@ -1012,7 +1012,7 @@ def test_rank_granular_search_meets_the_budget_and_reports(bert_dir, sst2_dir, t
     assert all("#" in u for r in found.rounds for u in r["removed"])
     widths = list(found.structure.lora.values())
     assert widths and all(w % 2 == 0 and 0 < w <= 8 for w in widths)
-    assert len(set(widths)) > 1 or len(widths) < 8  # some module lost chunks, not only whole modules
+    assert any(0 < w < 8 for w in widths)  # some module lost chunks, not only whole modules
     results = {"rounds": found.rounds, "fill": found.fill, "config": ctx.cfg.to_dict(),
                "structure": found.structure.to_dict()}
     types, layers, cells = unit_grid(results)
