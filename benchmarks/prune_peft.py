@@ -21,7 +21,8 @@ the warm-up, and with the warm-up's share amortised over the tasks of the run.
 
 With several seeds the summary gives each configuration's mean +- std and PrunePEFT's paired difference to
 each (95% t interval). `--json runs/prune_{task}.json` writes one file per task with a top-level `summary`,
-rewritten after every seed.
+rewritten after every seed. Within a seed, each training's result goes to OUT/TASK-seedSEED/progress.json as it
+ends: a seed cut short (a session's end) goes on where it stopped when the same command runs again.
 
 `--space` widens the search (e.g. lora_qv,lora_ffn,adapter_attn; the fixed configurations stay the two above).
 `--configs prunepeft --reuse earlier.json` retrains only PrunePEFT and takes the other rows of the same task and
@@ -82,7 +83,36 @@ def uniform_lora(ctx, arch, sc, budget: int, up: bool = False) -> PeftStructure:
     return PeftStructure(lora={p: r for p in pos}, lora_alpha=sc.lora_alpha * r / sc.lora_r, lora_r_base=r)
 
 
-def choose_fixed(ctx, structures: dict[str, PeftStructure], seed: int, fraction: float = 0.2) -> tuple[str, dict]:
+class Progress:
+    """A seed's finished trainings, written to OUT/TASK-seedSEED/progress.json as each one ends, so a seed cut short
+    (a session's end: a seed at a learning size trains 12 models, for hours on a CPU) goes on where it stopped when
+    the same command runs again. The search is not stored: it is deterministic given the seed and cheap, and
+    its warm-up is cached. A file written with other settings is refused, not mixed in."""
+
+    KEYS = ("model", "data_root", "train_samples", "eval_samples", "max_length", "epochs", "batch_size", "lr",
+            "space", "k", "chunk", "data_fraction", "budget", "fixed", "common")
+
+    def __init__(self, args, task: str, seed: int):
+        self.path = Path(args.out) / f"{task}-seed{seed}" / "progress.json"
+        settings = json.loads(json.dumps({k: getattr(args, k) for k in self.KEYS}))
+        self.data = {"settings": settings, "select": {}, "rows": {}}
+        if self.path.is_file():
+            old = json.loads(self.path.read_text())
+            if old.get("settings") != settings:
+                raise SystemExit(f"error: {self.path} holds this seed's trainings under other settings: "
+                                 "use another --out, or delete it to start the seed again")
+            self.data = old
+            print(f"   continuing from {self.path}: {len(old['select'])} split and {len(old['rows'])} dev "
+                  "trainings done", flush=True)
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.data, indent=1))
+        os.replace(tmp, self.path)  # atomic: a kill mid-write leaves the previous file
+
+
+def choose_fixed(ctx, structures: dict[str, PeftStructure], seed: int, progress: Progress | None = None, fraction: float = 0.2) -> tuple[str, dict]:
     """The fixed configuration that scores best on a stratified split of the TRAINING rows, each trained on
     the other rows (the dev set is never looked at)."""
     import dataclasses
@@ -96,10 +126,16 @@ def choose_fixed(ctx, structures: dict[str, PeftStructure], seed: int, fraction:
                               dev_loader=make_loader(held, collate, t.eval_batch_size, False, seed))
     metric = ctx.task.metric
     scores = {}
+    done = progress.data["select"] if progress is not None else {}
     for name, st in structures.items():
+        if name in done:  # trained before this run was cut short
+            scores[name] = done[name]
+            continue
         t0 = time.perf_counter()
         r = train_fixed(sub, st, desc=f"select {name}").metrics
-        scores[name] = r["final"][metric]
+        scores[name] = done[name] = r["final"][metric]
+        if progress is not None:
+            progress.save()
         print(f"-- select {name}: {metric} {scores[name]:.4f} on the training split "
               f"({time.perf_counter() - t0:.0f} s)", flush=True)  # a seed runs for an hour: show where it is
     from prunetune.data.metrics import greater_is_better
@@ -166,15 +202,19 @@ def bench_task(task: str, args, seed: int) -> dict:
     configs["prunepeft"] = found.structure
     metric = ctx.task.metric
     rows = _reused(args, task, seed)
+    progress = Progress(args, task, seed)
     selection = None
     if "chosen-fixed" in args.configs:
-        pick, on_split = choose_fixed(ctx, {n: configs[n] for n in fixed_names}, seed)
+        pick, on_split = choose_fixed(ctx, {n: configs[n] for n in fixed_names}, seed, progress)
         selection = {"picked": pick, "train_split_scores": on_split}
     have = {r["config"] for r in rows}  # reused from earlier runs
     # --fixed each retrains every fixed configuration, except those an earlier run's JSON already has
     wanted = set(args.configs) | ((set(fixed_names) - have) if args.fixed == "each" else set())
     for name, structure in configs.items():
         if name not in wanted and not (name in fixed_names and "chosen-fixed" in args.configs and name not in have):
+            continue
+        if name in progress.data["rows"] and progress.data["rows"][name]["units"] == (structure.units or None):
+            rows.append(progress.data["rows"][name])  # trained before this run was cut short (same structure)
             continue
         print(f"-- {name}: {len(structure.lora)} LoRA modules, {len(structure.adapters)} adapters", flush=True)
         r = train_fixed(ctx, structure, desc=name).metrics
@@ -184,6 +224,8 @@ def bench_task(task: str, args, seed: int) -> dict:
                      "units": structure.units or None})
         print(f"   {name}: dev {metric} {rows[-1]['final']:.4f}, {r['train_seconds_no_eval']:.0f} s of training",
               flush=True)
+        progress.data["rows"][name] = rows[-1]
+        progress.save()
     if selection is None and any(r["config"] == "chosen-fixed" for r in rows):  # reused with its row
         selection = next(r for _path, r in _earlier_runs(args, task, seed) if r.get("selection"))["selection"]
     elif selection is not None:  # the picked configuration's dev row, under its own name

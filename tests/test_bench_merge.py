@@ -31,3 +31,26 @@ def test_merge_refuses_a_seed_twice_and_needs_an_output(tmp_path):
         light_peft.merge_json([FILES[0], FILES[0]], str(tmp_path / "m.json"), [])
     with pytest.raises(SystemExit, match="needs --json"):
         light_peft.merge_json(FILES, None, [])
+
+
+def test_prune_peft_progress_continues_a_seed_and_refuses_other_settings(tmp_path):
+    """benchmarks/prune_peft.py keeps a seed's finished trainings in progress.json, so a seed cut short goes on
+    where it stopped; a file from other settings is refused instead of mixed into the evidence."""
+    import argparse
+
+    import prune_peft  # noqa: E402  (benchmarks/prune_peft.py)
+
+    args = argparse.Namespace(out=str(tmp_path), model="minilm", data_root="d", train_samples=2000, eval_samples=None,
+                              max_length=64, epochs=3.0, batch_size=32, lr=1e-3, space=["lora_qv", "lora_ko"], k=0.5,
+                              chunk=4, data_fraction=0.1, budget="fixed", fixed="each", common={"search.k": 0.5})
+    first = prune_peft.Progress(args, "stsb", 42)
+    assert first.data["select"] == {} and first.data["rows"] == {} and not first.path.exists()
+    first.data["select"]["lora_qv-everywhere"] = 0.41
+    first.data["rows"]["lora_ko-everywhere"] = {"config": "lora_ko-everywhere", "final": 0.83, "units": None}
+    first.save()
+    again = prune_peft.Progress(args, "stsb", 42)
+    assert again.data == first.data  # the next run starts from what the first finished
+    assert prune_peft.Progress(args, "stsb", 43).data["rows"] == {}  # another seed: its own file
+    args.lr = 2e-3
+    with pytest.raises(SystemExit, match="other settings"):
+        prune_peft.Progress(args, "stsb", 42)
