@@ -45,6 +45,7 @@ from light_peft import GLUE_DIRS  # noqa: E402  (benchmarks/ is on sys.path when
 
 from prunetune.arch import get_arch  # noqa: E402
 from prunetune.config import from_dict, set_dotted, yaml_load  # noqa: E402
+from prunetune.io import atomic_write_text  # noqa: E402
 from prunetune.methods.common import prepare, train_fixed  # noqa: E402
 from prunetune.methods.prune_peft import iterative_prune, search, search_cost, search_loader  # noqa: E402
 from prunetune.report.stats import mean_std, paired_summary  # noqa: E402
@@ -106,13 +107,11 @@ class Progress:
                   "trainings done", flush=True)
 
     def save(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.data, indent=1))
-        os.replace(tmp, self.path)  # atomic: a kill mid-write leaves the previous file
+        atomic_write_text(self.path, json.dumps(self.data, indent=1))  # a kill mid-write leaves the previous file
 
 
-def choose_fixed(ctx, structures: dict[str, PeftStructure], seed: int, progress: Progress | None = None, fraction: float = 0.2) -> tuple[str, dict]:
+def choose_fixed(ctx, structures: dict[str, PeftStructure], seed: int, progress: Progress,
+                 fraction: float = 0.2) -> tuple[str, dict]:
     """The fixed configuration that scores best on a stratified split of the TRAINING rows, each trained on
     the other rows (the dev set is never looked at)."""
     import dataclasses
@@ -126,7 +125,7 @@ def choose_fixed(ctx, structures: dict[str, PeftStructure], seed: int, progress:
                               dev_loader=make_loader(held, collate, t.eval_batch_size, False, seed))
     metric = ctx.task.metric
     scores = {}
-    done = progress.data["select"] if progress is not None else {}
+    done = progress.data["select"]
     for name, st in structures.items():
         if name in done:  # trained before this run was cut short
             scores[name] = done[name]
@@ -134,8 +133,7 @@ def choose_fixed(ctx, structures: dict[str, PeftStructure], seed: int, progress:
         t0 = time.perf_counter()
         r = train_fixed(sub, st, desc=f"select {name}").metrics
         scores[name] = done[name] = r["final"][metric]
-        if progress is not None:
-            progress.save()
+        progress.save()
         print(f"-- select {name}: {metric} {scores[name]:.4f} on the training split "
               f"({time.perf_counter() - t0:.0f} s)", flush=True)  # a seed runs for an hour: show where it is
     from prunetune.data.metrics import greater_is_better

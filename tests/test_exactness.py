@@ -17,6 +17,9 @@ from prunetune.units.adapters import AdapterSet
 from prunetune.units.lora import extract_lora, lora_layers
 
 FAMILIES = ["bert", "gpt2", "opt", "llama"]
+# Mistral, Qwen2/3, Gemma and OLMo go through arch/'s llama entry (their own norms, Qwen3's per-head q/k norms,
+# Gemma's head_dim): the core surgery tests run on them too
+ALL_FAMILIES = FAMILIES + LLAMA_SHAPED
 R, ALPHA = 4, 8.0
 ATOL = 1e-5
 
@@ -45,7 +48,7 @@ def _base(module):
 
 # ----------------------------------------------------------------------------------------------- LoRA
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", ALL_FAMILIES)
 def test_lora_masked_equals_pruned_with_fold(family, impl):
     pm, hf, arch, plan, masks = _masked_lora(family, impl=impl)
     assert plan.heads_pruned() and plan.ffn_pruned()
@@ -65,7 +68,7 @@ def test_lora_masked_equals_pruned_with_fold(family, impl):
     assert n_after < n_before
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", ALL_FAMILIES)
 def test_lora_masks_one_dropped_without_fold(family):
     pm, hf, arch, plan, masks = _masked_lora(family, kept_value=1.0, seed=10)
     b = batch(seed=2)
@@ -238,7 +241,7 @@ def _masked_adapters(family, seed=0, size=6):
     return hf, arch, plan, masks, adapters
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", ALL_FAMILIES)
 def test_adapter_masked_equals_pruned(family):
     hf, arch, plan, masks, adapters = _masked_adapters(family)
     assert 0 < len(plan.peft_ranks) < len(plan.peft_orig_ranks)
@@ -267,15 +270,6 @@ def test_adapter_masked_equals_pruned(family):
     assert set(ops) == set(trained)
     for n, p in trained.items():  # the ops map each old tensor onto its kept part
         torch.testing.assert_close(apply_ops(old[n], ops[n]), p.detach(), atol=0, rtol=0)
-
-
-@pytest.mark.parametrize("family", LLAMA_SHAPED)
-def test_llama_shaped_families_masked_equal_pruned(family):
-    """Mistral, Qwen2/3, Gemma and OLMo go through arch/'s llama entry (their own norms, Qwen3's per-head q/k
-    norms, Gemma's head_dim): LoRA and adapter surgery are exact on them too."""
-    test_lora_masked_equals_pruned_with_fold(family, "sdpa")
-    test_lora_masks_one_dropped_without_fold(family)
-    test_adapter_masked_equals_pruned(family)
 
 
 # ------------------------------------------------------------------------------------- training after

@@ -325,7 +325,8 @@ def _warmup_by_prediction(ctx: Context, loader, held_out) -> dict:
                "mapping (drop_loss had turned there)")
         if negative[-1] > TURNED:  # the proxy ends turned: the supernet over-fits its rows or overshoots
             msg += (f"; in the warm-up's last round switching off {negative[-1]:.0%} of the units lowers the "
-                    "held-out loss: fewer search.warmup_round_steps or a lower train.lr give drop_loss its meaning back")
+                    "held-out loss: fewer search.warmup_round_steps or a lower train.lr give drop_loss its "
+                    "meaning back")
         if not healthy:
             msg += f"; no round is left, so every block uses search.criteria {list(sc.criteria)}"
         log(msg)
