@@ -81,16 +81,19 @@ def test_corrupt_and_foreign_checkpoints_are_refused(setup, capsys):
     assert len(err) == 1 and "checksum" in err[0]
 
 
-def test_path_scores_and_merge_resume_exactly(setup):
+@pytest.mark.parametrize("kill_at", ["estimate:4", "fine-tune:14"])
+def test_path_scores_and_merge_resume_exactly(setup, kill_at):
     """module_score=path keeps the step in flight (its parameters and gradients) in the checkpoint: a run killed
-    mid-estimation resumes to the same plan and curves; merge_removed's surgery is part of the same run."""
+    mid-estimation resumes to the same plan and curves. merge_removed's surgery is part of the same run; killed
+    after it, the resumed run gets the merged weights from the checkpoint (its own surgery merges untrained LoRA)."""
     root, model, data, _ = setup
     extra = ["--set", "estimate.module_score=path", "--set", "prune.merge_removed=true"]
-    assert main(_args(model, data, root / "ref-path", *extra)) == 0
+    if not (root / "ref-path" / "results.json").exists():
+        assert main(_args(model, data, root / "ref-path", *extra)) == 0
     reference = _summary(root / "ref-path")
     plan = json.loads((root / "ref-path" / "plan.json").read_text())
     assert any(v > 0 for v in plan["meta"]["module_path"].values())
-    assert _killed_and_resumed(model, data, root / "killed-path", extra, "estimate:4") == reference
+    assert _killed_and_resumed(model, data, root / f"killed-path-{kill_at[:3]}", extra, kill_at) == reference
 
 
 def test_seek_continues_on_the_batches_and_lr_of_a_state_that_trained_there():
@@ -134,3 +137,17 @@ def test_gradual_fade_resumes_exactly(setup):
     res = json.loads((root / "ref-fade" / "results.json").read_text())
     assert res["light_peft"]["fade_steps"] == 5
     assert _killed_and_resumed(model, data, root / "killed-fade", extra, "fade:8") == reference
+
+
+@pytest.mark.parametrize("kill_at", ["estimate:4", "fine-tune:14"])
+def test_compensation_resumes_exactly(setup, kill_at):
+    """prune.compensate: the window's input sums (mid-estimation) and the means (after surgery) are in the
+    checkpoint, so a killed run compensates with the same means as an uninterrupted one."""
+    root, model, data, plain = setup
+    extra = ["--set", "prune.compensate=true"]
+    ref_dir = root / "ref-comp"
+    if not (ref_dir / "results.json").exists():
+        assert main(_args(model, data, ref_dir, *extra)) == 0
+    reference = _summary(ref_dir)
+    assert reference[0] == plain[0] and reference[3] != plain[3]  # same plan, other fine-tune losses
+    assert _killed_and_resumed(model, data, root / f"killed-comp-{kill_at[:3]}", extra, kill_at) == reference

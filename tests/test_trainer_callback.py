@@ -305,3 +305,26 @@ def test_callback_path_scores_and_merge_match_the_own_loop(setup, tmp_path):
     assert a.meta["module_score"] == "path" and any(v > 0 for v in a.meta["module_path"].values())
     assert a.meta["module_path"] == b.meta["module_path"] and a.meta["rank_importance"] == b.meta["rank_importance"]
     assert a.peft_ranks == b.peft_ranks and a.kept_heads == b.kept_heads
+
+
+def test_callback_compensation_matches_the_own_loop(setup, tmp_path):
+    """prune.compensate through the Trainer: the window means are taken on the same tokens (padding left out
+    through the captured attention mask), so the compensated biases equal the own loop's."""
+    cfg = copy.deepcopy(CFG)
+    cfg["prune"]["compensate"] = True
+    trainer, cb, own = run_both(setup, tmp_path, cfg)
+    assert cb.estimate.means is not None
+    a, b = trainer.model.base_model.model, own.model.base_model.model
+    layer = a.bert.encoder.layer[0]
+
+    def named(model):  # LoRA-wrapped or not after surgery: one name per base tensor
+        return {n.replace(".base_layer", ""): p for n, p in model.named_parameters()}
+
+    biases = {n: p for n, p in named(a).items() if n.endswith("bias") and ("output.dense" in n)}
+    assert biases and all(torch.equal(p, named(b)[n]) for n, p in biases.items())
+    _, _, peft_model = setup
+    original = named(peft_model.base_model.model)
+    changed = [n for n, p in biases.items() if not torch.equal(p, original[n])]
+    assert any("attention.output" in n for n in changed) and any(".output.dense" in n and "attention" not in n
+                                                                  for n in changed)
+    assert layer.attention.self.query.base_layer.out_features < 32

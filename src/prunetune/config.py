@@ -249,6 +249,10 @@ class PruneConfig(ConfigBase):
     merge_removed: bool = option(False, help=(
         "LoRA: merge what removed modules and ranks learned during estimation into their frozen base weights "
         "instead of dropping it"))
+    compensate: bool = option(False, help=(
+        "bias compensation: each removed head and FFN neuron is replaced by its mean contribution over the "
+        "estimation window's training tokens, added to the o / down bias at surgery (FLAP, An et al. 2024); needs "
+        "biases on those projections (BERT, RoBERTa, GPT-2, OPT; not Llama-family)"))
     gradual: float = option(0.0, ge=0.0, lt=1.0, help=(
         "gradual pruning: the removed heads and FFN neurons fade out linearly through their masks over this "
         "fraction of all steps after estimation (the model still trains at full size, so the PEFT modules adapt "
@@ -290,6 +294,9 @@ class PruneConfig(ConfigBase):
         return self.target_speedup is not None or self.target_params is not None
 
     def _check(self) -> None:
+        if self.compensate and self.gradual > 0:
+            raise PrunetuneError("prune.compensate cannot be combined with prune.gradual: the fade drives the removed "
+                                 "units to 0 before the cut, so their window means are no longer what the model uses")
         if self.target_speedup is not None and self.target_params is not None:
             raise PrunetuneError("set one of prune.target_speedup and prune.target_params, not both")
         if self.target_speedup is not None and not self.target_speedup > 1.0:

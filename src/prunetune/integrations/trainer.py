@@ -32,6 +32,7 @@ from ..methods.common import base_param_counts, peft_inner_model
 from ..methods.light_peft import (Estimate, LightResult, Window, check_target, cost_model, path_step,
                                   plan_from_scores, prune, score_step, token_lengths)
 from ..scores import ImportanceTracker, StructureMasks
+from ..surgery import check_compensable
 from ..train.loop import carry_state, grads_finite
 
 try:
@@ -112,6 +113,8 @@ class LightPeftCallback(TrainerCallback):
         # an unreachable target fails before the first step, not at t'
         check_target(cfg=self.cfg, arch=self.arch, peft_ranks=self.tracker.peft_ranks(), cost_of=self._cost_of,
                      body_params=self.params_before["body"], model_type=hf.config.model_type)
+        if self.cfg.prune.compensate:  # a model without o / down biases is refused before the first step
+            check_compensable(hf, self.arch)
         self.masks = StructureMasks(self.arch).to(device).attach(hf)
         self._optimizer, self._scheduler = optimizer, lr_scheduler
         if self.cfg.prune.finetune_lr_scale != 1.0 and not isinstance(
@@ -131,7 +134,7 @@ class LightPeftCallback(TrainerCallback):
                           batch_size=self._batch, grad_accum=self._accum, device=self._device)
 
     def _capture_mask(self, _module, args, kwargs):
-        self.tracker.token_mask = kwargs.get("attention_mask")
+        self.tracker.token_mask = self.masks.token_mask = kwargs.get("attention_mask")
 
     def _add_mask_group(self, optimizer, scheduler, mask_lr: float) -> None:
         """The masks train in their own AdamW group (no weight decay, estimate.mask_lr) on the same schedule."""
@@ -159,6 +162,7 @@ class LightPeftCallback(TrainerCallback):
         first = 0 if self.cfg.estimate.module_score == "path" else self.window.start
         if self._active and state.global_step >= self.window.start and not self.tracker._handles:
             self.tracker.start()
+            self.masks.collect_means = self.cfg.prune.compensate  # the window's tokens give removed units' means
         if self._active and state.global_step >= first and not self._snap_hooks:
             for p in self._model.parameters():
                 if p.requires_grad:

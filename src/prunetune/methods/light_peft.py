@@ -18,7 +18,7 @@ from ..io import atomic_write_text
 from ..cost import CostModel, DeviceRates, calibrate, seq_stats
 from ..plan import PruningPlan, Scores, allocation_summary, make_plan, make_target_plan
 from ..scores import ImportanceTracker, StructureMasks
-from ..surgery import prune_adapter_model, prune_lora_model
+from ..surgery import check_compensable, prune_adapter_model, prune_lora_model
 from ..train import PeakMemory, TrainState
 from ..train.checkpoint import load_checkpoint, save_checkpoint
 from ..train.distill import Distiller
@@ -66,11 +66,13 @@ class Window:
 @dataclass
 class Estimate:
     """What the estimation phase leaves: the plan, the mask values to fold into o / down weights
-    (prune.fold_masks) as (head masks, ffn masks) of plain lists, else None, and the mask values the gradual
-    fade starts from (prune.gradual > 0), else None."""
+    (prune.fold_masks) as (head masks, ffn masks) of plain lists, else None, the mask values the gradual
+    fade starts from (prune.gradual > 0), else None, and the window's mean o / down inputs per layer that
+    surgery compensates removed units with (prune.compensate), else None."""
     plan: PruningPlan
     fold_values: tuple[list, list] | None = None
     fade_from: tuple[list, list] | None = None
+    means: tuple[list, list] | None = None
 
 
 @dataclass
@@ -107,6 +109,7 @@ def score_step(*, cfg: RunConfig, masks: StructureMasks, tracker: ImportanceTrac
     include the L1 term, which accumulate_taylor takes out). A non-finite step adds nothing."""
     tracker.after_backward(finite=finite)
     masks.accumulate_taylor(cfg.estimate.lambda_heads, cfg.estimate.lambda_ffn, finite=finite)
+    masks.commit_inputs(finite=finite)  # prune.compensate: the step's o / down input sums
 
 
 def path_step(*, cfg: RunConfig, tracker: ImportanceTracker, finite: bool) -> None:
@@ -127,6 +130,10 @@ def plan_from_scores(*, cfg: RunConfig, arch, model_type: str, masks: StructureM
     """Estimation -> plan (shared by prunetune's loop and the Trainer callback): finalize the window's scores,
     make the plan (fixed ratios or target mode) and its allocation report. cost_of(peft_ranks) -> CostModel."""
     tracker.stop()
+    masks.collect_means = False  # before cost_of: prune.cost_probe's timed training passes go through the hooks
+    means = masks.input_means() if cfg.prune.compensate else None
+    if cfg.prune.compensate and means is None:
+        raise PrunetuneError("prune.compensate: no training token reached the masks during the estimation window")
     if tracker.rank_n == 0:  # nothing to rank PEFT modules by: a plan would drop them all
         raise PrunetuneError(f"none of the {window.steps - window.start} steps of the estimation window could be "
                              "scored (non-finite gradients: fp16 overflow or divergence); lower train.lr, use "
@@ -167,8 +174,12 @@ def plan_from_scores(*, cfg: RunConfig, arch, model_type: str, masks: StructureM
                          model_type=model_type, meta=meta)
     plan.meta["allocation"] = allocation_summary(plan, cost=cost, scores=scores)
     values = ([m.tolist() for m in head_vals], [m.tolist() for m in ffn_vals])
+    if means is not None:  # what compensation used, for reports and the data-parallel check
+        plan.meta["compensation"] = {"tokens": masks.tokens_seen,
+                                     "o_input_mean_abs": [float(torch.tensor(m).abs().mean()) for m in means[0]],
+                                     "down_input_mean_abs": [float(torch.tensor(m).abs().mean()) for m in means[1]]}
     return Estimate(plan=plan, fold_values=values if p.fold_masks else None,
-                    fade_from=values if p.gradual > 0 else None)
+                    fade_from=values if p.gradual > 0 else None, means=means)
 
 
 def _target_plan(*, cfg: RunConfig, arch, cost: CostModel, scores: Scores, body_params: int, model_type: str,
@@ -202,14 +213,47 @@ def prune(*, model, hf, arch, adapters, estimate: Estimate, r: int, alpha: float
           merge_removed: bool = False) -> Pruned:
     """Surgery (shared by prunetune's loop and the Trainer callback): the physically pruned PEFT model. LoRA:
     a new PeftModel over the same (sliced) HF model (merge_removed: what removed LoRA learned is merged into the
-    base first); adapters: sliced in place."""
+    base first); adapters: sliced in place. estimate.means (prune.compensate): removed units' mean
+    contributions go into the o / down biases first."""
     fold = [[torch.tensor(v) for v in vals] for vals in estimate.fold_values] if estimate.fold_values else (None, None)
     if adapters is None:
         model, ops = prune_lora_model(model, arch, estimate.plan, r, alpha, dropout, *fold,
-                                      merge_removed=merge_removed)
+                                      merge_removed=merge_removed, means=estimate.means)
         return Pruned(model=model, hf=model.base_model.model, extras={}, ops=ops)
-    ops = prune_adapter_model(hf, arch, estimate.plan, adapters, *fold, extras_key="adapters")
+    ops = prune_adapter_model(hf, arch, estimate.plan, adapters, *fold, extras_key="adapters", means=estimate.means)
     return Pruned(model=model, hf=hf, extras={"adapters": adapters}, ops=ops)
+
+
+def altered_base(hf, arch, plan: PruningPlan, *, compensate: bool, merge_removed: bool) -> dict[str, torch.Tensor]:
+    """Frozen base tensors whose values surgery changed, not only sliced: the o / down biases compensation
+    added to, the weights removed LoRA was merged into. Fine-tune checkpoints carry them, because a resumed
+    run's surgery runs on the untrained model (its LoRA weights at t' are not the ones surgery used)."""
+    out: dict[str, torch.Tensor] = {}
+
+    def keep(name: str, attr: str) -> None:
+        module = hf.get_submodule(name)
+        out[f"{name}.{attr}"] = getattr(getattr(module, "base_layer", module), attr).detach().cpu().clone()
+
+    if compensate:
+        for i, layer in enumerate(arch.layers):
+            if len(plan.kept_heads[i]) < plan.num_units:
+                keep(layer.o, "bias")
+            if len(plan.kept_neurons[i]) < plan.intermediate_size:
+                keep(layer.down, "bias")
+    if merge_removed:
+        for name, r in plan.peft_orig_ranks.items():
+            if len(plan.peft_ranks.get(name, [])) < r:
+                keep(name, "weight")
+    return out
+
+
+@torch.no_grad()
+def restore_altered(hf, saved: dict[str, torch.Tensor]) -> None:
+    """Put altered_base's tensors back into a resumed run's pruned model."""
+    for key, value in saved.items():
+        name, attr = key.rsplit(".", 1)
+        module = hf.get_submodule(name)
+        getattr(getattr(module, "base_layer", module), attr).copy_(value)
 
 
 class _LightRun:
@@ -225,6 +269,8 @@ class _LightRun:
             model, hf, arch, adapters = build_model(ctx)
         self.model, self.hf, self.arch, self.adapters = model, hf, arch, adapters
         self.params_before = base_param_counts(hf, arch)
+        if cfg.prune.compensate:  # a model without o / down biases is refused before any step
+            check_compensable(hf, arch)
         self.masks = StructureMasks(arch).attach(hf)
         extras = {"masks": self.masks, **({"adapters": adapters} if adapters is not None else {})}
         self.window = Window.of(cfg, ctx.total_steps, len(ctx.train_loader.dataset))
@@ -239,6 +285,7 @@ class _LightRun:
         self.info: dict = dict(ck["info"]) if ck else {}  # estimation-phase figures that outlive a restart
         self.distiller: Distiller | None = None  # prune.distill: set at surgery
         self.teacher_state: dict = {}
+        self.altered: dict = {}  # base tensors surgery changed in value (altered_base), for fine-tune checkpoints
         self.t0 = time.perf_counter() - self.info.get("elapsed", 0.0)
 
     def save(self, phase: str, **extra) -> None:
@@ -254,7 +301,7 @@ def estimate(run: _LightRun) -> Estimate:
     cfg, ck, state, masks, tracker, win = run.cfg, run.ck, run.state, run.masks, run.tracker, run.window
     if ck is not None and ck["phase"] != "estimate":
         return Estimate(plan=PruningPlan.from_dict(ck["plan"]), fold_values=ck.get("fold_values"),
-                        fade_from=ck.get("fade_from"))
+                        fade_from=ck.get("fade_from"), means=ck.get("means"))
     if ck is not None:
         state.load_state_dict(ck)
         tracker.load_state_dict(ck["tracker"])
@@ -264,9 +311,10 @@ def estimate(run: _LightRun) -> Estimate:
                      cost_of=lambda ranks: _cost_model(run.ctx, run.arch, ranks), model_type=run.hf.config.model_type)
 
     def before_forward(batch):
-        tracker.token_mask = batch.get("attention_mask")
+        tracker.token_mask = masks.token_mask = batch.get("attention_mask")
         if state.step >= win.start and not tracker._handles:
             tracker.start()
+            masks.collect_means = cfg.prune.compensate  # the window's tokens give the removed units' means
 
     def after_backward(step):
         path_step(cfg=cfg, tracker=tracker, finite=state.step_finite)
@@ -328,7 +376,7 @@ def fade(run: _LightRun, est: Estimate) -> None:
     t0 = time.perf_counter()
     state.run(win.cut - state.step, before_forward=before_forward, on_epoch_end=run.on_epoch_end, desc="fade",
               on_checkpoint=lambda: run.save("fade", plan=plan_dict, fold_values=est.fold_values,
-                                             fade_from=est.fade_from))
+                                             fade_from=est.fade_from, means=est.means))
     run.info["fade_seconds"] = run.info.get("fade_seconds", 0.0) + time.perf_counter() - t0
 
 
@@ -350,6 +398,10 @@ def prune_phase(run: _LightRun, est: Estimate) -> Pruned:
             run.distiller.load_trained(run.teacher_state)
     pruned = prune(model=run.model, hf=run.hf, arch=run.arch, adapters=run.adapters, estimate=est,
                    r=r, alpha=alpha, dropout=dropout, merge_removed=cfg.prune.merge_removed)
+    if run.ck is not None and run.ck["phase"] == "finetune":  # resumed: surgery ran on the untrained model
+        restore_altered(pruned.hf, run.ck.get("altered", {}))
+    run.altered = altered_base(pruned.hf, run.arch, est.plan, compensate=cfg.prune.compensate,
+                               merge_removed=cfg.prune.merge_removed and run.adapters is None)
     # the teacher rides along as a frozen extra: nothing of it trains, but peak_mb counts its weights
     extras = {**pruned.extras, **({"teacher": run.distiller.teacher} if run.distiller is not None else {})}
     state.lr_scale = cfg.prune.finetune_lr_scale  # set before the optimizer is rebuilt: its groups carry base_lr
@@ -368,11 +420,13 @@ def finetune(run: _LightRun, est: Estimate) -> dict:
     if run.ck is not None and run.ck["phase"] == "finetune":
         state.load_state_dict(run.ck)
     else:
-        run.save("finetune", plan=plan_dict, fold_values=est.fold_values, **teacher)
+        run.save("finetune", plan=plan_dict, fold_values=est.fold_values, means=est.means, altered=run.altered,
+                 **teacher)
 
     def save_finetune():
         run.info["elapsed"] = time.perf_counter() - run.t0
-        run.save("finetune", plan=plan_dict, fold_values=est.fold_values, **teacher)
+        run.save("finetune", plan=plan_dict, fold_values=est.fold_values, means=est.means, altered=run.altered,
+                 **teacher)
 
     with PeakMemory(ctx.device) as mem:
         state.run(run.window.total - state.step, on_epoch_end=run.on_epoch_end, desc="fine-tune",

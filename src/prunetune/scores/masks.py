@@ -7,6 +7,10 @@ fp32 parameters initialised to 1.
 Besides the learned values, the masks can score their units by first-order Taylor importance (Michel et al.,
 2019): |m * dL/dm| is the first-order loss change of zeroing the unit, averaged over the estimation window.
 Gradients arrive already averaged across DDP ranks, so the accumulated scores are identical on every rank.
+
+While collecting (prune.compensate), the same hooks also sum what each unit feeds its o / down projection
+(after its mask: what the trained model computed), over the real tokens of training batches, so surgery can
+replace a removed unit by its mean contribution (bias compensation, An et al. 2024, FLAP).
 """
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ import torch
 from torch import nn
 
 from ..arch import Arch
+from ..dist import all_reduce_sum_, rank
 
 
 class StructureMasks(nn.Module):
@@ -25,6 +30,15 @@ class StructureMasks(nn.Module):
         self._handles: list = []
         self.taylor_sum: dict[str, list[torch.Tensor]] = {}
         self.taylor_n = 0
+        self.collect_means = False  # set while the estimation window runs (prune.compensate)
+        self.token_mask: torch.Tensor | None = None  # (batch, seq) 1 = real token; set before each forward
+        # kind -> (layers, width) float64 sums of the o / down input and (layers,) token counts: committed steps
+        # (input_sum / input_n) and the step in flight (_pending_*), committed by commit_inputs when finite
+        self.input_sum: dict[str, torch.Tensor] = {}
+        self.input_n: dict[str, torch.Tensor] = {}
+        self._pending_sum: dict[str, torch.Tensor] = {}
+        self._pending_n: dict[str, torch.Tensor] = {}
+        self.tokens_seen = 0  # tokens behind the last input_means(), over all ranks
 
     def attach(self, hf_model) -> "StructureMasks":
         """Hook the (possibly LoRA-wrapped) o and down projections, so PEFT inputs are masked too."""
@@ -33,9 +47,71 @@ class StructureMasks(nn.Module):
         for i, layer in enumerate(self.arch.layers):
             o = hf_model.get_submodule(layer.o)
             down = hf_model.get_submodule(layer.down)
-            self._handles.append(o.register_forward_pre_hook(_unit_scaler(self.heads[i], unit_width)))
-            self._handles.append(down.register_forward_pre_hook(_unit_scaler(self.ffn[i], 1)))
+            self._handles.append(o.register_forward_pre_hook(self._scaler("heads", i, unit_width)))
+            self._handles.append(down.register_forward_pre_hook(self._scaler("ffn", i, 1)))
         return self
+
+    def _scaler(self, kind: str, layer: int, width: int):
+        mask = (self.heads if kind == "heads" else self.ffn)[layer]
+
+        def hook(_module, args):
+            x = args[0]
+            shape = x.shape
+            scaled = (x.view(*shape[:-1], -1, width) * mask.to(x.dtype)[:, None]).view(shape)
+            if self.collect_means and torch.is_grad_enabled():  # training forwards, not evaluation
+                self._add_input(kind, layer, scaled)
+            return (scaled,) + tuple(args[1:])
+
+        return hook
+
+    @torch.no_grad()
+    def _add_input(self, kind: str, layer: int, x: torch.Tensor) -> None:
+        """Add x summed over the real tokens to the step in flight. The token mask is matched by element count:
+        OPT flattens (batch, seq) before its FFN. Weighting by the mask (not indexing) keeps GPUs from syncing."""
+        flat = x.detach().reshape(-1, x.shape[-1])
+        tm = self.token_mask
+        if tm is not None and tm.numel() == flat.shape[0]:
+            w = (tm.reshape(-1, 1).to(device=flat.device) > 0).to(torch.float32)
+            total, count = (flat.float() * w).sum(0), w.sum()
+        else:
+            total, count = flat.float().sum(0), torch.tensor(float(flat.shape[0]), device=flat.device)
+        if kind not in self._pending_sum:
+            self._pending_sum[kind] = torch.zeros(len(self.arch.layers), flat.shape[-1], dtype=torch.float64,
+                                                  device=flat.device)
+            self._pending_n[kind] = torch.zeros(len(self.arch.layers), dtype=torch.float64, device=flat.device)
+        self._pending_sum[kind][layer] += total.double()
+        self._pending_n[kind][layer] += count.double()
+
+    @torch.no_grad()
+    def commit_inputs(self, finite: bool = True) -> None:
+        """After a step's backward: its input sums join the window's, unless the step was not finite (the fp16
+        scaler skips it) or a sum overflowed: one inf activation would otherwise poison a whole bias."""
+        pending, counts = self._pending_sum, self._pending_n
+        self._pending_sum, self._pending_n = {}, {}
+        if not pending or not finite or not bool(torch.stack([torch.isfinite(t).all() for t in pending.values()]).all()):
+            return
+        for kind, t in pending.items():
+            if kind in self.input_sum:
+                self.input_sum[kind] += t
+                self.input_n[kind] += counts[kind]
+            else:
+                self.input_sum[kind], self.input_n[kind] = t, counts[kind]
+
+    def input_means(self) -> tuple[list[list[float]], list[list[float]]] | None:
+        """Mean o-input per column (heads) and down-input per neuron (ffn) of every layer over the committed
+        tokens of all ranks (data-parallel ranks see different batches; every rank must compensate alike), as
+        plain lists (they go into checkpoints); None when nothing was collected. A collective: call on all ranks."""
+        if any(kind not in self.input_sum for kind in ("heads", "ffn")):
+            return None
+        out = []
+        for kind in ("heads", "ffn"):
+            total = all_reduce_sum_(self.input_sum[kind].clone())
+            n = all_reduce_sum_(self.input_n[kind].clone())
+            if float(n.min()) == 0:
+                return None
+            out.append((total / n[:, None]).float().cpu().tolist())
+            self.tokens_seen = int(n[0])
+        return out[0], out[1]
 
     def detach(self) -> None:
         for h in self._handles:
@@ -87,13 +163,21 @@ class StructureMasks(nn.Module):
     def score_state(self) -> dict:
         """CPU copies (nested dict / lists of tensors and plain values), ready for a checkpoint."""
         return {"taylor_sum": {k: [t.detach().cpu().clone() for t in ts] for k, ts in self.taylor_sum.items()},
-                "taylor_n": self.taylor_n}
+                "taylor_n": self.taylor_n,
+                # all ranks' input sums (only rank 0 writes the checkpoint; load_score_state gives them to it)
+                "input_sum": {k: all_reduce_sum_(t.clone()).cpu() for k, t in self.input_sum.items()},
+                "input_n": {k: all_reduce_sum_(t.clone()).cpu() for k, t in self.input_n.items()}}
 
     def load_score_state(self, state: dict) -> None:
         """Restore onto the masks' own device: checkpoints load on the CPU, the masks may live on a GPU."""
         device = self.heads[0].device if len(self.heads) else torch.device("cpu")
         self.taylor_sum = {k: [t.to(device, copy=True) for t in ts] for k, ts in state["taylor_sum"].items()}
         self.taylor_n = state["taylor_n"]
+        # the saved input sums hold every rank's tokens: rank 0 carries them on, the others start from zero
+        keep = 1.0 if rank() == 0 else 0.0
+        self.input_sum = {k: t.to(device, torch.float64) * keep for k, t in state.get("input_sum", {}).items()}
+        self.input_n = {k: t.to(device, torch.float64) * keep for k, t in state.get("input_n", {}).items()
+                        if k in self.input_sum}
 
     @torch.no_grad()
     def set_(self, heads: list[torch.Tensor] | None = None, ffn: list[torch.Tensor] | None = None) -> None:
@@ -102,12 +186,3 @@ class StructureMasks(nn.Module):
         for dst, src in zip(self.ffn, ffn or []):
             dst.copy_(src)
 
-
-def _unit_scaler(mask: nn.Parameter, width: int):
-    def hook(_module, args):
-        x = args[0]
-        shape = x.shape
-        scaled = (x.view(*shape[:-1], -1, width) * mask.to(x.dtype)[:, None]).view(shape)
-        return (scaled,) + tuple(args[1:])
-
-    return hook

@@ -5,22 +5,27 @@ from ..arch import Arch
 from ..plan import PruningPlan
 from ..units.adapters import AdapterSet
 from ..units.lora import attach_lora, extract_lora, load_lora, lora_config
-from .base import apply_plan, fold_masks, merge_lora_delta
+from .base import apply_plan, compensate_bias, fold_masks, merge_lora_delta
 from .peft import lora_param_ops, slice_adapters, slice_lora_tensors
 
 
 def prune_lora_model(peft_model, arch: Arch, plan: PruningPlan, r: int, alpha: float, dropout: float,
-                     head_masks=None, ffn_masks=None, merge_removed: bool = False):
+                     head_masks=None, ffn_masks=None, merge_removed: bool = False, means=None):
     """Returns (new PeftModel, {param name relative to the HF model: slicing ops}) for optimizer-state carry-over.
 
     head_masks/ffn_masks (lists of tensors) are folded into o/down weights when given; otherwise dropped.
     merge_removed: the learned update of every removed LoRA module and rank (scaling * B[:, gone] @ A[gone]) is
     merged into its frozen base weight instead of being thrown away: the module stops training, but what it has
     learned stays (with no heads or neurons removed, the pruned model's outputs are unchanged).
+    means (prune.compensate): (o-input, down-input) means per layer; removed heads and neurons are replaced by
+    their mean contribution in the o / down bias (before folding: the means were taken after the masks).
     """
     hf = peft_model.base_model.model
     tensors = extract_lora(hf)
     hf = peft_model.unload()
+    if means is not None:
+        # the LoRA that stays: kept ranks, or all of it when the removed part is merged into the base
+        compensate_bias(hf, arch, plan, means, lora=tensors, lora_ranks=None if merge_removed else plan.peft_ranks)
     if head_masks is not None:
         fold_masks(hf, arch, head_masks, ffn_masks, lora=tensors)
     if merge_removed:  # before the base is sliced: the delta has the unpruned shape
@@ -42,11 +47,14 @@ def prune_lora_model(peft_model, arch: Arch, plan: PruningPlan, r: int, alpha: f
 
 
 def prune_adapter_model(hf_model, arch: Arch, plan: PruningPlan, adapters: AdapterSet, head_masks=None, ffn_masks=None,
-                        extras_key: str = "adapters"):
+                        extras_key: str = "adapters", means=None):
     """Adapters are hook-based and live outside the HF model: slice base in place, shrink adapters.
 
     Returns {parameter name as TrainState names it ("<extras_key>.<name in the AdapterSet>"): slicing ops}
-    for optimizer-state carry-over; extras_key is the key the AdapterSet has in TrainState's extras."""
+    for optimizer-state carry-over; extras_key is the key the AdapterSet has in TrainState's extras.
+    means: as prune_lora_model's (adapters read hidden states, never a removed unit's output)."""
+    if means is not None:
+        compensate_bias(hf_model, arch, plan, means)
     if head_masks is not None:
         fold_masks(hf_model, arch, head_masks, ffn_masks)
     apply_plan(hf_model, arch, plan)

@@ -78,7 +78,53 @@ def apply_plan(hf_model, arch: Arch, plan: PruningPlan) -> dict[str, Op]:
     return ops
 
 
+def check_compensable(hf_model, arch: Arch) -> None:
+    """prune.compensate adds to the o / down biases: refuse a model whose projections have none (before work)."""
+    from ..errors import PrunetuneError
+
+    layer = arch.layers[0]
+    missing = [n for n in (layer.o, layer.down) if getattr(_base(hf_model.get_submodule(n)), "bias", None) is None]
+    if missing:
+        raise PrunetuneError(f"prune.compensate needs biases on the attention output and FFN down projections; this "
+                             f"{arch.family} model has none on {', '.join(missing)}")
+
+
+def _base(module: nn.Module) -> nn.Module:
+    return getattr(module, "base_layer", module)
+
+
 @torch.no_grad()
+def compensate_bias(hf_model, arch: Arch, plan: PruningPlan, means, lora: dict[str, dict] | None = None,
+                    lora_ranks: dict[str, list[int]] | None = None) -> None:
+    """Before slicing: add each removed head's / neuron's mean contribution to the o / down bias, so the pruned
+    layer's output keeps its mean over the tokens the means came from. means: (per layer o-input means, per
+    layer down-input means). A LoRA module on o / down contributes through its removed input columns too:
+    scaling * B[:, r] @ (A[r][:, removed] @ mean) over the ranks r that stay (lora_ranks: module -> kept ranks,
+    a module absent from it is dropped; None = all ranks, when removed LoRA is merged into the base)."""
+    width = arch.heads_per_unit * arch.head_dim
+    for i, layer in enumerate(arch.layers):
+        kept_units, kept_neurons = set(plan.kept_heads[i]), set(plan.kept_neurons[i])
+        gone_units = [u for u in range(arch.num_units) if u not in kept_units]
+        gone_neurons = [j for j in range(arch.intermediate_size) if j not in kept_neurons]
+        for name, cols, mean in ((layer.o, _span(gone_units, width), means[0][i]),
+                                 (layer.down, torch.tensor(gone_neurons, dtype=torch.long), means[1][i])):
+            if len(cols) == 0:
+                continue
+            module = _base(hf_model.get_submodule(name))
+            w = module.weight.float()
+            m = torch.as_tensor(mean, dtype=torch.float32, device=w.device)[cols.to(w.device)]
+            cols = cols.to(w.device)
+            delta = (m @ w[cols, :]) if is_conv1d(module) else (w[:, cols] @ m)
+            ranks = None if lora_ranks is None else lora_ranks.get(name, [])
+            if lora and name in lora and (ranks is None or ranks):
+                t = lora[name]
+                a, b = t["A"].float().to(w.device), t["B"].float().to(w.device)
+                if ranks is not None:
+                    a, b = a[ranks], b[:, ranks]
+                delta = delta + t["scaling"] * (b @ (a[:, cols] @ m))
+            module.bias.add_(delta.to(module.bias.dtype))
+
+
 @torch.no_grad()
 def merge_lora_delta(module: nn.Module, a: torch.Tensor, b: torch.Tensor, scaling: float) -> None:
     """W += scaling * B @ A (A: r x in, B: out x r), in W's layout (Conv1D keeps in x out) and dtype."""
