@@ -93,6 +93,7 @@ def main(argv: list[str]) -> int:
            "vanilla_step_ms": 1e3 * mean["vanilla"], "pruned_step_ms": 1e3 * mean["pruned"],
            "timed_steps_each": len(times["vanilla"]), "estimation_and_surgery_s": estimation_s,
            "cost_rates": alloc.get("prediction", {}).get("rates"),
+           "prediction": alloc.get("prediction"),  # the rates' values and the modelled parts of both steps
            "command": ("MODEL=smollm2 " if model_name == "smollm2" else "") + "python benchmarks/light_speed.py "
            + " ".join(argv)}
     path = ROOT / "results" / "speed" / f"{name}-{seed}.json"
