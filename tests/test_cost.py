@@ -6,7 +6,7 @@ import torch
 from models import tiny_lora
 from torch.utils.flop_counter import FlopCounterMode
 
-from prunetune.cost import CostModel, DeviceRates, SeqStats, calibrate, calibrate_width, seq_stats
+from prunetune.cost import CostModel, DeviceRates, SeqStats, calibrate, seq_stats
 from prunetune.plan import PruningPlan
 from prunetune.surgery import prune_lora_model
 
@@ -152,36 +152,6 @@ def test_calibrate_names_a_uniform_rescale_when_timings_grow_faster_than_the_bat
     assert rescaled.unpruned(optimizer=False).seconds == pytest.approx(0.3 * 8 ** 1.1, rel=1e-9)
 
 
-def test_width_calibration_recovers_the_rates_that_produced_the_timings():
-    """calibrate_width: timings of the full and a 2/3-wide model at the real batch identify the compute scale
-    and the per-op overhead, and the fitted model predicts a plan's speedup as the true rates do."""
-    _, _, arch, names = tiny_lora("bert", r=R)
-    cost = CostModel(arch, SeqStats(64, 512, 512 ** 2), {n: R for n in names})  # width matters
-    truth = DeviceRates(cost.rates.flops_per_s / 3.0, cost.rates.bytes_per_s / 3.0, 3e-3, 10.0)
-    seen = []
-
-    def measure(fraction):
-        seen.append(fraction)
-        units, neurons = max(1, round(arch.num_units * fraction)), max(1, round(arch.intermediate_size * fraction))
-        return CostModel(arch, cost.seq, cost.peft_ranks, truth).step_time(
-            [units] * arch.num_layers, [neurons] * arch.num_layers, cost.peft_ranks, optimizer=False).seconds, 512.0
-
-    fitted = calibrate_width(cost, measure)
-    assert seen == [1.0, 2 / 3] and fitted.source == "probe-width"
-    assert fitted.flops_per_s == pytest.approx(truth.flops_per_s, rel=1e-6)
-    assert fitted.op_seconds == pytest.approx(truth.op_seconds, rel=1e-6)
-    plan = ([1, 2], [12, 20], {n: (R if i % 3 else 0) for i, n in enumerate(names)})
-    true_model, fit_model = (CostModel(arch, cost.seq, cost.peft_ranks, rates) for rates in (truth, fitted))
-    assert fit_model.step_time(*plan).seconds / fit_model.unpruned().seconds == pytest.approx(
-        true_model.step_time(*plan).seconds / true_model.unpruned().seconds, rel=1e-6)
-    width_only = ([1, 2], [12, 20], cost.peft_ranks)  # what the calibration is for: heads and neurons
-    assert true_model.unpruned().seconds / true_model.step_time(*width_only).seconds != pytest.approx(
-        cost.unpruned().seconds / cost.step_time(*width_only).seconds, rel=1e-2)  # the default rates are off
-    # a narrower copy that was not faster (timing noise): the full time only, named as a uniform rescale
-    flat = calibrate_width(cost, lambda fraction: (0.5, 512.0))
-    assert flat.source == "probe-uniform"
-
-
 @pytest.mark.parametrize("compensate", [False, True])
 def test_timing_probe_leaves_the_run_unchanged(tmp_path, compensate):
     """The optional probe (prune.cost_probe) times passes of the unpruned model: same plan, same losses after
@@ -192,8 +162,8 @@ def test_timing_probe_leaves_the_run_unchanged(tmp_path, compensate):
     runs = [light(model_dir, {"data_dir": str(data)}, tmp_path / f"r{probe}", train={"max_steps": 6, "seed": 3},
                   estimate={"steps": 3}, prune={"cost_probe": probe, "compensate": compensate})["light_peft"]
             for probe in (False, True)]
-    # LoRA: the width probe (probe-uniform: the timed passes fitted one factor on every rate; noise decides)
-    assert runs[0]["cost_rates"] == "fitted-cpu" and runs[1]["cost_rates"] in ("probe-width", "probe-uniform")
+    # probe-uniform: the timed passes fitted one factor on every rate (timing noise decides which)
+    assert runs[0]["cost_rates"] == "fitted-cpu" and runs[1]["cost_rates"] in ("probe", "probe-uniform")
     assert runs[0]["plan"] == runs[1]["plan"]
     assert [p["loss"] for p in runs[0]["loss_curve"]] == [p["loss"] for p in runs[1]["loss_curve"]]
     assert runs[0]["final"] == runs[1]["final"]

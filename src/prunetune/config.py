@@ -271,9 +271,7 @@ class PruneConfig(ConfigBase):
         "ranks are chosen jointly"))
     target_params: float | None = option(None, help=(
         "target mode: fraction of the base (body) parameters kept, in (0, 1); exclusive with target_speedup"))
-    cost_probe: bool = option(False, help=(
-        "calibrate the step-time cost model with a few timed passes on the device (LoRA: the unpruned model and a "
-        "2/3-wide copy at the real batch; adapters: two batch sizes)"))
+    cost_probe: bool = option(False, help="calibrate the step-time cost model with a few timed steps on the device")
     backward_cut: bool = option(False, help=(
         "target mode: the allocator may remove every PEFT module below a layer so the backward pass stops there "
         "(false: the lowest block with a PEFT module keeps one; measured: freezing the lower layers' adaptation "

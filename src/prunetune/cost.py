@@ -295,37 +295,3 @@ def calibrate(model: CostModel, measure, fractions: tuple[float, float] = (1.0, 
     return DeviceRates(r.flops_per_s / scale, r.bytes_per_s / scale, r.op_seconds * scale,
                        r.optimizer_ops_per_tensor, "probe-uniform")
 
-
-def calibrate_width(model: CostModel, measure, keep: float = 2 / 3) -> DeviceRates:
-    """Fit the rates to timings of what a plan changes: the unpruned model's forward + backward and that of a
-    copy narrowed to `keep` of every layer's head units and FFN neurons (all PEFT modules kept), both at the
-    real batch. measure(fraction) -> (seconds, padded length) of one pass of the model at that width.
-
-    Narrowing changes the width-proportional work (FLOPs and activation bytes) and no op count, so the two
-    timings separate exactly the part a plan's heads and neurons buy from the fixed per-op part that it does
-    not, which a batch-size probe (`calibrate`) cannot where passes grow faster than the batch (SmolLM2 on a
-    2-core CPU). The FLOPs-vs-bytes split keeps the default ratio."""
-    a, r = model.arch, model.rates
-    compute, times, ops = [], [], 0.0
-    for fraction in (1.0, keep):
-        units, neurons = max(1, round(a.num_units * fraction)), max(1, round(a.intermediate_size * fraction))
-        seconds, length = measure(fraction)
-        seq = SeqStats(model.seq.batch, length, length * length)
-
-        def at(rates, units=units, neurons=neurons, seq=seq) -> float:
-            return CostModel(a, seq, model.peft_ranks, rates, model.peft_kind, model.ab, model.wb).step_time(
-                [units] * a.num_layers, [neurons] * a.num_layers, model.peft_ranks, optimizer=False).seconds
-
-        compute.append(at(DeviceRates(r.flops_per_s, r.bytes_per_s, 0.0, 0.0)))
-        ops = at(DeviceRates(1e300, 1e300, 1.0, 0.0))  # the op count: the same at both widths
-        times.append(float(seconds))
-    scale = (times[0] - times[1]) / max(compute[0] - compute[1], 1e-30)
-    op_seconds = (times[0] - scale * compute[0]) / max(ops, 1.0)
-    if scale > 0 and op_seconds >= 0:
-        return DeviceRates(r.flops_per_s / scale, r.bytes_per_s / scale, op_seconds, r.optimizer_ops_per_tensor,
-                           "probe-width")
-    # the narrower copy was not faster by less than its whole time (timing noise): match the full time only,
-    # which leaves every predicted ratio as the defaults make it (the source says so)
-    scale = times[0] / (compute[0] + ops * r.op_seconds)
-    return DeviceRates(r.flops_per_s / scale, r.bytes_per_s / scale, r.op_seconds * scale,
-                       r.optimizer_ops_per_tensor, "probe-uniform")

@@ -15,7 +15,7 @@ from ..config import RunConfig, run_config
 from ..dist import all_reduce_sum_, is_main, log, world_size
 from ..errors import PrunetuneError
 from ..io import atomic_write_text
-from ..cost import CostModel, DeviceRates, calibrate, calibrate_width, seq_stats
+from ..cost import CostModel, DeviceRates, calibrate, seq_stats
 from ..plan import PruningPlan, Scores, allocation_summary, make_plan, make_target_plan
 from ..scores import ImportanceTracker, StructureMasks
 from ..surgery import check_compensable, prune_adapter_model, prune_lora_model
@@ -331,7 +331,7 @@ def estimate(run: _LightRun) -> Estimate:
     probe = run.model if cfg.prune.cost_probe else None
     est = plan_from_scores(cfg=cfg, arch=run.arch, model_type=run.hf.config.model_type, masks=masks,
                            tracker=tracker, window=win, body_params=run.params_before["body"],
-                           cost_of=lambda ranks: _cost_model(run.ctx, run.arch, ranks, probe, masks=masks))
+                           cost_of=lambda ranks: _cost_model(run.ctx, run.arch, ranks, probe))
     run.info.update(estimation_seconds=time.perf_counter() - run.t0, estimation_peak_mb=state.memory.peak_mb,
                     cuda_estimation_peak_mb=mem.peak_mb)
     return est
@@ -480,74 +480,26 @@ def train_light(ctx: Context, export_dir: Path | None = None, model=None, hf=Non
     return LightResult(model=run.state.model, plan=est.plan, metrics=metrics, hf=run.hf, adapters=run.adapters)
 
 
-def _cost_model(ctx, arch, peft_ranks: dict[str, int], probe_model=None, masks=None) -> CostModel:
+def _cost_model(ctx, arch, peft_ranks: dict[str, int], probe_model=None) -> CostModel:
     """Step-time model at this run's batch shape (the training rows' real token lengths); with probe_model, its
-    rates are fitted to a few timed forward/backward passes on this device: of the (still unpruned) LoRA model
-    and of a narrower copy at the real batch (calibrate_width), or, for adapters, of the model at two batch
-    sizes (calibrate). The structure masks' hooks are off while timing (the fine-tune has none)."""
+    rates are fitted to a few timed forward/backward passes of the (still unpruned) model on this device."""
     cfg = ctx.cfg
-    timed: list[tuple[str, float]] = []
-    rows = cfg.train.batch_size * cfg.train.grad_accum  # one pass over a step's rows, as calibrate's
-    lora = getattr(probe_model, "peft_config", {}).get("default") if probe_model is not None else None
+    timed: list[tuple[int, float]] = []
 
-    def probe(batch):
-        seconds, length = _time_passes(ctx, probe_model, batch)
-        timed.append((f"{batch} rows", seconds))
+    def probe(rows):
+        seconds, length = _time_passes(ctx, probe_model, rows)
+        timed.append((rows, seconds))
         return seconds, length
 
-    def width(fraction):
-        model = probe_model if fraction == 1.0 else _narrow_copy(probe_model, arch, lora, fraction)
-        seconds, length = _time_passes(ctx, model, rows)
-        timed.append((f"width {fraction:.2f}", seconds))
-        return seconds, length
-
-    if masks is not None and probe_model is not None:
-        masks.detach()
-    try:
-        cost = cost_model(cfg=cfg, arch=arch, peft_ranks=peft_ranks,
-                          lengths=token_lengths(ctx.train_loader.dataset), batch_size=cfg.train.batch_size,
-                          grad_accum=cfg.train.grad_accum, device=ctx.device,
-                          probe=None if probe_model is None else (width if lora is not None else probe),
-                          by_width=lora is not None)
-    finally:
-        if masks is not None and probe_model is not None:
-            masks.attach(peft_inner_model(probe_model))
+    cost = cost_model(cfg=cfg, arch=arch, peft_ranks=peft_ranks, lengths=token_lengths(ctx.train_loader.dataset),
+                      batch_size=cfg.train.batch_size, grad_accum=cfg.train.grad_accum, device=ctx.device,
+                      probe=probe if probe_model is not None else None)
     if cost.rates.source == "probe-uniform":  # say it: this calibration cannot change the plan or the prediction
-        passes = ", ".join(f"{what} {seconds:.3f}s" for what, seconds in timed)
-        log(f"prune.cost_probe: the timed passes ({passes}) fit no non-negative fixed per-op overhead; the probe "
-            "only rescales every rate by one factor, which leaves the plan and the predicted speedup as the "
-            "default rates make them")
+        passes = ", ".join(f"{rows} rows {seconds:.3f}s" for rows, seconds in timed)
+        log(f"prune.cost_probe: timed passes ({passes}) grow at least as fast as the batch, so no fixed per-op "
+            "overhead can be fitted; the probe only rescales every rate by one factor, which leaves the plan and "
+            "the predicted speedup as the default rates make them")
     return cost
-
-
-def _narrow_copy(model, arch, lora, fraction: float):
-    """A copy of the LoRA model with `fraction` of every layer's head units and FFN neurons (all LoRA modules
-    kept), for timing; the RNG is left as it was (attaching LoRA draws initial weights)."""
-    import copy
-
-    units = max(1, round(arch.num_units * fraction))
-    neurons = max(1, round(arch.intermediate_size * fraction))
-    ranks = {n: list(range(r)) for n, r in _lora_ranks(model).items()}
-    plan = PruningPlan(family=arch.family, model_type=peft_inner_model(model).config.model_type,
-                       num_layers=arch.num_layers, num_units=arch.num_units, heads_per_unit=arch.heads_per_unit,
-                       head_dim=arch.head_dim, intermediate_size=arch.intermediate_size,
-                       kept_heads=[list(range(units))] * arch.num_layers,
-                       kept_neurons=[list(range(neurons))] * arch.num_layers,
-                       peft_ranks=ranks, peft_orig_ranks={n: len(v) for n, v in ranks.items()})
-    state = torch.get_rng_state(), (torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
-    try:
-        narrow, _ = prune_lora_model(copy.deepcopy(model), arch, plan, lora.r, lora.lora_alpha, lora.lora_dropout)
-    finally:
-        torch.set_rng_state(state[0])
-        if state[1] is not None:
-            torch.cuda.set_rng_state_all(state[1])
-    return narrow
-
-
-def _lora_ranks(model) -> dict[str, int]:
-    from ..units.lora import lora_layers
-
-    return {n: layer.lora_A["default"].weight.shape[0] for n, layer in lora_layers(peft_inner_model(model)).items()}
 
 
 def token_lengths(dataset) -> list[int]:
@@ -556,18 +508,16 @@ def token_lengths(dataset) -> list[int]:
 
 
 def cost_model(*, cfg: RunConfig, arch, peft_ranks: dict[str, int], lengths: list[int], batch_size: int,
-               grad_accum: int, device: torch.device, probe=None, by_width: bool = False) -> CostModel:
+               grad_accum: int, device: torch.device, probe=None) -> CostModel:
     """The step-time cost model for batches of `batch_size` x `grad_accum` rows of these token lengths;
-    probe fits the rates to timed passes on this device: probe(rows) -> (seconds, padded length) at two batch
-    sizes, or with by_width, probe(fraction) at the full and a narrower width (calibrate_width)."""
+    probe(rows) -> (seconds, padded length) fits the rates to timed passes on this device."""
     seq = seq_stats(lengths, batch_size, grad_accum, seed=cfg.train.seed)
     act = 2 if cfg.train.mixed_precision in ("bf16", "fp16") or cfg.model.dtype != "float32" else 4
     cost = CostModel(arch, seq, peft_ranks, DeviceRates.for_device(device.type), cfg.peft.kind, act,
                      2 if cfg.model.dtype != "float32" else 4)
     if probe is None:
         return cost
-    rates = calibrate_width(cost, probe) if by_width else calibrate(cost, probe)
-    return CostModel(arch, seq, peft_ranks, rates, cfg.peft.kind, act, cost.wb)
+    return CostModel(arch, seq, peft_ranks, calibrate(cost, probe), cfg.peft.kind, act, cost.wb)
 
 
 def _time_passes(ctx, model, rows: int, repeats: int = 3) -> tuple[float, float]:
