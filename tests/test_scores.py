@@ -389,3 +389,39 @@ def test_taylor_structure_score_is_first_order_loss_change(family):
         removed = hf(**b).loss
     assert abs(float((removed - loss).detach())) == pytest.approx(score, rel=2e-2, abs=1e-9)
     assert score > 0
+
+
+def test_tracker_checkpoint_keeps_every_ranks_activation_statistics(monkeypatch):
+    """Under DDP only rank 0 writes the checkpoint: the per-rank (activation) statistics are saved summed over
+    the ranks and reloaded on rank 0 only, so a run resumed mid-window does not count rank 0's batches once per
+    rank; gradient statistics (already averaged by DDP) are saved and reloaded as they are on every rank."""
+    import prunetune.scores.importance as importance
+
+    pm, hf, _arch, _names = tiny_lora("bert", seed=1)
+    tracker = ImportanceTracker(hf, rank_score="taylor").start()
+    pm.train()
+    b = batch(seed=1)
+    tracker.token_mask = b["attention_mask"]
+    pm(**b).logits.sum().backward()
+    tracker.after_backward()
+    tracker.stop()
+    name = sorted(tracker.module_sum)[0]
+    tracker.act_sum[name] = torch.tensor(1.5)  # activation sums are kept for PrunePEFT's unit groups only
+    single = tracker.state_dict()
+    monkeypatch.setattr(importance, "world_size", lambda: 2)  # a second rank with the same statistics
+    monkeypatch.setattr(importance, "all_reduce_sum_", lambda t: t.mul_(2))
+    doubled = tracker.state_dict()
+    assert torch.equal(doubled["module_sum"][name]["0"], 2 * single["module_sum"][name]["0"])
+    assert doubled["module_n"][name] == 2 * single["module_n"][name] > 0
+    assert torch.equal(doubled["act_sum"][name], 2 * single["act_sum"][name])
+    assert torch.equal(doubled["rank_sum"][name], single["rank_sum"][name])  # gradients: as they are
+    other = ImportanceTracker(hf, rank_score="taylor")
+    monkeypatch.setattr(importance, "rank", lambda: 1)
+    other.load_state_dict(doubled)
+    assert float(other.module_sum[name][0].abs().sum()) == 0 and other.module_n[name] == 0
+    assert float(other.act_sum[name].abs().sum()) == 0
+    assert torch.equal(other.rank_sum[name], single["rank_sum"][name])
+    monkeypatch.setattr(importance, "rank", lambda: 0)
+    first = ImportanceTracker(hf, rank_score="taylor")
+    first.load_state_dict(doubled)
+    assert torch.equal(first.module_sum[name][0], doubled["module_sum"][name]["0"])

@@ -15,7 +15,7 @@ import torch
 
 from ..units.adapters import AdapterSet
 from ..units.lora import ADAPTER, lora_layers
-from ..dist import all_reduce_sum_, world_size
+from ..dist import all_reduce_sum_, rank, world_size
 
 RANK_SCORES = {}
 
@@ -327,10 +327,21 @@ class ImportanceTracker:
     STATE_KEYS = ("module_sum", "module_n", "rank_sum", "rank_n", "act_sum", "grad_sum", "taylor_sum",
                   "module_taylor_sum", "skipped", "path_module_sum", "path_rank_sum", "path_steps", "_path_pending")
 
+    # statistics of each rank's own batches (activations); the others come from gradients DDP already averaged
+    PER_RANK = ("module_sum", "module_n", "act_sum")
+
     def state_dict(self) -> dict:
         """Nested dicts of CPU tensors and plain values; step keys as strings (a JSON-backed checkpoint
-        keeps them as they are)."""
+        keeps them as they are). Under DDP only rank 0 writes the checkpoint, so the per-rank statistics are
+        summed over the ranks here (a collective: every rank calls it) and load_state_dict gives them to rank 0."""
         state = {k: _to(getattr(self, k), "cpu") for k in self.STATE_KEYS}
+        if world_size() > 1:
+            state["module_sum"] = {n: {k: all_reduce_sum_(v.clone()) for k, v in sorted(steps.items())}
+                                   for n, steps in sorted(state["module_sum"].items())}
+            state["act_sum"] = {n: all_reduce_sum_(torch.as_tensor(v, dtype=torch.float32).clone())
+                                for n, v in sorted(state["act_sum"].items())}
+            state["module_n"] = {n: int(all_reduce_sum_(torch.tensor(float(v))))
+                                 for n, v in sorted(state["module_n"].items())}
         state["module_sum"] = {n: {str(k): v for k, v in steps.items()} for n, steps in state["module_sum"].items()}
         return state
 
@@ -342,6 +353,10 @@ class ImportanceTracker:
             if k in state:
                 setattr(self, k, _to(state[k], device))
         self.module_sum = {n: {int(k): v for k, v in steps.items()} for n, steps in self.module_sum.items()}
+        if rank() != 0:  # the saved per-rank statistics hold every rank's batches: rank 0 carries them on
+            self.module_sum = {n: {k: torch.zeros_like(v) for k, v in steps.items()} for n, steps in self.module_sum.items()}
+            self.act_sum = {n: torch.zeros_like(torch.as_tensor(v)) for n, v in self.act_sum.items()}
+            self.module_n = {n: 0 for n in self.module_n}
         self._pending = {}
 
     # -- results ---------------------------------------------------------------------------------
