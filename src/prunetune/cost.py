@@ -294,4 +294,3 @@ def calibrate(model: CostModel, measure, fractions: tuple[float, float] = (1.0, 
     scale = times[0] / (compute[0] + ops * r.op_seconds)
     return DeviceRates(r.flops_per_s / scale, r.bytes_per_s / scale, r.op_seconds * scale,
                        r.optimizer_ops_per_tensor, "probe-uniform")
-

@@ -18,7 +18,7 @@ from ..io import atomic_write_text
 from ..cost import CostModel, DeviceRates, calibrate, seq_stats
 from ..plan import PruningPlan, Scores, allocation_summary, make_plan, make_target_plan
 from ..scores import ImportanceTracker, StructureMasks
-from ..surgery import check_compensable, prune_adapter_model, prune_lora_model
+from ..surgery import base_layer, check_compensable, prune_adapter_model, prune_lora_model, structure_ops
 from ..train import PeakMemory, TrainState
 from ..train.checkpoint import load_checkpoint, save_checkpoint
 from ..train.distill import Distiller
@@ -231,15 +231,12 @@ def altered_base(hf, arch, plan: PruningPlan, *, compensate: bool, merge_removed
     out: dict[str, torch.Tensor] = {}
 
     def keep(name: str, attr: str) -> None:
-        module = hf.get_submodule(name)
-        out[f"{name}.{attr}"] = getattr(getattr(module, "base_layer", module), attr).detach().cpu().clone()
+        out[f"{name}.{attr}"] = getattr(base_layer(hf.get_submodule(name)), attr).detach().cpu().clone()
 
-    if compensate:
-        for i, layer in enumerate(arch.layers):
-            if len(plan.kept_heads[i]) < plan.num_units:
-                keep(layer.o, "bias")
-            if len(plan.kept_neurons[i]) < plan.intermediate_size:
-                keep(layer.down, "bias")
+    if compensate:  # the o / down projections the plan slices are those compensation added to
+        sliced = structure_ops(arch, plan)
+        for name in (n for layer in arch.layers for n in (layer.o, layer.down) if n in sliced):
+            keep(name, "bias")
     if merge_removed:
         for name, r in plan.peft_orig_ranks.items():
             if len(plan.peft_ranks.get(name, [])) < r:
@@ -252,8 +249,7 @@ def restore_altered(hf, saved: dict[str, torch.Tensor]) -> None:
     """Put altered_base's tensors back into a resumed run's pruned model."""
     for key, value in saved.items():
         name, attr = key.rsplit(".", 1)
-        module = hf.get_submodule(name)
-        getattr(getattr(module, "base_layer", module), attr).copy_(value)
+        getattr(base_layer(hf.get_submodule(name)), attr).copy_(value)
 
 
 class _LightRun:

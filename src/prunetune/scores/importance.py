@@ -327,14 +327,13 @@ class ImportanceTracker:
     STATE_KEYS = ("module_sum", "module_n", "rank_sum", "rank_n", "act_sum", "grad_sum", "taylor_sum",
                   "module_taylor_sum", "skipped", "path_module_sum", "path_rank_sum", "path_steps", "_path_pending")
 
-    # statistics of each rank's own batches (activations); the others come from gradients DDP already averaged
-    PER_RANK = ("module_sum", "module_n", "act_sum")
-
     def state_dict(self) -> dict:
         """Nested dicts of CPU tensors and plain values; step keys as strings (a JSON-backed checkpoint
         keeps them as they are). Under DDP only rank 0 writes the checkpoint, so the per-rank statistics are
         summed over the ranks here (a collective: every rank calls it) and load_state_dict gives them to rank 0."""
         state = {k: _to(getattr(self, k), "cpu") for k in self.STATE_KEYS}
+        # module_sum, act_sum, module_n: each rank's own batches (activations); the rest come from gradients,
+        # which DDP already averaged
         if world_size() > 1:
             state["module_sum"] = {n: {k: all_reduce_sum_(v.clone()) for k, v in sorted(steps.items())}
                                    for n, steps in sorted(state["module_sum"].items())}

@@ -7,6 +7,7 @@ from torch import nn
 
 from ..arch import Arch, is_conv1d
 from ..arch.families import set_head_count
+from ..errors import PrunetuneError
 from ..plan import PruningPlan
 
 Op = tuple[str, torch.Tensor]  # ("out" | "in", kept indices)
@@ -80,16 +81,15 @@ def apply_plan(hf_model, arch: Arch, plan: PruningPlan) -> dict[str, Op]:
 
 def check_compensable(hf_model, arch: Arch) -> None:
     """prune.compensate adds to the o / down biases: refuse a model whose projections have none (before work)."""
-    from ..errors import PrunetuneError
-
     layer = arch.layers[0]
-    missing = [n for n in (layer.o, layer.down) if getattr(_base(hf_model.get_submodule(n)), "bias", None) is None]
+    missing = [n for n in (layer.o, layer.down) if getattr(base_layer(hf_model.get_submodule(n)), "bias", None) is None]
     if missing:
         raise PrunetuneError(f"prune.compensate needs biases on the attention output and FFN down projections; this "
                              f"{arch.family} model has none on {', '.join(missing)}")
 
 
-def _base(module: nn.Module) -> nn.Module:
+def base_layer(module: nn.Module) -> nn.Module:
+    """The frozen base projection of a module, LoRA-wrapped or not."""
     return getattr(module, "base_layer", module)
 
 
@@ -110,10 +110,10 @@ def compensate_bias(hf_model, arch: Arch, plan: PruningPlan, means, lora: dict[s
                                  (layer.down, torch.tensor(gone_neurons, dtype=torch.long), means[1][i])):
             if len(cols) == 0:
                 continue
-            module = _base(hf_model.get_submodule(name))
+            module = base_layer(hf_model.get_submodule(name))
             w = module.weight.float()
-            m = torch.as_tensor(mean, dtype=torch.float32, device=w.device)[cols.to(w.device)]
             cols = cols.to(w.device)
+            m = torch.as_tensor(mean, dtype=torch.float32, device=w.device)[cols]
             delta = (m @ w[cols, :]) if is_conv1d(module) else (w[:, cols] @ m)
             ranks = None if lora_ranks is None else lora_ranks.get(name, [])
             if lora and name in lora and (ranks is None or ranks):
