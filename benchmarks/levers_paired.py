@@ -3,6 +3,7 @@
 
     python benchmarks/levers_paired.py BASE METHOD 42,43,44 [--json benchmarks/results/NAME.json]
     python benchmarks/levers_paired.py vanilla METHOD 42,...,46    # METHOD against each seed's vanilla run
+    python benchmarks/levers_paired.py vanilla METHOD 42,43,44 --timed results/QUIET.json   # + its timings
 
 Reads benchmarks/results/levers/{BASE,METHOD}-SEED.json (written by light_levers.py, same base config, so the
 two sides of a seed share the estimation and, when the lever does not change it, the plan). BASE may instead be
@@ -39,6 +40,8 @@ def main(argv=None) -> int:
     p.add_argument("method")
     p.add_argument("seeds", help="comma-separated")
     p.add_argument("--json")
+    p.add_argument("--timed", help="a light_peft.py JSON of the same plan timed on a quiet machine: its step and "
+                                   "end-to-end speedups fill the summary's (the screens themselves are not timed)")
     args = p.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     runs = {name: [_run(name, s) for s in seeds] for name in (args.base, args.method) if name != "vanilla"}
@@ -66,6 +69,11 @@ def main(argv=None) -> int:
                                      "seeds": [seeds[i] for i in with_vanilla]} for name, s in vs_vanilla.items()},
                "note": ("baseline = each seed's vanilla run" if args.base == "vanilla" else
                         "baseline = the BASE lever's runs (not vanilla)") + "; one-thread runs beside other jobs: no timings"}
+    if args.timed:
+        timed = json.loads(Path(args.timed).read_text())["summary"]
+        summary |= {"step_speedup_mean": timed["step_speedup_mean"], "e2e_speedup_mean": timed["e2e_speedup_mean"],
+                    "timed_seeds": timed["seeds"], "timed_predicted_step_speedup": timed["predicted_step_speedup"]}
+        summary["note"] += f"; step / e2e speedups: seed(s) {timed['seeds']} timed quietly in {args.timed}"
     rows = [{"seed": s, **{name: {metric: runs[name][i]["final"][metric], "plan": runs[name][i]["plan"],
                                   "step_ms": runs[name][i]["step_ms"]} for name in runs}}
             for i, s in enumerate(seeds)]

@@ -54,3 +54,23 @@ def test_prune_peft_progress_continues_a_seed_and_refuses_other_settings(tmp_pat
     args.lr = 2e-3
     with pytest.raises(SystemExit, match="other settings"):
         prune_peft.Progress(args, "stsb", 42)
+
+
+def test_levers_paired_takes_its_speedups_from_a_quiet_timed_run(tmp_path):
+    """levers_paired.py --timed: the screens are not timed, so the summary's step / end-to-end speedups come
+    from the named quiet run of the same plan (and stay null without it)."""
+    import levers_paired  # noqa: E402  (benchmarks/levers_paired.py)
+
+    timed = BENCH / "results" / "light_sst2_8k_t175_e2e42.json"
+    args = ["vanilla", "t175-f50m30-lrx2-8k", "42,43,44"]
+    for extra in ([], ["--timed", str(timed)]):
+        out = tmp_path / f"paired{len(extra)}.json"
+        assert levers_paired.main([*args, *extra, "--json", str(out)]) == 0
+        s = json.loads(out.read_text())["summary"]
+        assert s["seeds"] == [42, 43, 44] and s["paired_diff_ci95"][0] < s["paired_diff_mean"]
+        if extra:
+            t = json.loads(timed.read_text())["summary"]
+            assert (s["step_speedup_mean"], s["e2e_speedup_mean"]) == (t["step_speedup_mean"], t["e2e_speedup_mean"])
+            assert s["timed_seeds"] == [42] and "timed quietly" in s["note"]
+        else:
+            assert s["step_speedup_mean"] is None and s["e2e_speedup_mean"] is None

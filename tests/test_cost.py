@@ -152,15 +152,16 @@ def test_calibrate_names_a_uniform_rescale_when_timings_grow_faster_than_the_bat
     assert rescaled.unpruned(optimizer=False).seconds == pytest.approx(0.3 * 8 ** 1.1, rel=1e-9)
 
 
-@pytest.mark.parametrize("compensate", [False, True])
-def test_timing_probe_leaves_the_run_unchanged(tmp_path, compensate):
+@pytest.mark.parametrize("stats", ["", "compensate", "reconstruct"])
+def test_timing_probe_leaves_the_run_unchanged(tmp_path, stats):
     """The optional probe (prune.cost_probe) times passes of the unpruned model: same plan, same losses after
-    (prune.compensate: its training passes are not counted in the window's means)."""
+    (prune.compensate / prune.reconstruct: its training passes are not counted in the window's statistics)."""
     from test_pipeline import light, save_tiny_bert, write_sst2
 
     model_dir, data = save_tiny_bert(tmp_path / "bert"), write_sst2(tmp_path / "sst2")
     runs = [light(model_dir, {"data_dir": str(data)}, tmp_path / f"r{probe}", train={"max_steps": 6, "seed": 3},
-                  estimate={"steps": 3}, prune={"cost_probe": probe, "compensate": compensate})["light_peft"]
+                  estimate={"steps": 3}, prune={"cost_probe": probe, "compensate": stats == "compensate",
+                         "reconstruct": stats == "reconstruct"})["light_peft"]
             for probe in (False, True)]
     # probe-uniform: the timed passes fitted one factor on every rate (timing noise decides which)
     assert runs[0]["cost_rates"] == "fitted-cpu" and runs[1]["cost_rates"] in ("probe", "probe-uniform")

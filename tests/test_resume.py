@@ -140,14 +140,18 @@ def test_gradual_fade_resumes_exactly(setup):
 
 
 @pytest.mark.parametrize("kill_at", ["estimate:4", "fine-tune:14"])
-def test_compensation_resumes_exactly(setup, kill_at):
-    """prune.compensate: the window's input sums (mid-estimation) and the means (after surgery) are in the
-    checkpoint, so a killed run compensates with the same means as an uninterrupted one."""
+@pytest.mark.parametrize("options", [("compensate",), ("compensate", "reconstruct")])
+def test_compensation_resumes_exactly(setup, kill_at, options):
+    """prune.compensate (and prune.reconstruct): the window's input sums and moment sums are in mid-estimation
+    checkpoints, and what surgery changed in the base (o / down biases; reconstructed weights) is in fine-tune
+    checkpoints (a resumed run's surgery runs on the untrained model, without the moments), so a killed run
+    ends where an uninterrupted one does."""
     root, model, data, plain = setup
-    extra = ["--set", "prune.compensate=true"]
-    ref_dir = root / "ref-comp"
+    extra = [arg for o in options for arg in ("--set", f"prune.{o}=true")]
+    ref_dir = root / f"ref-{'-'.join(options)}"
     if not (ref_dir / "results.json").exists():
         assert main(_args(model, data, ref_dir, *extra)) == 0
     reference = _summary(ref_dir)
     assert reference[0] == plain[0] and reference[3] != plain[3]  # same plan, other fine-tune losses
-    assert _killed_and_resumed(model, data, root / f"killed-comp-{kill_at[:3]}", extra, kill_at) == reference
+    killed = root / f"killed-{'-'.join(options)}-{kill_at[:3]}"
+    assert _killed_and_resumed(model, data, killed, extra, kill_at) == reference

@@ -328,3 +328,26 @@ def test_callback_compensation_matches_the_own_loop(setup, tmp_path):
     assert any("attention.output" in n for n in changed) and any(".output.dense" in n and "attention" not in n
                                                                   for n in changed)
     assert layer.attention.self.query.base_layer.out_features < 32
+
+
+def test_callback_reconstruction_matches_the_own_loop(setup, tmp_path):
+    """prune.reconstruct through the Trainer: the window's moments are taken on the same tokens, so the
+    reconstructed o / down weights equal the own loop's (and differ from the unpruned model's kept columns)."""
+    cfg = copy.deepcopy(CFG)
+    cfg["prune"]["reconstruct"] = True
+    trainer, cb, own = run_both(setup, tmp_path, cfg)
+    assert cb.plan.meta["compensation"]["reconstruct"] and cb.estimate.moments is None  # used, then freed
+    a, b = trainer.model.base_model.model, own.model.base_model.model
+
+    def named(model):  # LoRA-wrapped or not after surgery: one name per base tensor
+        return {n.replace(".base_layer", ""): p for n, p in model.named_parameters()}
+
+    weights = {n: p for n, p in named(a).items() if n.endswith("output.dense.weight")}
+    assert weights and all(torch.allclose(p, named(b)[n], atol=1e-6, rtol=0) for n, p in weights.items())
+    _, _, peft_model = setup
+    original = named(peft_model.base_model.model)
+    cut = [i for i, kept in enumerate(cb.plan.kept_neurons) if len(kept) < cb.arch.intermediate_size]
+    assert cut
+    for i in cut:  # the kept columns absorbed the removed neurons' part: not the unpruned model's columns
+        name = f"bert.encoder.layer.{i}.output.dense.weight"
+        assert not torch.allclose(named(a)[name], original[name][:, cb.plan.kept_neurons[i]], atol=1e-4)

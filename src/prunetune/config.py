@@ -253,6 +253,16 @@ class PruneConfig(ConfigBase):
         "bias compensation: each removed head and FFN neuron is replaced by its mean contribution over the "
         "estimation window's training tokens, added to the o / down bias at surgery (FLAP, An et al. 2024); needs "
         "biases on those projections (BERT, RoBERTa, GPT-2, OPT; not Llama-family)"))
+    reconstruct: bool = option(False, help=(
+        "least-squares reconstruction at surgery: the kept input columns of each sliced o / down projection "
+        "absorb what the removed heads and neurons contributed, as far as the kept inputs predict it over the "
+        "estimation window's training tokens (W_K += W_R C_RK (C_KK + d I)^-1, structured OBS as in ZipLM / "
+        "SlimGPT; d: prune.reconstruct_damp); with prune.compensate C is the covariance and the bias takes the "
+        "mean part. Any family; holds a width x width input moment per layer and projection during the window "
+        "(8 bytes x layers x (hidden^2 + intermediate^2), twice)"))
+    reconstruct_damp: float = option(0.01, ge=0.0, help=(
+        "prune.reconstruct: ridge term added to the kept inputs' moment matrix, as a fraction of its mean "
+        "diagonal (keeps dead or collinear inputs solvable; 0 = plain least squares)"))
     gradual: float = option(0.0, ge=0.0, lt=1.0, help=(
         "gradual pruning: the removed heads and FFN neurons fade out linearly through their masks over this "
         "fraction of all steps after estimation (the model still trains at full size, so the PEFT modules adapt "
@@ -294,9 +304,11 @@ class PruneConfig(ConfigBase):
         return self.target_speedup is not None or self.target_params is not None
 
     def _check(self) -> None:
-        if self.compensate and self.gradual > 0:
-            raise PrunetuneError("prune.compensate cannot be combined with prune.gradual: the fade drives the removed "
-                                 "units to 0 before the cut, so their window means are no longer what the model uses")
+        for name in ("compensate", "reconstruct"):
+            if getattr(self, name) and self.gradual > 0:
+                raise PrunetuneError(f"prune.{name} cannot be combined with prune.gradual: the fade drives the removed "
+                                     "units to 0 before the cut, so their window statistics are no longer what the "
+                                     "model uses")
         if self.target_speedup is not None and self.target_params is not None:
             raise PrunetuneError("set one of prune.target_speedup and prune.target_params, not both")
         if self.target_speedup is not None and not self.target_speedup > 1.0:

@@ -27,6 +27,7 @@ import torch
 
 from ..arch import get_arch
 from ..config import RunConfig, run_config
+from ..dist import log
 from ..errors import PrunetuneError
 from ..methods.common import base_param_counts, peft_inner_model
 from ..methods.light_peft import (Estimate, LightResult, Window, check_target, cost_model, path_step,
@@ -116,6 +117,8 @@ class LightPeftCallback(TrainerCallback):
         if self.cfg.prune.compensate:  # a model without o / down biases is refused before the first step
             check_compensable(hf, self.arch)
         self.masks = StructureMasks(self.arch).to(device).attach(hf)
+        if self.cfg.prune.reconstruct:
+            log(f"prune.reconstruct: the window's input moments take {self.masks.moment_bytes() / 2**30:.2f} GiB")
         self._optimizer, self._scheduler = optimizer, lr_scheduler
         if self.cfg.prune.finetune_lr_scale != 1.0 and not isinstance(
                 getattr(_inner(lr_scheduler), "base_lrs", None), list):
@@ -162,7 +165,9 @@ class LightPeftCallback(TrainerCallback):
         first = 0 if self.cfg.estimate.module_score == "path" else self.window.start
         if self._active and state.global_step >= self.window.start and not self.tracker._handles:
             self.tracker.start()
-            self.masks.collect_means = self.cfg.prune.compensate  # the window's tokens give removed units' means
+            # the window's tokens give removed units' means (and second moments, prune.reconstruct)
+            self.masks.collect_means = self.cfg.prune.compensate or self.cfg.prune.reconstruct
+            self.masks.collect_moments = self.cfg.prune.reconstruct
         if self._active and state.global_step >= first and not self._snap_hooks:
             for p in self._model.parameters():
                 if p.requires_grad:
@@ -228,7 +233,9 @@ class LightPeftCallback(TrainerCallback):
         self.masks.detach()
         lora = model.peft_config["default"]
         pruned = prune(model=model, hf=hf, arch=self.arch, adapters=None, estimate=self.estimate, r=lora.r,
-                       alpha=lora.lora_alpha, dropout=lora.lora_dropout, merge_removed=self.cfg.prune.merge_removed)
+                       alpha=lora.lora_alpha, dropout=lora.lora_dropout, merge_removed=self.cfg.prune.merge_removed,
+                       damp=cfg.prune.reconstruct_damp)
+        self.estimate.moments = None  # used: layers x width^2 that the fine-tune does not need
         _transplant(model, pruned.model)
         for n, p in hf.named_parameters():  # the user's choice of what trains (e.g. a frozen head) is kept
             if n in trainable and "lora_" not in n:

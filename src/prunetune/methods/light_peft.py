@@ -68,11 +68,16 @@ class Estimate:
     """What the estimation phase leaves: the plan, the mask values to fold into o / down weights
     (prune.fold_masks) as (head masks, ffn masks) of plain lists, else None, the mask values the gradual
     fade starts from (prune.gradual > 0), else None, and the window's mean o / down inputs per layer that
-    surgery compensates removed units with (prune.compensate), else None."""
+    surgery compensates removed units with (prune.compensate), else None, and their mean x x^T per layer
+    (covariance with prune.compensate; (layers, width, width) tensors for o and down) that surgery
+    reconstructs with (prune.reconstruct), else
+    None. A resumed fine-tune restores the weights surgery produced instead (altered_base)."""
     plan: PruningPlan
     fold_values: tuple[list, list] | None = None
     fade_from: tuple[list, list] | None = None
     means: tuple[list, list] | None = None
+    moments: tuple[torch.Tensor, torch.Tensor] | None = None
+    mask_values: tuple[list, list] | None = None  # prune.reconstruct, masks dropped: what the hooks applied
 
 
 @dataclass
@@ -130,10 +135,13 @@ def plan_from_scores(*, cfg: RunConfig, arch, model_type: str, masks: StructureM
     """Estimation -> plan (shared by prunetune's loop and the Trainer callback): finalize the window's scores,
     make the plan (fixed ratios or target mode) and its allocation report. cost_of(peft_ranks) -> CostModel."""
     tracker.stop()
-    masks.collect_means = False  # before cost_of: prune.cost_probe's timed training passes go through the hooks
+    masks.collect_means = masks.collect_moments = False  # before cost_of: the probe's passes go through the hooks
     means = masks.input_means() if cfg.prune.compensate else None
-    if cfg.prune.compensate and means is None:
-        raise PrunetuneError("prune.compensate: no training token reached the masks during the estimation window")
+    moments = masks.input_moments(centered=cfg.prune.compensate) if cfg.prune.reconstruct else None
+    masks.drop_moments()  # CPU copies taken: free the sums (layers x width^2, on the device)
+    for name, got in (("compensate", means), ("reconstruct", moments)):
+        if getattr(cfg.prune, name) and got is None:
+            raise PrunetuneError(f"prune.{name}: no training token reached the masks during the estimation window")
     if tracker.rank_n == 0:  # nothing to rank PEFT modules by: a plan would drop them all
         raise PrunetuneError(f"none of the {window.steps - window.start} steps of the estimation window could be "
                              "scored (non-finite gradients: fp16 overflow or divergence); lower train.lr, use "
@@ -174,12 +182,19 @@ def plan_from_scores(*, cfg: RunConfig, arch, model_type: str, masks: StructureM
                          model_type=model_type, meta=meta)
     plan.meta["allocation"] = allocation_summary(plan, cost=cost, scores=scores)
     values = ([m.tolist() for m in head_vals], [m.tolist() for m in ffn_vals])
-    if means is not None:  # what compensation used, for reports and the data-parallel check
-        plan.meta["compensation"] = {"tokens": masks.tokens_seen,
-                                     "o_input_mean_abs": [float(torch.tensor(m).abs().mean()) for m in means[0]],
-                                     "down_input_mean_abs": [float(torch.tensor(m).abs().mean()) for m in means[1]]}
+    if means is not None or moments is not None:  # what compensation used, for reports and the DDP check
+        plan.meta["compensation"] = {"tokens": masks.tokens_seen, "reconstruct": moments is not None}
+    if moments is not None:  # per layer: sqrt of the mean diagonal of the moments (RMS, or the std when centred)
+        plan.meta["compensation"] |= {
+            f"{role}_input_scale": [float(m.diagonal().mean().clamp_min(0).sqrt()) for m in kind]
+            for role, kind in (("o", moments[0]), ("down", moments[1]))}
+    if means is not None:
+        plan.meta["compensation"] |= {
+            "o_input_mean_abs": [float(torch.tensor(m).abs().mean()) for m in means[0]],
+            "down_input_mean_abs": [float(torch.tensor(m).abs().mean()) for m in means[1]]}
     return Estimate(plan=plan, fold_values=values if p.fold_masks else None,
-                    fade_from=values if p.gradual > 0 else None, means=means)
+                    fade_from=values if p.gradual > 0 else None, means=means, moments=moments,
+                    mask_values=values if p.reconstruct and not p.fold_masks else None)
 
 
 def _target_plan(*, cfg: RunConfig, arch, cost: CostModel, scores: Scores, body_params: int, model_type: str,
@@ -210,33 +225,38 @@ def check_target(*, cfg: RunConfig, arch, peft_ranks: dict[str, int], cost_of, b
 
 
 def prune(*, model, hf, arch, adapters, estimate: Estimate, r: int, alpha: float, dropout: float,
-          merge_removed: bool = False) -> Pruned:
+          merge_removed: bool = False, damp: float = 0.01) -> Pruned:
     """Surgery (shared by prunetune's loop and the Trainer callback): the physically pruned PEFT model. LoRA:
     a new PeftModel over the same (sliced) HF model (merge_removed: what removed LoRA learned is merged into the
     base first); adapters: sliced in place. estimate.means (prune.compensate): removed units' mean
-    contributions go into the o / down biases first."""
+    contributions go into the o / down biases first; estimate.moments (prune.reconstruct): the kept o / down
+    columns absorb the removed ones' predictable part (damp: prune.reconstruct_damp)."""
     fold = [[torch.tensor(v) for v in vals] for vals in estimate.fold_values] if estimate.fold_values else (None, None)
     if adapters is None:
         model, ops = prune_lora_model(model, arch, estimate.plan, r, alpha, dropout, *fold,
-                                      merge_removed=merge_removed, means=estimate.means)
+                                      merge_removed=merge_removed, means=estimate.means, moments=estimate.moments,
+                                      damp=damp, dropped_masks=estimate.mask_values)
         return Pruned(model=model, hf=model.base_model.model, extras={}, ops=ops)
-    ops = prune_adapter_model(hf, arch, estimate.plan, adapters, *fold, extras_key="adapters", means=estimate.means)
+    ops = prune_adapter_model(hf, arch, estimate.plan, adapters, *fold, extras_key="adapters", means=estimate.means,
+                              moments=estimate.moments, damp=damp, dropped_masks=estimate.mask_values)
     return Pruned(model=model, hf=hf, extras={"adapters": adapters}, ops=ops)
 
 
-def altered_base(hf, arch, plan: PruningPlan, *, compensate: bool, merge_removed: bool) -> dict[str, torch.Tensor]:
+def altered_base(hf, arch, plan: PruningPlan, *, compensate: bool, merge_removed: bool,
+                 reconstruct: bool = False) -> dict[str, torch.Tensor]:
     """Frozen base tensors whose values surgery changed, not only sliced: the o / down biases compensation
-    added to, the weights removed LoRA was merged into. Fine-tune checkpoints carry them, because a resumed
+    added to, the o / down weights reconstruction updated, the weights removed LoRA was merged into. Fine-tune checkpoints carry them, because a resumed
     run's surgery runs on the untrained model (its LoRA weights at t' are not the ones surgery used)."""
     out: dict[str, torch.Tensor] = {}
 
     def keep(name: str, attr: str) -> None:
         out[f"{name}.{attr}"] = getattr(base_layer(hf.get_submodule(name)), attr).detach().cpu().clone()
 
-    if compensate:  # the o / down projections the plan slices are those compensation added to
+    if compensate or reconstruct:  # the o / down projections the plan slices are those compensation changed
         sliced = structure_ops(arch, plan)
         for name in (n for layer in arch.layers for n in (layer.o, layer.down) if n in sliced):
-            keep(name, "bias")
+            for attr in (("bias",) if compensate else ()) + (("weight",) if reconstruct else ()):
+                keep(name, attr)
     if merge_removed:
         for name, r in plan.peft_orig_ranks.items():
             if len(plan.peft_ranks.get(name, [])) < r:
@@ -268,6 +288,8 @@ class _LightRun:
         if cfg.prune.compensate:  # a model without o / down biases is refused before any step
             check_compensable(hf, arch)
         self.masks = StructureMasks(arch).attach(hf)
+        if cfg.prune.reconstruct:
+            log(f"prune.reconstruct: the window's input moments take {self.masks.moment_bytes() / 2**30:.2f} GiB")
         extras = {"masks": self.masks, **({"adapters": adapters} if adapters is not None else {})}
         self.window = Window.of(cfg, ctx.total_steps, len(ctx.train_loader.dataset))
         self.state = TrainState(model, hf, extras, cfg.train, ctx.train_loader, ctx.total_steps, ctx.device,
@@ -310,7 +332,9 @@ def estimate(run: _LightRun) -> Estimate:
         tracker.token_mask = masks.token_mask = batch.get("attention_mask")
         if state.step >= win.start and not tracker._handles:
             tracker.start()
-            masks.collect_means = cfg.prune.compensate  # the window's tokens give the removed units' means
+            # the window's tokens give the removed units' means (and second moments, prune.reconstruct)
+            masks.collect_means = cfg.prune.compensate or cfg.prune.reconstruct
+            masks.collect_moments = cfg.prune.reconstruct
 
     def after_backward(step):
         path_step(cfg=cfg, tracker=tracker, finite=state.step_finite)
@@ -393,10 +417,13 @@ def prune_phase(run: _LightRun, est: Estimate) -> Pruned:
             run.teacher_state = run.ck["teacher"]
             run.distiller.load_trained(run.teacher_state)
     pruned = prune(model=run.model, hf=run.hf, arch=run.arch, adapters=run.adapters, estimate=est,
-                   r=r, alpha=alpha, dropout=dropout, merge_removed=cfg.prune.merge_removed)
+                   r=r, alpha=alpha, dropout=dropout, merge_removed=cfg.prune.merge_removed,
+                   damp=cfg.prune.reconstruct_damp)
+    est.moments = None  # used: layers x width^2 that the fine-tune does not need
     if run.ck is not None and run.ck["phase"] == "finetune":  # resumed: surgery ran on the untrained model
         restore_altered(pruned.hf, run.ck.get("altered", {}))
     run.altered = altered_base(pruned.hf, run.arch, est.plan, compensate=cfg.prune.compensate,
+                               reconstruct=cfg.prune.reconstruct,
                                merge_removed=cfg.prune.merge_removed and run.adapters is None)
     # the teacher rides along as a frozen extra: nothing of it trains, but peak_mb counts its weights
     extras = {**pruned.extras, **({"teacher": run.distiller.teacher} if run.distiller is not None else {})}

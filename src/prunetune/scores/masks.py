@@ -10,7 +10,9 @@ Gradients arrive already averaged across DDP ranks, so the accumulated scores ar
 
 While collecting (prune.compensate), the same hooks also sum what each unit feeds its o / down projection
 (after its mask: what the trained model computed), over the real tokens of training batches, so surgery can
-replace a removed unit by its mean contribution (bias compensation, An et al. 2024, FLAP).
+replace a removed unit by its mean contribution (bias compensation, An et al. 2024, FLAP). With
+prune.reconstruct they also sum the inputs' outer products (the window's second moments), so surgery can let
+the kept columns of o / down absorb what the removed ones predictably contributed (least squares).
 """
 from __future__ import annotations
 
@@ -30,14 +32,17 @@ class StructureMasks(nn.Module):
         self._handles: list = []
         self.taylor_sum: dict[str, list[torch.Tensor]] = {}
         self.taylor_n = 0
-        self.collect_means = False  # set while the estimation window runs (prune.compensate)
+        self.collect_means = False  # set while the estimation window runs (prune.compensate / reconstruct)
+        self.collect_moments = False  # second moments too (prune.reconstruct): an n x n sum per layer
         self.token_mask: torch.Tensor | None = None  # (batch, seq) 1 = real token; set before each forward
         # kind -> (layers, width) float64 sums of the o / down input and (layers,) token counts: committed steps
-        # (input_sum / input_n) and the step in flight (_pending_*), committed by commit_inputs when finite
+        # (input_sum / input_n) and the step in flight (_pending_*), committed by commit_inputs when finite;
+        # kind "heads2" / "ffn2": (layers, width, width) sums of x x^T (prune.reconstruct)
         self.input_sum: dict[str, torch.Tensor] = {}
         self.input_n: dict[str, torch.Tensor] = {}
         self._pending_sum: dict[str, torch.Tensor] = {}
         self._pending_n: dict[str, torch.Tensor] = {}
+        self._pending = False  # whether the buffers hold a step in flight
         self.tokens_seen = 0  # tokens behind the last input_means(), over all ranks
 
     def attach(self, hf_model) -> "StructureMasks":
@@ -72,44 +77,80 @@ class StructureMasks(nn.Module):
         tm = self.token_mask
         if tm is not None and tm.numel() == flat.shape[0]:
             w = (tm.reshape(-1, 1).to(device=flat.device) > 0).to(torch.float32)
-            total, count = (flat.float() * w).sum(0), w.sum()
         else:
-            total, count = flat.float().sum(0), torch.tensor(float(flat.shape[0]), device=flat.device)
+            w = torch.ones(flat.shape[0], 1, device=flat.device)
+        weighted = flat.to(torch.promote_types(flat.dtype, torch.float32)) * w  # fp16 / bf16 summed in fp32
+        self._pend(kind, layer, weighted.sum(0), w.sum())
+        if self.collect_moments:  # padding rows are zero in `weighted` (w is 0 / 1), so they add nothing;
+            # the product in the input's precision (>= fp32: fp64 is slow on most GPUs), summed in fp64
+            self._pend(kind + "2", layer, weighted.T @ weighted, w.sum())
+
+    def _pend(self, kind: str, layer: int, total: torch.Tensor, count: torch.Tensor) -> None:
+        """Add to the step-in-flight buffers (allocated once, zeroed in place by commit_inputs)."""
         if kind not in self._pending_sum:
-            self._pending_sum[kind] = torch.zeros(len(self.arch.layers), flat.shape[-1], dtype=torch.float64,
-                                                  device=flat.device)
-            self._pending_n[kind] = torch.zeros(len(self.arch.layers), dtype=torch.float64, device=flat.device)
-        self._pending_sum[kind][layer] += total.double()
-        self._pending_n[kind][layer] += count.double()
+            self._pending_sum[kind] = torch.zeros(len(self.arch.layers), *total.shape, dtype=torch.float64,
+                                                  device=total.device)
+            self._pending_n[kind] = torch.zeros(len(self.arch.layers), dtype=torch.float64, device=total.device)
+        self._pending_sum[kind][layer] += total
+        self._pending_n[kind][layer] += count
+        self._pending = True
 
     @torch.no_grad()
     def commit_inputs(self, finite: bool = True) -> None:
         """After a step's backward: its input sums join the window's, unless the step was not finite (the fp16
         scaler skips it) or a sum overflowed: one inf activation would otherwise poison a whole bias."""
-        pending, counts = self._pending_sum, self._pending_n
-        self._pending_sum, self._pending_n = {}, {}
-        if not pending or not finite or not bool(torch.stack([torch.isfinite(t).all() for t in pending.values()]).all()):
+        if not self._pending:
             return
-        for kind, t in pending.items():
-            if kind in self.input_sum:
-                self.input_sum[kind] += t
-                self.input_n[kind] += counts[kind]
-            else:
-                self.input_sum[kind], self.input_n[kind] = t, counts[kind]
+        self._pending = False
+        pending, counts = self._pending_sum, self._pending_n
+        if finite and bool(torch.stack([torch.isfinite(t).all() for t in pending.values()]).all()):
+            for kind, t in pending.items():
+                if kind in self.input_sum:
+                    self.input_sum[kind] += t
+                    self.input_n[kind] += counts[kind]
+                else:
+                    self.input_sum[kind], self.input_n[kind] = t.clone(), counts[kind].clone()
+        for t in (*pending.values(), *counts.values()):
+            t.zero_()
+
+    def moment_bytes(self) -> int:
+        """Device memory the second-moment sums take (prune.reconstruct): the window's and the step's, fp64."""
+        widths = (self.arch.num_units * self.arch.heads_per_unit * self.arch.head_dim, self.arch.intermediate_size)
+        return 2 * 8 * len(self.arch.layers) * sum(w * w for w in widths)
+
+    def drop_moments(self) -> None:
+        """Free the second-moment sums and buffers (layers x width^2 each) once surgery has what it needs."""
+        for d in (self.input_sum, self.input_n, self._pending_sum, self._pending_n):
+            for kind in ("heads2", "ffn2"):
+                d.pop(kind, None)
 
     def input_means(self) -> tuple[list[list[float]], list[list[float]]] | None:
         """Mean o-input per column (heads) and down-input per neuron (ffn) of every layer over the committed
         tokens of all ranks (data-parallel ranks see different batches; every rank must compensate alike), as
         plain lists (they go into checkpoints); None when nothing was collected. A collective: call on all ranks."""
-        if any(kind not in self.input_sum for kind in ("heads", "ffn")):
+        return self._reduced(("heads", "ffn"), lambda t: t.float().cpu().tolist())
+
+    def input_moments(self, centered: bool = False) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Mean x x^T of the o-input (heads) and down-input (ffn) per layer, or with centered the covariance
+        (centred here, from the float64 sums: the cancellation would eat float32 means), (layers, width, width)
+        float64 CPU tensors over the committed tokens of all ranks (prune.reconstruct); None when nothing was
+        collected. A collective: call on all ranks."""
+        second = self._reduced(("heads2", "ffn2"), lambda t: t.cpu())
+        if second is None or not centered:
+            return second
+        means = self._reduced(("heads", "ffn"), lambda t: t.cpu())
+        return tuple(s - m[:, :, None] * m[:, None, :] for s, m in zip(second, means))
+
+    def _reduced(self, kinds: tuple[str, str], convert):
+        if any(kind not in self.input_sum for kind in kinds):
             return None
         out = []
-        for kind in ("heads", "ffn"):
+        for kind in kinds:
             total = all_reduce_sum_(self.input_sum[kind].clone())
             n = all_reduce_sum_(self.input_n[kind].clone())
             if float(n.min()) == 0:
                 return None
-            out.append((total / n[:, None]).float().cpu().tolist())
+            out.append(convert(total / n.view(-1, *[1] * (total.dim() - 1))))
             self.tokens_seen = int(n[0])
         return out[0], out[1]
 

@@ -115,14 +115,85 @@ def compensate_bias(hf_model, arch: Arch, plan: PruningPlan, means, lora: dict[s
             cols = cols.to(w.device)
             m = torch.as_tensor(mean, dtype=torch.float32, device=w.device)[cols]
             delta = (m @ w[cols, :]) if is_conv1d(module) else (w[:, cols] @ m)
-            ranks = None if lora_ranks is None else lora_ranks.get(name, [])
-            if lora and name in lora and (ranks is None or ranks):
-                t = lora[name]
-                a, b = t["A"].float().to(w.device), t["B"].float().to(w.device)
-                if ranks is not None:
-                    a, b = a[ranks], b[:, ranks]
-                delta = delta + t["scaling"] * (b @ (a[:, cols] @ m))
+            staying = _staying_lora(lora, lora_ranks, name, torch.float32, w.device)
+            if staying is not None:
+                a, b, scaling = staying
+                delta = delta + scaling * (b @ (a[:, cols] @ m))
             module.bias.add_(delta.to(module.bias.dtype))
+
+
+def _staying_lora(lora: dict[str, dict] | None, lora_ranks: dict[str, list[int]] | None, name: str, dtype,
+                  device) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+    """(A, B, scaling) of the LoRA that stays on module `name` after surgery (lora_ranks: module -> kept ranks,
+    a module absent from it is dropped; None = all ranks), or None when none stays."""
+    ranks = None if lora_ranks is None else lora_ranks.get(name, [])
+    if not lora or name not in lora or not (ranks is None or ranks):
+        return None
+    t = lora[name]
+    a, b = t["A"].to(device, dtype), t["B"].to(device, dtype)
+    if ranks is not None:
+        a, b = a[ranks], b[:, ranks]
+    return a, b, t["scaling"]
+
+
+@torch.no_grad()
+def reconstruct(hf_model, arch: Arch, plan: PruningPlan, moments, means=None, lora: dict[str, dict] | None = None,
+                lora_ranks: dict[str, list[int]] | None = None, damp: float = 0.01, dropped_masks=None) -> None:
+    """Before slicing: least-squares reconstruction of every o / down projection the plan slices. The kept input
+    columns K absorb what the removed ones R contributed, as far as the kept inputs predict it over the tokens
+    the moments came from: W_K += W_R C_RK (C_KK + d I)^-1 (structured optimal brain surgeon on the layer's
+    output, as in ZipLM / SlimGPT; d = damp x the mean diagonal of C_KK keeps dead inputs solvable; with
+    damp=0 a singular C_KK falls back to its pseudo-inverse).
+    moments: (per layer o-input, per layer down-input) mean x x^T of the masked inputs, or with means given
+    (prune.compensate) the covariance, and the bias also takes the mean part, b += W_R mu_R - dW_K mu_K (with
+    C_RK = 0 this is compensate_bias). W is the effective weight: the base plus the LoRA that stays on the
+    projection (lora, lora_ranks as compensate_bias's); the update goes into the frozen base.
+    dropped_masks: (head masks, ffn masks) per layer when surgery drops the masks instead of folding them: the
+    kept columns then receive unmasked inputs x_K = s_K / m_K, so the update's columns are scaled by m_K (the
+    removed part W_R s_R is what is reconstructed; the kept part loses its mask, as without reconstruction)."""
+    width = arch.heads_per_unit * arch.head_dim
+    for i, layer in enumerate(arch.layers):
+        kept_units = plan.kept_heads[i]
+        scales = (None, None) if dropped_masks is None else (
+            torch.as_tensor(dropped_masks[0][i], dtype=torch.float64).repeat_interleave(width),
+            torch.as_tensor(dropped_masks[1][i], dtype=torch.float64))
+        for name, kept, n, second, mean, scale in (
+                (layer.o, _span(kept_units, width), arch.num_units * width, moments[0][i],
+                 None if means is None else means[0][i], scales[0]),
+                (layer.down, torch.tensor(plan.kept_neurons[i], dtype=torch.long), arch.intermediate_size,
+                 moments[1][i], None if means is None else means[1][i], scales[1])):
+            if len(kept) == n:
+                continue
+            module = base_layer(hf_model.get_submodule(name))
+            conv = is_conv1d(module)
+            w = module.weight.double()
+            w = w.T if conv else w  # (out, in)
+            staying = _staying_lora(lora, lora_ranks, name, torch.float64, w.device)
+            if staying is not None:
+                a, b, scaling = staying
+                w = w + scaling * (b @ a)
+            gone_mask = torch.ones(n, dtype=torch.bool)
+            gone_mask[kept] = False
+            kept_d, gone_d = kept.to(w.device), gone_mask.nonzero().flatten().to(w.device)
+            c = torch.as_tensor(second, dtype=torch.float64, device=w.device)
+            c_kk, c_kr = c[kept_d][:, kept_d], c[kept_d][:, gone_d]
+            c_kk = c_kk + damp * c_kk.diagonal().mean().clamp_min(1e-12) * torch.eye(len(kept), dtype=c.dtype,
+                                                                                       device=c.device)
+            solved, info = torch.linalg.solve_ex(c_kk, c_kr)
+            if int(info) != 0:  # exactly singular (damp=0 with dead inputs): the least-norm solution
+                solved = torch.linalg.pinv(c_kk, hermitian=True) @ c_kr
+            w_gone = w[:, gone_d]
+            delta = w_gone @ solved.T  # W_R C_RK C_KK^-1: (out, |K|), acting on masked kept inputs
+            if mean is not None:  # the mean part, in masked terms as the moments are
+                mu = torch.as_tensor(mean, dtype=torch.float64, device=w.device)
+                module.bias.add_((w_gone @ mu[gone_d] - delta @ mu[kept_d]).to(module.bias.dtype))
+            if scale is not None:  # the kept columns will see unmasked inputs
+                delta = delta * scale.to(w.device)[kept_d][None, :]
+            weight = module.weight
+            if conv:
+                weight[kept_d, :] += delta.T.to(weight.dtype)
+            else:
+                weight[:, kept_d] += delta.to(weight.dtype)
 
 
 @torch.no_grad()
