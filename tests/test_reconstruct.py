@@ -6,6 +6,8 @@ exactly what the unpruned masked model computes; without reconstruction it does 
 structure with a pre-hook on o / down that rewrites the removed columns from the kept ones."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from models import batch, random_masks, random_plan, tiny, tiny_lora, zero_pruned_lora
@@ -82,7 +84,7 @@ def _window(pm, masks, affine: bool):
         pm(**b)
         masks.commit_inputs()
     masks.collect_means = masks.collect_moments = False
-    return (masks.input_means() if affine else None), masks.input_moments(centered=affine)
+    return (masks.input_means() if affine else None), masks.take_moments(centered=affine)
 
 
 @pytest.mark.parametrize("fold", [True, False])
@@ -131,10 +133,12 @@ def test_reconstructed_pruning_equals_the_masked_model_when_removed_inputs_are_p
         assert (_logits(plain, batch(seed=seed)) - ref).abs().max() > 1e-3  # reconstruction makes them equal
 
 
-@pytest.mark.parametrize("family", ["bert", "opt"])
-def test_moments_are_taken_over_real_tokens_after_the_masks(family):
+@pytest.mark.parametrize("family,autocast", [("bert", False), ("opt", False), ("bert", True)])
+def test_moments_are_taken_over_real_tokens_after_the_masks(family, autocast):
     """mean x x^T of an o / down input: masked values, padding left out (OPT's FFN sees (batch x seq)
-    flattened); an evaluation forward and a non-finite step add nothing; a checkpoint round trip keeps it."""
+    flattened); an evaluation forward and a non-finite step add nothing, and the step after a discarded one
+    counts only itself; a checkpoint round trip keeps the sums. Under bf16 autocast (mixed-precision training)
+    the product stays in fp32: the moments match the bf16 activations' fp64 x x^T."""
     hf = tiny(family)
     arch = get_arch(hf)
     masks = StructureMasks(arch).attach(hf)
@@ -145,25 +149,67 @@ def test_moments_are_taken_over_real_tokens_after_the_masks(family):
             lambda _m, args, role=role: seen[role].append(args[0].detach().clone()))
     masks.collect_means = masks.collect_moments = True
     real = {"o": [], "down": []}
-    for seed in (1, 2):
+
+    def step(seed, finite=True):
         b = batch(seed=seed)
         masks.token_mask = b["attention_mask"]
-        hf(**b)
-        masks.commit_inputs(finite=True)
-        for role, xs in seen.items():
-            real[role].append(xs[-1].reshape(-1, xs[-1].shape[-1])[b["attention_mask"].reshape(-1) > 0])
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            hf(**b)
+        masks.commit_inputs(finite=finite)
+        if finite:
+            for role, xs in seen.items():
+                real[role].append(xs[-1].reshape(-1, xs[-1].shape[-1])[b["attention_mask"].reshape(-1) > 0])
+
+    step(1)
+    step(2)
     with torch.no_grad():
         hf(**batch(seed=3))
-    hf(**batch(seed=4))
-    masks.commit_inputs(finite=False)
-    heads, ffn = masks.input_moments()
+    step(4, finite=False)  # a step the fp16 scaler skips adds nothing ...
+    step(5)  # ... and leaves nothing behind for the next one
+    state = masks.score_state()
+    heads, ffn = masks.take_moments()
     for got, role in ((heads, "o"), (ffn, "down")):
         x = torch.cat(real[role]).double()
-        torch.testing.assert_close(got[1], x.T @ x / len(x), atol=1e-6, rtol=1e-6)
+        assert seen[role][-1].dtype == (torch.bfloat16 if autocast else torch.float32)
+        torch.testing.assert_close(got[1], x.T @ x / len(x), atol=1e-6, rtol=1e-5)
         assert got.shape == (len(arch.layers), x.shape[1], x.shape[1]) and got.dtype == torch.float64
+    assert masks.tokens_seen == len(real["o"][0]) + len(real["o"][1]) + len(real["o"][2])
+    assert "ffn2" not in masks.input_sum and masks.take_moments() is None  # taken: freed on the device
     fresh = StructureMasks(arch)
-    fresh.load_score_state(masks.score_state())
-    torch.testing.assert_close(fresh.input_moments()[1], ffn, atol=0, rtol=0)
+    fresh.load_score_state(state)
+    torch.testing.assert_close(fresh.take_moments()[1], ffn, atol=0, rtol=0)
+
+
+def test_surgery_scales_the_update_by_the_masks_it_drops():
+    """light_peft.prune passes the estimate's mask values to surgery when the masks are dropped (the default),
+    and none when they are folded: the result equals the explicit call, and differs without the values."""
+    from prunetune.methods.light_peft import Estimate, prune
+
+    pm, hf, arch, names = _model("bert")
+    masks = StructureMasks(arch).attach(hf)
+    random_masks(masks, 43)
+    plan = random_plan(arch, masks, names, R, 1 / 3, 1 / 3, 0.5, 0.5, seed=44, model_type=hf.config.model_type)
+    _, moments = _window(pm, masks, affine=False)
+    values = ([m.tolist() for m in masks.head_values()], [m.tolist() for m in masks.ffn_values()])
+    masks.detach()
+
+    def weights(model):
+        return {n: p.detach().clone() for n, p in model.named_parameters() if n.endswith("dense.weight")}
+
+    got = {}
+    for name, est, kwargs in (
+            ("estimate", Estimate(plan=plan, moments=moments, mask_values=values), None),
+            ("explicit", None, dict(dropped_masks=values)),
+            ("unscaled", Estimate(plan=plan, moments=moments), None)):
+        model = copy.deepcopy(pm)
+        if est is not None:
+            out = prune(model=model, hf=model.base_model.model, arch=arch, adapters=None, estimate=est, r=R,
+                        alpha=ALPHA, dropout=0.0).model
+        else:
+            out = prune_lora_model(model, arch, plan, R, ALPHA, 0.0, moments=moments, **kwargs)[0]
+        got[name] = weights(out)
+    assert all(torch.equal(got["estimate"][n], got["explicit"][n]) for n in got["explicit"])
+    assert any(not torch.allclose(got["estimate"][n], got["unscaled"][n]) for n in got["explicit"])
 
 
 def test_the_ridge_term_and_the_fade_are_checked():
@@ -203,9 +249,9 @@ def test_a_singular_moment_matrix_without_ridge_falls_back_to_the_pseudo_inverse
 
 
 def test_adapters_and_the_export_reconstruct_end_to_end(tmp_path):
-    """The adapter path (hook-based, no LoRA term) through a whole run: surgery reconstructs (the fine-tune
-    losses move away from the run without it, the plan is the same), and the export reloads to the same
-    outputs (the reconstructed weights are what is saved)."""
+    """The adapter path (hook-based, no LoRA term) through a whole run with prune.compensate + reconstruct:
+    the same plan and estimation, and the exports carry other FFN down weights than the run without them
+    (compensation alone changes only biases, so the weights differ by reconstruction)."""
     import json
 
     from test_pipeline import light, save_tiny_bert, write_sst2

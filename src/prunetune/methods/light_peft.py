@@ -137,8 +137,8 @@ def plan_from_scores(*, cfg: RunConfig, arch, model_type: str, masks: StructureM
     tracker.stop()
     masks.collect_means = masks.collect_moments = False  # before cost_of: the probe's passes go through the hooks
     means = masks.input_means() if cfg.prune.compensate else None
-    moments = masks.input_moments(centered=cfg.prune.compensate) if cfg.prune.reconstruct else None
-    masks.drop_moments()  # CPU copies taken: free the sums (layers x width^2, on the device)
+    # CPU copies; the device's sums (layers x width^2) are freed
+    moments = masks.take_moments(centered=cfg.prune.compensate) if cfg.prune.reconstruct else None
     for name, got in (("compensate", means), ("reconstruct", moments)):
         if getattr(cfg.prune, name) and got is None:
             raise PrunetuneError(f"prune.{name}: no training token reached the masks during the estimation window")

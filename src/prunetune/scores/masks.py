@@ -43,7 +43,7 @@ class StructureMasks(nn.Module):
         self._pending_sum: dict[str, torch.Tensor] = {}
         self._pending_n: dict[str, torch.Tensor] = {}
         self._pending = False  # whether the buffers hold a step in flight
-        self.tokens_seen = 0  # tokens behind the last input_means(), over all ranks
+        self.tokens_seen = 0  # tokens behind the last input_means() / take_moments(), over all ranks
 
     def attach(self, hf_model) -> "StructureMasks":
         """Hook the (possibly LoRA-wrapped) o and down projections, so PEFT inputs are masked too."""
@@ -82,8 +82,10 @@ class StructureMasks(nn.Module):
         weighted = flat.to(torch.promote_types(flat.dtype, torch.float32)) * w  # fp16 / bf16 summed in fp32
         self._pend(kind, layer, weighted.sum(0), w.sum())
         if self.collect_moments:  # padding rows are zero in `weighted` (w is 0 / 1), so they add nothing;
-            # the product in the input's precision (>= fp32: fp64 is slow on most GPUs), summed in fp64
-            self._pend(kind + "2", layer, weighted.T @ weighted, w.sum())
+            # the product in the input's precision (>= fp32: fp64 is slow on most GPUs), summed in fp64; autocast
+            # (the hooks run inside the forward) would make it a bf16 / fp16 product
+            with torch.autocast(flat.device.type, enabled=False):
+                self._pend(kind + "2", layer, weighted.T @ weighted, w.sum())
 
     def _pend(self, kind: str, layer: int, total: torch.Tensor, count: torch.Tensor) -> None:
         """Add to the step-in-flight buffers (allocated once, zeroed in place by commit_inputs)."""
@@ -118,28 +120,35 @@ class StructureMasks(nn.Module):
         widths = (self.arch.num_units * self.arch.heads_per_unit * self.arch.head_dim, self.arch.intermediate_size)
         return 2 * 8 * len(self.arch.layers) * sum(w * w for w in widths)
 
-    def drop_moments(self) -> None:
-        """Free the second-moment sums and buffers (layers x width^2 each) once surgery has what it needs."""
-        for d in (self.input_sum, self.input_n, self._pending_sum, self._pending_n):
-            for kind in ("heads2", "ffn2"):
-                d.pop(kind, None)
-
     def input_means(self) -> tuple[list[list[float]], list[list[float]]] | None:
         """Mean o-input per column (heads) and down-input per neuron (ffn) of every layer over the committed
         tokens of all ranks (data-parallel ranks see different batches; every rank must compensate alike), as
         plain lists (they go into checkpoints); None when nothing was collected. A collective: call on all ranks."""
         return self._reduced(("heads", "ffn"), lambda t: t.float().cpu().tolist())
 
-    def input_moments(self, centered: bool = False) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def take_moments(self, centered: bool = False) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Mean x x^T of the o-input (heads) and down-input (ffn) per layer, or with centered the covariance
-        (centred here, from the float64 sums: the cancellation would eat float32 means), (layers, width, width)
+        (centred from the float64 sums: the cancellation would eat float32 means), (layers, width, width)
         float64 CPU tensors over the committed tokens of all ranks (prune.reconstruct); None when nothing was
-        collected. A collective: call on all ranks."""
-        second = self._reduced(("heads2", "ffn2"), lambda t: t.cpu())
-        if second is None or not centered:
-            return second
-        means = self._reduced(("heads", "ffn"), lambda t: t.cpu())
-        return tuple(s - m[:, :, None] * m[:, None, :] for s, m in zip(second, means))
+        collected. Takes them: the sums (layers x width^2, on the device) are all-reduced in place and freed, so
+        the device never holds more than the window's sums. A collective: call on all ranks, once."""
+        for d in (self._pending_sum, self._pending_n):
+            for kind in ("heads2", "ffn2"):
+                d.pop(kind, None)
+        if any(kind not in self.input_sum for kind in ("heads2", "ffn2")):
+            return None
+        means = self._reduced(("heads", "ffn"), lambda t: t.cpu()) if centered else None
+        out = []
+        for kind in ("heads2", "ffn2"):
+            total, n = all_reduce_sum_(self.input_sum.pop(kind)), all_reduce_sum_(self.input_n.pop(kind))
+            if float(n.min()) == 0:
+                return None
+            out.append(total.cpu() / n.cpu().view(-1, 1, 1))
+            self.tokens_seen = int(n[0])
+        if means is not None:
+            for t, m in zip(out, means):
+                t -= m[:, :, None] * m[:, None, :]
+        return out[0], out[1]
 
     def _reduced(self, kinds: tuple[str, str], convert):
         if any(kind not in self.input_sum for kind in kinds):

@@ -150,7 +150,8 @@ def reconstruct(hf_model, arch: Arch, plan: PruningPlan, moments, means=None, lo
     projection (lora, lora_ranks as compensate_bias's); the update goes into the frozen base.
     dropped_masks: (head masks, ffn masks) per layer when surgery drops the masks instead of folding them: the
     kept columns then receive unmasked inputs x_K = s_K / m_K, so the update's columns are scaled by m_K (the
-    removed part W_R s_R is what is reconstructed; the kept part loses its mask, as without reconstruction)."""
+    removed part W_R s_R is what is reconstructed; the kept part loses its mask, as without reconstruction).
+    The masks train during the window, so the moments mix their values over it; the scaling uses the last ones."""
     width = arch.heads_per_unit * arch.head_dim
     for i, layer in enumerate(arch.layers):
         kept_units = plan.kept_heads[i]
