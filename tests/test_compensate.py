@@ -158,7 +158,8 @@ def test_compensate_bias_keeps_a_projections_mean_output():
     full = down(x) + 2.0 * x @ a.T @ bm.T
     kept = list(range(0, arch.intermediate_size, 3))
     all_heads, all_neurons = list(range(arch.num_units)), list(range(arch.intermediate_size))
-    plan = SimpleNamespace(kept_heads=[all_heads, all_heads], kept_neurons=[kept, all_neurons])
+    plan = SimpleNamespace(kept_heads=[all_heads, all_heads], kept_neurons=[kept, all_neurons],
+                           num_units=arch.num_units, intermediate_size=arch.intermediate_size)
     means = ([[0.0] * arch.hidden_size] * 2, [x.mean(0).tolist(), [0.0] * arch.intermediate_size])
     compensate_bias(hf, arch, plan, means, lora={arch.layers[0].down: {"A": a, "B": bm, "scaling": 2.0}})
     with torch.no_grad():

@@ -236,7 +236,8 @@ def test_a_singular_moment_matrix_without_ridge_falls_back_to_the_pseudo_inverse
     x[:, -1] = x[:, 1] - 2.0 * x[:, 2]  # a removed neuron the kept ones predict
     kept = list(range(n - 1))
     all_heads = list(range(arch.num_units))
-    plan = SimpleNamespace(kept_heads=[all_heads, all_heads], kept_neurons=[kept, list(range(n))])
+    plan = SimpleNamespace(kept_heads=[all_heads, all_heads], kept_neurons=[kept, list(range(n))],
+                           num_units=arch.num_units, intermediate_size=n)
     moments = (torch.zeros(2, arch.hidden_size, arch.hidden_size, dtype=torch.float64),
                torch.stack([x.T @ x / len(x), torch.eye(n, dtype=torch.float64)]))
     down = hf.get_submodule(arch.layers[0].down)

@@ -77,7 +77,7 @@ class Estimate:
     fade_from: tuple[list, list] | None = None
     means: tuple[list, list] | None = None
     moments: tuple[torch.Tensor, torch.Tensor] | None = None
-    mask_values: tuple[list, list] | None = None  # prune.reconstruct, masks dropped: what the hooks applied
+    mask_values: tuple[list, list] | None = None  # prune.reconstruct: what the hooks applied (used if dropped)
 
 
 @dataclass
@@ -194,7 +194,7 @@ def plan_from_scores(*, cfg: RunConfig, arch, model_type: str, masks: StructureM
             "down_input_mean_abs": [float(torch.tensor(m).abs().mean()) for m in means[1]]}
     return Estimate(plan=plan, fold_values=values if p.fold_masks else None,
                     fade_from=values if p.gradual > 0 else None, means=means, moments=moments,
-                    mask_values=values if p.reconstruct and not p.fold_masks else None)
+                    mask_values=values if p.reconstruct else None)
 
 
 def _target_plan(*, cfg: RunConfig, arch, cost: CostModel, scores: Scores, body_params: int, model_type: str,

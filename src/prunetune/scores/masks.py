@@ -124,7 +124,8 @@ class StructureMasks(nn.Module):
         """Mean o-input per column (heads) and down-input per neuron (ffn) of every layer over the committed
         tokens of all ranks (data-parallel ranks see different batches; every rank must compensate alike), as
         plain lists (they go into checkpoints); None when nothing was collected. A collective: call on all ranks."""
-        return self._reduced(("heads", "ffn"), lambda t: t.float().cpu().tolist())
+        means = self._reduced(("heads", "ffn"))
+        return None if means is None else (means[0].float().tolist(), means[1].float().tolist())
 
     def take_moments(self, centered: bool = False) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Mean x x^T of the o-input (heads) and down-input (ffn) per layer, or with centered the covariance
@@ -135,31 +136,26 @@ class StructureMasks(nn.Module):
         for d in (self._pending_sum, self._pending_n):
             for kind in ("heads2", "ffn2"):
                 d.pop(kind, None)
-        if any(kind not in self.input_sum for kind in ("heads2", "ffn2")):
-            return None
-        means = self._reduced(("heads", "ffn"), lambda t: t.cpu()) if centered else None
-        out = []
-        for kind in ("heads2", "ffn2"):
-            total, n = all_reduce_sum_(self.input_sum.pop(kind)), all_reduce_sum_(self.input_n.pop(kind))
-            if float(n.min()) == 0:
-                return None
-            out.append(total.cpu() / n.cpu().view(-1, 1, 1))
-            self.tokens_seen = int(n[0])
-        if means is not None:
+        means = self._reduced(("heads", "ffn")) if centered else None
+        out = self._reduced(("heads2", "ffn2"), take=True)
+        if out is not None and means is not None:
             for t, m in zip(out, means):
                 t -= m[:, :, None] * m[:, None, :]
-        return out[0], out[1]
+        return out
 
-    def _reduced(self, kinds: tuple[str, str], convert):
+    def _reduced(self, kinds: tuple[str, str], take: bool = False) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Sums / token counts of two kinds over all ranks, as float64 CPU tensors; None when nothing was
+        collected. take: the device sums are all-reduced in place and dropped, not copied."""
         if any(kind not in self.input_sum for kind in kinds):
             return None
         out = []
         for kind in kinds:
-            total = all_reduce_sum_(self.input_sum[kind].clone())
-            n = all_reduce_sum_(self.input_n[kind].clone())
+            total, n = ((self.input_sum.pop(kind), self.input_n.pop(kind)) if take
+                        else (self.input_sum[kind].clone(), self.input_n[kind].clone()))
+            total, n = all_reduce_sum_(total), all_reduce_sum_(n)
             if float(n.min()) == 0:
                 return None
-            out.append(convert(total / n.view(-1, *[1] * (total.dim() - 1))))
+            out.append(total.cpu() / n.cpu().view(-1, *[1] * (total.dim() - 1)))
             self.tokens_seen = int(n[0])
         return out[0], out[1]
 

@@ -93,6 +93,20 @@ def base_layer(module: nn.Module) -> nn.Module:
     return getattr(module, "base_layer", module)
 
 
+def _cut_inputs(arch: Arch, plan: PruningPlan):
+    """For every o / down projection the plan slices (structure_ops' input-side ops): (layer index, 0 for o /
+    1 for down, module name, kept input columns, removed input columns)."""
+    ops = structure_ops(arch, plan)
+    widths = (arch.num_units * arch.heads_per_unit * arch.head_dim, arch.intermediate_size)
+    for i, layer in enumerate(arch.layers):
+        for j, name in enumerate((layer.o, layer.down)):
+            if name in ops:
+                kept = ops[name][1]
+                gone = torch.ones(widths[j], dtype=torch.bool)
+                gone[kept] = False
+                yield i, j, name, kept, gone.nonzero().flatten()
+
+
 @torch.no_grad()
 def compensate_bias(hf_model, arch: Arch, plan: PruningPlan, means, lora: dict[str, dict] | None = None,
                     lora_ranks: dict[str, list[int]] | None = None) -> None:
@@ -101,25 +115,17 @@ def compensate_bias(hf_model, arch: Arch, plan: PruningPlan, means, lora: dict[s
     layer down-input means). A LoRA module on o / down contributes through its removed input columns too:
     scaling * B[:, r] @ (A[r][:, removed] @ mean) over the ranks r that stay (lora_ranks: module -> kept ranks,
     a module absent from it is dropped; None = all ranks, when removed LoRA is merged into the base)."""
-    width = arch.heads_per_unit * arch.head_dim
-    for i, layer in enumerate(arch.layers):
-        kept_units, kept_neurons = set(plan.kept_heads[i]), set(plan.kept_neurons[i])
-        gone_units = [u for u in range(arch.num_units) if u not in kept_units]
-        gone_neurons = [j for j in range(arch.intermediate_size) if j not in kept_neurons]
-        for name, cols, mean in ((layer.o, _span(gone_units, width), means[0][i]),
-                                 (layer.down, torch.tensor(gone_neurons, dtype=torch.long), means[1][i])):
-            if len(cols) == 0:
-                continue
-            module = base_layer(hf_model.get_submodule(name))
-            w = module.weight.float()
-            cols = cols.to(w.device)
-            m = torch.as_tensor(mean, dtype=torch.float32, device=w.device)[cols]
-            delta = (m @ w[cols, :]) if is_conv1d(module) else (w[:, cols] @ m)
-            staying = _staying_lora(lora, lora_ranks, name, torch.float32, w.device)
-            if staying is not None:
-                a, b, scaling = staying
-                delta = delta + scaling * (b @ (a[:, cols] @ m))
-            module.bias.add_(delta.to(module.bias.dtype))
+    for i, j, name, _kept, cols in _cut_inputs(arch, plan):
+        module = base_layer(hf_model.get_submodule(name))
+        w = module.weight.float()
+        cols = cols.to(w.device)
+        m = torch.as_tensor(means[j][i], dtype=torch.float32, device=w.device)[cols]
+        delta = (m @ w[cols, :]) if is_conv1d(module) else (w[:, cols] @ m)
+        staying = _staying_lora(lora, lora_ranks, name, torch.float32, w.device)
+        if staying is not None:
+            a, b, scaling = staying
+            delta = delta + scaling * (b @ (a[:, cols] @ m))
+        module.bias.add_(delta.to(module.bias.dtype))
 
 
 def _staying_lora(lora: dict[str, dict] | None, lora_ranks: dict[str, list[int]] | None, name: str, dtype,
@@ -153,48 +159,36 @@ def reconstruct(hf_model, arch: Arch, plan: PruningPlan, moments, means=None, lo
     removed part W_R s_R is what is reconstructed; the kept part loses its mask, as without reconstruction).
     The masks train during the window, so the moments mix their values over it; the scaling uses the last ones."""
     width = arch.heads_per_unit * arch.head_dim
-    for i, layer in enumerate(arch.layers):
-        kept_units = plan.kept_heads[i]
-        scales = (None, None) if dropped_masks is None else (
-            torch.as_tensor(dropped_masks[0][i], dtype=torch.float64).repeat_interleave(width),
-            torch.as_tensor(dropped_masks[1][i], dtype=torch.float64))
-        for name, kept, n, second, mean, scale in (
-                (layer.o, _span(kept_units, width), arch.num_units * width, moments[0][i],
-                 None if means is None else means[0][i], scales[0]),
-                (layer.down, torch.tensor(plan.kept_neurons[i], dtype=torch.long), arch.intermediate_size,
-                 moments[1][i], None if means is None else means[1][i], scales[1])):
-            if len(kept) == n:
-                continue
-            module = base_layer(hf_model.get_submodule(name))
-            conv = is_conv1d(module)
-            w = module.weight.double()
-            w = w.T if conv else w  # (out, in)
-            staying = _staying_lora(lora, lora_ranks, name, torch.float64, w.device)
-            if staying is not None:
-                a, b, scaling = staying
-                w = w + scaling * (b @ a)
-            gone_mask = torch.ones(n, dtype=torch.bool)
-            gone_mask[kept] = False
-            kept_d, gone_d = kept.to(w.device), gone_mask.nonzero().flatten().to(w.device)
-            c = torch.as_tensor(second, dtype=torch.float64, device=w.device)
-            c_kk, c_kr = c[kept_d][:, kept_d], c[kept_d][:, gone_d]
-            c_kk = c_kk + damp * c_kk.diagonal().mean().clamp_min(1e-12) * torch.eye(len(kept), dtype=c.dtype,
-                                                                                       device=c.device)
-            solved, info = torch.linalg.solve_ex(c_kk, c_kr)
-            if int(info) != 0:  # exactly singular (damp=0 with dead inputs): the least-norm solution
-                solved = torch.linalg.pinv(c_kk, hermitian=True) @ c_kr
-            w_gone = w[:, gone_d]
-            delta = w_gone @ solved.T  # W_R C_RK C_KK^-1: (out, |K|), acting on masked kept inputs
-            if mean is not None:  # the mean part, in masked terms as the moments are
-                mu = torch.as_tensor(mean, dtype=torch.float64, device=w.device)
-                module.bias.add_((w_gone @ mu[gone_d] - delta @ mu[kept_d]).to(module.bias.dtype))
-            if scale is not None:  # the kept columns will see unmasked inputs
-                delta = delta * scale.to(w.device)[kept_d][None, :]
-            weight = module.weight
-            if conv:
-                weight[kept_d, :] += delta.T.to(weight.dtype)
-            else:
-                weight[:, kept_d] += delta.to(weight.dtype)
+    for i, j, name, kept, gone in _cut_inputs(arch, plan):
+        module = base_layer(hf_model.get_submodule(name))
+        conv = is_conv1d(module)
+        w = module.weight.double()
+        w = w.T if conv else w  # (out, in)
+        staying = _staying_lora(lora, lora_ranks, name, torch.float64, w.device)
+        if staying is not None:
+            a, b, scaling = staying
+            w = w + scaling * (b @ a)
+        kept_d, gone_d = kept.to(w.device), gone.to(w.device)
+        c = torch.as_tensor(moments[j][i], dtype=torch.float64, device=w.device)
+        c_kk, c_kr = c[kept_d][:, kept_d], c[kept_d][:, gone_d]
+        c_kk = c_kk + damp * c_kk.diagonal().mean().clamp_min(1e-12) * torch.eye(len(kept), dtype=c.dtype,
+                                                                                   device=c.device)
+        solved, info = torch.linalg.solve_ex(c_kk, c_kr)
+        if int(info) != 0:  # exactly singular (damp=0 with dead inputs): the least-norm solution
+            solved = torch.linalg.pinv(c_kk, hermitian=True) @ c_kr
+        w_gone = w[:, gone_d]
+        delta = w_gone @ solved.T  # W_R C_RK C_KK^-1: (out, |K|), acting on masked kept inputs
+        if means is not None:  # the mean part, in masked terms as the moments are
+            mu = torch.as_tensor(means[j][i], dtype=torch.float64, device=w.device)
+            module.bias.add_((w_gone @ mu[gone_d] - delta @ mu[kept_d]).to(module.bias.dtype))
+        if dropped_masks is not None:  # the kept columns will see unmasked inputs
+            scale = torch.as_tensor(dropped_masks[j][i], dtype=torch.float64, device=w.device)
+            delta = delta * (scale.repeat_interleave(width) if j == 0 else scale)[kept_d][None, :]
+        weight = module.weight
+        if conv:
+            weight[kept_d, :] += delta.T.to(weight.dtype)
+        else:
+            weight[:, kept_d] += delta.to(weight.dtype)
 
 
 @torch.no_grad()
