@@ -11,6 +11,8 @@ ROWS=n changes the training rows (default 4000); SST2_DIR the data folder.
 TASK=stsb / TASK=cola screen those tasks instead, with the setup of their committed 3-seed target rows
 (STS-B: 6,000 rows = all, max_length 128; CoLA: 9,000 rows = all, max_length 64; 3 epochs), paired with those
 rows' vanilla runs; their data folders are ../shared/data/STS-B and ../shared/data/CoLA (DATA_DIR overrides).
+TASK=cola_e8 / TASK=rte_e6: CoLA at 8 epochs, RTE (all rows, max_length 128) at 6, paired with the vanilla runs
+of light_cola_e8_lrx2.json / light_rte_e6_lrx2.json.
 """
 from __future__ import annotations
 
@@ -80,7 +82,12 @@ def main(argv: list[str]) -> int:
 # per task: data folder, default rows, max_length and metric of its committed light_peft.py target row
 TASKS = {"sst2": {"folder": "SST-2", "rows": "4000", "max_length": 128, "metric": "accuracy"},
          "stsb": {"folder": "STS-B", "rows": "6000", "max_length": 128, "metric": "pearson"},
-         "cola": {"folder": "CoLA", "rows": "9000", "max_length": 64, "metric": "matthews"}}
+         "cola": {"folder": "CoLA", "rows": "9000", "max_length": 64, "metric": "matthews"},
+         # the longer schedules where vanilla LoRA clearly learns (light_cola_e8_lrx2.json, light_rte_e6_lrx2.json)
+         "cola_e8": {"folder": "CoLA", "rows": "9000", "max_length": 64, "metric": "matthews", "task": "cola",
+                     "epochs": 8},
+         "rte_e6": {"folder": "RTE", "rows": "8000", "max_length": 128, "metric": "accuracy", "task": "rte",
+                    "epochs": 6}}
 
 
 def base_config(seed: int, rows: int, output_dir: str, overrides=(), task: str = "sst2", **train) -> dict:
@@ -90,9 +97,9 @@ def base_config(seed: int, rows: int, output_dir: str, overrides=(), task: str =
     default_dir = str(ROOT.parents[1] / "shared" / "data" / TASKS[task]["folder"])
     data_dir = os.environ.get("SST2_DIR" if task == "sst2" else "DATA_DIR", default_dir)
     base = {"model": {"name_or_path": "minilm"},
-            "data": {"task": task, "data_dir": data_dir, "max_train_samples": rows,
+            "data": {"task": TASKS[task].get("task", task), "data_dir": data_dir, "max_train_samples": rows,
                      "max_length": TASKS[task]["max_length"]},
-            "train": {"epochs": 3, "batch_size": 32, "lr": 5e-4, "seed": seed, **train},
+            "train": {"epochs": TASKS[task].get("epochs", 3), "batch_size": 32, "lr": 5e-4, "seed": seed, **train},
             "output_dir": output_dir}
     for item in overrides:
         key, _, value = item.partition("=")
@@ -109,8 +116,10 @@ def overrides_touch_base(overrides: list[str]) -> bool:
 # the committed evidence whose vanilla runs pair with a screen of the same rows and seed (files searched in order)
 VANILLA = {("sst2", 4000): ("light_sst2_4k_target.json", "light_sst2_4k_found50_seed45.json",
                             "light_sst2_4k_found50_seed46.json"),
-           ("sst2", 8000): ("light_sst2_target.json",), ("stsb", 6000): ("light_stsb_target.json",),
-           ("cola", 9000): ("light_cola_target.json",)}
+           ("sst2", 8000): ("light_sst2_target.json",), ("stsb", 6000): ("light_stsb_target.json", "light_stsb_lrx2_seed45.json",
+                                                              "light_stsb_lrx2_seed46.json"),
+           ("cola", 9000): ("light_cola_target.json",), ("cola_e8", 9000): ("light_cola_e8_lrx2.json",),
+           ("rte_e6", 8000): ("light_rte_e6_lrx2.json",)}
 
 
 def _vanilla_final(seed: int, rows: int, task: str = "sst2") -> float | None:

@@ -140,13 +140,24 @@ def summarize(rows: list[dict], model: str) -> dict:
         "method_mean": s.method_mean, "method_std": s.method_std,
         "paired_diff_mean": s.diff_mean, "paired_diff_std": s.diff_std,
         "paired_diff_ci95": list(s.diff_ci95) if s.diff_ci95 else None,
-        "step_speedup_mean": mean_std([r["step_speedup"] for r in rows])[0],
-        "e2e_speedup_mean": mean_std([r["e2e_speedup"] for r in rows])[0],
-        "memory_ratio_mean": mean_std([r["memory_ratio"] for r in rows])[0],
-        "inference_speedup_mean": mean_std([r["inference_speedup"] for r in rows])[0],
+        "step_speedup_mean": _timed_mean(rows, "step_speedup"),
+        "e2e_speedup_mean": _timed_mean(rows, "e2e_speedup"),
+        "memory_ratio_mean": _timed_mean(rows, "memory_ratio"),
+        "inference_speedup_mean": _timed_mean(rows, "inference_speedup"),
         "predicted_step_speedup": mean_std(predicted)[0] if predicted else None,
         "target_speedup": rows[0].get("target_speedup"),
     }
+
+
+def _timed_mean(rows: list[dict], key: str) -> float | None:
+    """Mean of a speed / memory ratio over the rows that timed both sides (None where a row reused its vanilla
+    side from another run: ratios across two processes are not measurements)."""
+    values = [r[key] for r in rows if r.get(key) is not None]
+    return mean_std(values)[0] if values else None
+
+
+def _x(value: float | None, unit: str = "x") -> str:
+    return "n/a" if value is None else f"{value:.2f}{unit}"
 
 
 def summaries(rows: list[dict], model: str) -> list[dict]:
@@ -163,7 +174,7 @@ def seed_table(sums: list[dict]) -> str:
         lines.append(f"| {s['task']} ({s['metric']}) | {s['variant']} | {len(s['seeds'])} | "
                      f"{s['baseline_mean']:.4f} +- {s['baseline_std']:.4f} | {s['method_mean']:.4f} +- "
                      f"{s['method_std']:.4f} | {s['paired_diff_mean']:+.4f} {ci} | "
-                     f"{s['step_speedup_mean']:.2f}x / {s['e2e_speedup_mean']:.2f}x{pred} |")
+                     f"{_x(s['step_speedup_mean'])} / {_x(s['e2e_speedup_mean'])}{pred} |")
     return "\n".join(lines)
 
 
@@ -235,10 +246,10 @@ def table(rows: list[dict]) -> str:
         variant += f" seed {r['seed']}" if "seed" in r else ""
         lines.append(
             f"| {r['task']} ({r['metric']}){variant} | {r['vanilla_final']:.4f} -> {r['light_final']:.4f} / "
-            f"{r['vanilla_best']:.4f} -> {r['light_best']:.4f} | {r['step_speedup']:.2f}x "
-            f"({r['vanilla_step_ms']:.0f} -> {r['light_step_ms']:.0f} ms{_predicted(r)}) | {r['e2e_speedup']:.2f}x | "
-            f"{r['memory_ratio']:.2f} ({r['vanilla_peak_mb']:.0f} -> {r['light_peak_mb']:.0f} MB) | "
-            f"{r['inference_speedup']:.2f}x | {r['base_kept_pct']:.1f}% / {r['block_kept_pct']:.1f}% | "
+            f"{r['vanilla_best']:.4f} -> {r['light_best']:.4f} | {_x(r['step_speedup'])} "
+            f"({r['vanilla_step_ms']:.0f} -> {r['light_step_ms']:.0f} ms{_predicted(r)}) | {_x(r['e2e_speedup'])} | "
+            f"{_x(r['memory_ratio'], '')} ({r['vanilla_peak_mb']:.0f} -> {r['light_peak_mb']:.0f} MB) | "
+            f"{_x(r['inference_speedup'])} | {r['base_kept_pct']:.1f}% / {r['block_kept_pct']:.1f}% | "
             f"{r['trainable_vanilla']:,} -> {r['trainable_light']:,} |")
     return "\n".join(lines)
 

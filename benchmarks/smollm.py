@@ -152,6 +152,8 @@ def bench_task(task: str, args, seed: int) -> dict:
           f"{ctx.total_steps} steps, batch {args.batch_size}, max_length {args.max_length}", flush=True)
     batch = next(iter(ctx.dev_loader))
     batch = {k: v for k, v in batch.items() if k != "labels"}
+    if args.vanilla_from:  # vanilla is deterministic given the seed: reuse a committed run's side, train it once
+        return light_only_row(task, ctx, args, seed, batch, dev_rows)
     with CudaMax(ctx.device) as van_mem:
         done = train_vanilla(ctx)
     van, van_model = done.metrics, done.model
@@ -186,6 +188,56 @@ def bench_task(task: str, args, seed: int) -> dict:
     return row
 
 
+VANILLA_KEYS = ("vanilla_final", "vanilla_best", "vanilla_step_ms", "vanilla_peak_mb", "vanilla_latency_ms",
+                "trainable_vanilla", "vanilla_evals", "vanilla_answer_accuracy")
+
+
+def reused_vanilla(files: list[str], task: str, seed: int, steps: int, args) -> dict:
+    """The vanilla side of seed `seed` from earlier runs of this script with the same schedule and data settings
+    (their `command` must match this run's on every option that changes the vanilla side)."""
+    for f in files:
+        src = json.loads(Path(f).read_text())
+        for row in src["rows"]:
+            if (row["task"], row["seed"], row["steps"]) == (task, seed, steps):
+                theirs = parse_args(parser(), src["command"].split()[2:])
+                mismatch = [k for k in VANILLA_ARGS if getattr(theirs, k) != getattr(args, k)]
+                if mismatch:
+                    raise SystemExit(f"smollm.py: --vanilla-from {f}: seed {seed}'s run differs on {mismatch}")
+                return {k: row[k] for k in VANILLA_KEYS if k in row} | {"vanilla_from": f}
+    raise SystemExit(f"smollm.py: --vanilla-from: no {task} row of seed {seed} with {steps} steps in {files}")
+
+
+# the options that change the vanilla side (a --set of prune.* does not)
+VANILLA_ARGS = ("model", "train_samples", "eval_samples", "max_length", "epochs", "batch_size", "eval_batch_size",
+                "lr", "max_steps", "mixed_precision", "dtype")
+
+
+def light_only_row(task: str, ctx, args, seed: int, batch: dict, dev_rows) -> dict:
+    """Train the Light-PEFT side only; the vanilla figures come from --vanilla-from. Speed and memory ratios are
+    left None: the two sides ran in different processes (metrics pair, timings do not)."""
+    van = reused_vanilla(args.vanilla_from.split(","), task, seed, ctx.total_steps, args)
+    done = train_light(ctx, Path(args.export) / task if args.export else None)
+    light, model = done.metrics, done.model
+    del done
+    light["latency_ms"] = latency_ms(model, batch, args.repeats)
+    metric = ctx.task.metric
+    row = {"task": task, "metric": metric, "steps": ctx.total_steps, **van,
+           "light_final": light["final"][metric], "light_best": light["best"][metric],
+           "step_speedup": None, "predicted_step_speedup": light.get("predicted_step_speedup"),
+           "e2e_speedup": None, "memory_ratio": None, "inference_speedup": None,
+           "light_step_ms": 1e3 * light["step_seconds"], "light_peak_mb": light["peak_mb"],
+           "light_latency_ms": light["latency_ms"], "base_kept_pct": light["base_kept_pct"],
+           "block_kept_pct": light["block_kept_pct"], "trainable_light": light["trainable_params_no_head"],
+           "plan": light["plan"], "light_evals": light["evals"], "device": str(ctx.device),
+           "mixed_precision": args.mixed_precision, "dtype": args.dtype,
+           "estimation_steps": light["estimation_steps"], "seed": seed, "variant": args.variant_name,
+           "overrides": args.common, "target_speedup": ctx.cfg.prune.target_speedup}
+    if dev_rows is not None:
+        row["light_answer_accuracy"] = answer_accuracy(model, ctx.tokenizer, dev_rows, args.max_length)
+    print(json.dumps(row, indent=1), flush=True)
+    return row
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tasks", default="sst2,causal", help="comma-separated: sst2, rte, causal")
@@ -214,6 +266,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="model.dtype")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"],
                    help="auto: CUDA when available; cuda: fail unless a CUDA device is there; cpu: hide CUDA")
+    p.add_argument("--vanilla-from", metavar="A.json[,B.json]",
+                   help="train the Light-PEFT side only and pair it with each seed's vanilla side from these earlier "
+                        "runs (same schedule and data options, checked); speed ratios are then left out")
     p.add_argument("--out", default="runs/bench_smollm")
     p.add_argument("--export", help="also export each Light-PEFT model to EXPORT/<task>")
     p.add_argument("--json", help="write summary + rows here (one file per task: `{task}` in the name with several "

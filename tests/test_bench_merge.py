@@ -74,3 +74,27 @@ def test_levers_paired_takes_its_speedups_from_a_quiet_timed_run(tmp_path):
             assert s["timed_seeds"] == [42] and "timed quietly" in s["note"]
         else:
             assert s["step_speedup_mean"] is None and s["e2e_speedup_mean"] is None
+
+
+def test_smollm_pairs_with_a_committed_vanilla_side_only_under_the_same_schedule():
+    """benchmarks/smollm.py --vanilla-from: the Light-PEFT side alone, paired with a seed's vanilla side from an
+    earlier run whose vanilla-changing options match (checked on its recorded command); speed ratios stay None
+    and the summaries and tables say n/a instead of mixing two processes' timings."""
+    import smollm  # noqa: E402  (benchmarks/smollm.py)
+
+    src = json.loads(Path(FILES[0]).read_text())
+    args = smollm.parse_args(smollm.parser(), src["command"].split()[2:])
+    args.common["prune.reconstruct"] = True  # a Light-PEFT option: vanilla is still the pair
+    van = smollm.reused_vanilla([FILES[0]], "causal", 42, 128, args)
+    assert van["vanilla_final"] == src["rows"][0]["vanilla_final"] and van["vanilla_from"] == FILES[0]
+    with pytest.raises(SystemExit, match="no causal row of seed 43"):
+        smollm.reused_vanilla([FILES[0]], "causal", 43, 128, args)
+    args.lr = 1e-3  # another schedule: that vanilla run is no longer the pair
+    with pytest.raises(SystemExit, match=r"differs on \['lr'\]"):
+        smollm.reused_vanilla([FILES[0]], "causal", 42, 128, args)
+    row = {**src["rows"][0], **van, "step_speedup": None, "e2e_speedup": None, "memory_ratio": None,
+           "inference_speedup": None}
+    s = light_peft.summarize([row], "smollm2")
+    assert s["step_speedup_mean"] is None and s["memory_ratio_mean"] is None
+    assert s["paired_diff_mean"] == pytest.approx(row["light_final"] - row["vanilla_final"])
+    assert "n/a" in light_peft.table([row]) and "n/a / n/a" in light_peft.seed_table([s])

@@ -263,6 +263,15 @@ class PruneConfig(ConfigBase):
     reconstruct_damp: float = option(0.01, ge=0.0, help=(
         "prune.reconstruct: ridge term added to the kept inputs' moment matrix, as a fraction of its mean "
         "diagonal (keeps dead or collinear inputs solvable; 0 = plain least squares)"))
+    reconstruct_shrinkage: bool = option(True, help=(
+        "prune.reconstruct: shrink each window moment matrix toward (tr C / width) I by its Ledoit-Wolf intensity "
+        "(from the tokens' |x|^4): with few tokens per input (a short window, a wide FFN) the raw matrix is noise "
+        "in most directions and the least squares fit the window's tokens, not the model; false = raw moments"))
+    reconstruct_scores: bool = option(False, help=(
+        "prune.reconstruct: choose which heads and FFN neurons each layer loses by Taylor score x what the "
+        "reconstruction cannot rebuild of them (sqrt of the residual over the variance of the unit's o / down "
+        "input given the units still kept), one unit at a time as in ZipLM's greedy structured OBS; how many per "
+        "layer stays the plan's, so its constraints and predicted speed hold"))
     gradual: float = option(0.0, ge=0.0, lt=1.0, help=(
         "gradual pruning: the removed heads and FFN neurons fade out linearly through their masks over this "
         "fraction of all steps after estimation (the model still trains at full size, so the PEFT modules adapt "
@@ -309,6 +318,9 @@ class PruneConfig(ConfigBase):
                 raise PrunetuneError(f"prune.{name} cannot be combined with prune.gradual: the fade drives the removed "
                                      "units to 0 before the cut, so their window statistics are no longer what the "
                                      "model uses")
+        if self.reconstruct_scores and not self.reconstruct:
+            raise PrunetuneError("prune.reconstruct_scores needs prune.reconstruct: it prices units by what the "
+                                 "reconstruction at surgery cannot rebuild")
         if self.target_speedup is not None and self.target_params is not None:
             raise PrunetuneError("set one of prune.target_speedup and prune.target_params, not both")
         if self.target_speedup is not None and not self.target_speedup > 1.0:

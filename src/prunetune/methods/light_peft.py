@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -17,7 +17,7 @@ from ..errors import PrunetuneError
 from ..io import atomic_write_text
 from ..cost import CostModel, DeviceRates, calibrate, seq_stats
 from ..plan import PruningPlan, Scores, allocation_summary, make_plan, make_target_plan
-from ..scores import ImportanceTracker, StructureMasks
+from ..scores import ImportanceTracker, StructureMasks, residual_shares, select_kept
 from ..surgery import base_layer, check_compensable, prune_adapter_model, prune_lora_model, structure_ops
 from ..train import PeakMemory, TrainState
 from ..train.checkpoint import load_checkpoint, save_checkpoint
@@ -138,7 +138,8 @@ def plan_from_scores(*, cfg: RunConfig, arch, model_type: str, masks: StructureM
     masks.collect_means = masks.collect_moments = False  # before cost_of: the probe's passes go through the hooks
     means = masks.input_means() if cfg.prune.compensate else None
     # CPU copies; the device's sums (layers x width^2) are freed
-    moments = masks.take_moments(centered=cfg.prune.compensate) if cfg.prune.reconstruct else None
+    moments = (masks.take_moments(centered=cfg.prune.compensate, shrink=cfg.prune.reconstruct_shrinkage)
+               if cfg.prune.reconstruct else None)
     for name, got in (("compensate", means), ("reconstruct", moments)):
         if getattr(cfg.prune, name) and got is None:
             raise PrunetuneError(f"prune.{name}: no training token reached the masks during the estimation window")
@@ -169,17 +170,23 @@ def plan_from_scores(*, cfg: RunConfig, arch, model_type: str, masks: StructureM
             "ffn_mask_summary": [[float(m.min()), float(m.mean()), float(m.max())] for m in ffn_vals],
             # canonical roles (q, k, v, o, up, down) for reports, from the arch descriptor
             "peft_roles": {n: [arch.role_of(n)[0], arch.role_label(arch.role_of(n)[1])] for n in rank_imp}}
-    if p.target_speedup is not None or p.target_params is not None:  # target mode: joint allocation
-        if p.target_speedup is not None and not any(module_imp.values()):
-            # LoRA B starts at 0, so its Taylor terms are 0 until B has trained: PEFT removal would look free
-            log(f"warning: every PEFT module scored 0 after {window.steps} estimation steps; target mode will "
-                "treat removing PEFT modules as free (set estimate.steps higher)")
-        plan = _target_plan(cfg=cfg, arch=arch, cost=cost, scores=scores, body_params=body_params,
-                            model_type=model_type, meta=meta)
-    else:  # the paper's fixed ratios
-        plan = make_plan(arch=arch, scores=scores, heads=p.heads, ffn=p.ffn, modules=p.modules, ranks=p.ranks,
+    if p.target_speedup is not None and not any(module_imp.values()):
+        # LoRA B starts at 0, so its Taylor terms are 0 until B has trained: PEFT removal would look free
+        log(f"warning: every PEFT module scored 0 after {window.steps} estimation steps; target mode will "
+            "treat removing PEFT modules as free (set estimate.steps higher)")
+
+    def plan_of(scores: Scores) -> PruningPlan:
+        if p.target_mode:  # target mode: joint allocation
+            return _target_plan(cfg=cfg, arch=arch, cost=cost, scores=scores, body_params=body_params,
+                                model_type=model_type, meta=meta)
+        return make_plan(arch=arch, scores=scores, heads=p.heads, ffn=p.ffn, modules=p.modules, ranks=p.ranks,
                          ffn_scope=p.ffn_scope, ffn_floor=p.ffn_floor, peft_kind=cfg.peft.kind,
-                         model_type=model_type, meta=meta)
+                         model_type=model_type, meta=meta)  # the paper's fixed ratios
+
+    plan = plan_of(scores)
+    if p.reconstruct_scores:  # which units go, by what reconstruction cannot rebuild (counts stay the plan's)
+        plan, plan.meta["reconstruct_scores"] = _reconstruction_selection(plan, scores, moments, arch=arch,
+                                                                          damp=p.reconstruct_damp)
     plan.meta["allocation"] = allocation_summary(plan, cost=cost, scores=scores)
     values = ([m.tolist() for m in head_vals], [m.tolist() for m in ffn_vals])
     if means is not None or moments is not None:  # what compensation used, for reports and the DDP check
@@ -188,6 +195,10 @@ def plan_from_scores(*, cfg: RunConfig, arch, model_type: str, masks: StructureM
         plan.meta["compensation"] |= {
             f"{role}_input_scale": [float(m.diagonal().mean().clamp_min(0).sqrt()) for m in kind]
             for role, kind in (("o", moments[0]), ("down", moments[1]))}
+        if cfg.prune.reconstruct_shrinkage:  # how much of each matrix was noise for its token count
+            plan.meta["compensation"] |= {"o_shrinkage": masks.shrinkage[0], "down_shrinkage": masks.shrinkage[1]}
+            log(f"prune.reconstruct: moments over {masks.tokens_seen:,} tokens; Ledoit-Wolf shrinkage per layer "
+                f"o {_span_of(masks.shrinkage[0])}, down {_span_of(masks.shrinkage[1])}")
     if means is not None:
         plan.meta["compensation"] |= {
             "o_input_mean_abs": [float(torch.tensor(m).abs().mean()) for m in means[0]],
@@ -195,6 +206,35 @@ def plan_from_scores(*, cfg: RunConfig, arch, model_type: str, masks: StructureM
     return Estimate(plan=plan, fold_values=values if p.fold_masks else None,
                     fade_from=values if p.gradual > 0 else None, means=means, moments=moments,
                     mask_values=values if p.reconstruct else None)
+
+
+def _span_of(values: list[float]) -> str:
+    return f"{min(values):.2f}-{max(values):.2f}" if values else "-"
+
+
+def _reconstruction_selection(plan: PruningPlan, scores: Scores, moments, *, arch, damp: float
+                              ) -> tuple[PruningPlan, dict]:
+    """prune.reconstruct_scores: the plan with each layer's heads and neurons re-chosen by score x what the
+    reconstruction cannot rebuild (as many per layer as the plan keeps), and a summary for reports: per type, the
+    units that changed and the removed units' mean residual share before and after."""
+    width = arch.heads_per_unit * arch.head_dim
+    heads, neurons = select_kept(moments, head_scores=scores.head, ffn_scores=scores.ffn, kept_heads=plan.kept_heads,
+                                 kept_neurons=plan.kept_neurons, head_width=width, damp=damp)
+    chosen = replace(plan, kept_heads=heads, kept_neurons=neurons)
+    shares = {name: residual_shares(moments, kept_heads=pl.kept_heads, kept_neurons=pl.kept_neurons, head_width=width,
+                                    damp=damp) for name, pl in (("scores_only", plan), ("chosen", chosen))}
+
+    def removed_mean(name: str, i: int, kept_lists) -> float | None:
+        gone = [f[[u for u in range(len(f)) if u not in set(k)]] for f, k in zip(shares[name][i], kept_lists)]
+        flat = torch.cat(gone)
+        return float(flat.mean()) if len(flat) else None
+
+    summary = {kind: {"changed": sum(len(set(a) - set(b)) for a, b in zip(new, old)),
+                      "removed_share_scores_only": removed_mean("scores_only", i, old),
+                      "removed_share": removed_mean("chosen", i, new)}
+               for i, (kind, old, new) in enumerate((("heads", plan.kept_heads, heads),
+                                                     ("ffn", plan.kept_neurons, neurons)))}
+    return chosen, summary
 
 
 def _target_plan(*, cfg: RunConfig, arch, cost: CostModel, scores: Scores, body_params: int, model_type: str,
