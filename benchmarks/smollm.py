@@ -27,6 +27,7 @@ import argparse
 import gc
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -192,30 +193,42 @@ VANILLA_KEYS = ("vanilla_final", "vanilla_best", "vanilla_step_ms", "vanilla_pea
                 "trainable_vanilla", "vanilla_evals", "vanilla_answer_accuracy")
 
 
-def reused_vanilla(files: list[str], task: str, seed: int, steps: int, args) -> dict:
-    """The vanilla side of seed `seed` from earlier runs of this script with the same schedule and data settings
-    (their `command` must match this run's on every option that changes the vanilla side)."""
+def reused_vanilla(files: list[str], task: str, seed: int, steps: int, args, device: str) -> dict:
+    """The vanilla side of seed `seed` from earlier per-seed runs of this script with the same schedule, data and
+    device (their recorded command must match this run's on every option that changes the vanilla side, --set
+    overrides outside prune.* / estimate.* included)."""
     for f in files:
         src = json.loads(Path(f).read_text())
+        if "sources" in src:
+            raise SystemExit(f"smollm.py: --vanilla-from {f} is a merged file: pass the per-seed files it joined")
         for row in src["rows"]:
             if (row["task"], row["seed"], row["steps"]) == (task, seed, steps):
-                theirs = parse_args(parser(), src["command"].split()[2:])
+                theirs = parse_args(parser(), shlex.split(src["command"])[2:])
                 mismatch = [k for k in VANILLA_ARGS if getattr(theirs, k) != getattr(args, k)]
+                if _vanilla_sets(theirs.common) != _vanilla_sets(args.common):
+                    mismatch.append("--set (outside prune.* / estimate.*)")
+                if row.get("device") != device:
+                    mismatch.append("device")
                 if mismatch:
                     raise SystemExit(f"smollm.py: --vanilla-from {f}: seed {seed}'s run differs on {mismatch}")
                 return {k: row[k] for k in VANILLA_KEYS if k in row} | {"vanilla_from": f}
     raise SystemExit(f"smollm.py: --vanilla-from: no {task} row of seed {seed} with {steps} steps in {files}")
 
 
-# the options that change the vanilla side (a --set of prune.* does not)
+def _vanilla_sets(common: dict) -> dict:
+    """The --set overrides that reach the vanilla side (Light-PEFT's own sections do not)."""
+    return {k: v for k, v in common.items() if k.split(".")[0] not in ("prune", "estimate")}
+
+
+# the options that change the vanilla side (a --set of prune.* does not); the data folder by its resolved path
 VANILLA_ARGS = ("model", "train_samples", "eval_samples", "max_length", "epochs", "batch_size", "eval_batch_size",
-                "lr", "max_steps", "mixed_precision", "dtype")
+                "lr", "max_steps", "mixed_precision", "dtype", "resolved_data_root")
 
 
 def light_only_row(task: str, ctx, args, seed: int, batch: dict, dev_rows) -> dict:
     """Train the Light-PEFT side only; the vanilla figures come from --vanilla-from. Speed and memory ratios are
     left None: the two sides ran in different processes (metrics pair, timings do not)."""
-    van = reused_vanilla(args.vanilla_from.split(","), task, seed, ctx.total_steps, args)
+    van = reused_vanilla(args.vanilla_from.split(","), task, seed, ctx.total_steps, args, str(ctx.device))
     done = train_light(ctx, Path(args.export) / task if args.export else None)
     light, model = done.metrics, done.model
     del done
@@ -281,6 +294,9 @@ def parser() -> argparse.ArgumentParser:
 def parse_args(p: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.common = {k.strip(): yaml_load(v) for k, _, v in (item.partition("=") for item in args.set)}
+    # where the data is, whatever the working directory the command ran from (benchmarks/ or the repository)
+    root = Path(args.data_root)
+    args.resolved_data_root = str(root.resolve()) if root.exists() else args.data_root
     return args
 
 

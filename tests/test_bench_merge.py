@@ -85,13 +85,22 @@ def test_smollm_pairs_with_a_committed_vanilla_side_only_under_the_same_schedule
     src = json.loads(Path(FILES[0]).read_text())
     args = smollm.parse_args(smollm.parser(), src["command"].split()[2:])
     args.common["prune.reconstruct"] = True  # a Light-PEFT option: vanilla is still the pair
-    van = smollm.reused_vanilla([FILES[0]], "causal", 42, 128, args)
+    van = smollm.reused_vanilla([FILES[0]], "causal", 42, 128, args, "cpu")
     assert van["vanilla_final"] == src["rows"][0]["vanilla_final"] and van["vanilla_from"] == FILES[0]
     with pytest.raises(SystemExit, match="no causal row of seed 43"):
-        smollm.reused_vanilla([FILES[0]], "causal", 43, 128, args)
+        smollm.reused_vanilla([FILES[0]], "causal", 43, 128, args, "cpu")
+    with pytest.raises(SystemExit, match=r"differs on \['device'\]"):  # another device: another vanilla run
+        smollm.reused_vanilla([FILES[0]], "causal", 42, 128, args, "cuda:0")
+    merged = str(BENCH / "results" / "light_smollm_causal_lrx2.json")
+    with pytest.raises(SystemExit, match="is a merged file"):
+        smollm.reused_vanilla([merged], "causal", 42, 128, args, "cpu")
+    args.common["train.warmup_ratio"] = 0.3  # reaches the vanilla side too
+    with pytest.raises(SystemExit, match=r"differs on \['--set"):
+        smollm.reused_vanilla([FILES[0]], "causal", 42, 128, args, "cpu")
+    del args.common["train.warmup_ratio"]
     args.lr = 1e-3  # another schedule: that vanilla run is no longer the pair
     with pytest.raises(SystemExit, match=r"differs on \['lr'\]"):
-        smollm.reused_vanilla([FILES[0]], "causal", 42, 128, args)
+        smollm.reused_vanilla([FILES[0]], "causal", 42, 128, args, "cpu")
     row = {**src["rows"][0], **van, "step_speedup": None, "e2e_speedup": None, "memory_ratio": None,
            "inference_speedup": None}
     s = light_peft.summarize([row], "smollm2")

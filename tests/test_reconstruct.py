@@ -180,49 +180,6 @@ def test_moments_are_taken_over_real_tokens_after_the_masks(family, autocast):
     torch.testing.assert_close(fresh.take_moments()[1], ffn, atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("centered", [False, True])
-def test_shrunk_moments_are_ledoit_wolf_of_the_window_tokens(centered):
-    """take_moments(shrink=True): every layer's matrix is scikit-learn's Ledoit-Wolf estimate of the tokens' raw
-    x x^T (the intensity from their |x|^4 sums, kept through a checkpoint); with centered the covariance is
-    shrunk by the raw moments' intensity toward its own mean diagonal. A checkpoint without the |x|^4 sums is
-    refused for shrinking."""
-    from sklearn.covariance import ledoit_wolf
-
-    hf = tiny("bert")
-    arch = get_arch(hf)
-    masks = StructureMasks(arch).attach(hf)
-    random_masks(masks, 3)
-    seen = []
-    hf.get_submodule(arch.layers[1].down).register_forward_pre_hook(lambda _m, a: seen.append(a[0].detach().clone()))
-    masks.collect_means = masks.collect_moments = True
-    real = []
-    for seed in (1, 2):
-        b = batch(seed=seed)
-        masks.token_mask = b["attention_mask"]
-        hf(**b)
-        masks.commit_inputs()
-        real.append(seen[-1].reshape(-1, seen[-1].shape[-1])[b["attention_mask"].reshape(-1) > 0])
-    state = masks.score_state()
-    fresh = StructureMasks(arch)
-    fresh.load_score_state(state)
-    _heads, ffn = fresh.take_moments(centered=centered, shrink=True)
-    x = torch.cat(real).double()
-    lw, alpha = ledoit_wolf(x.numpy(), assume_centered=True)
-    assert fresh.shrinkage[1][1] == pytest.approx(alpha, rel=1e-6) and 0 < alpha < 1  # few tokens for 48 inputs
-    if centered:
-        cov = torch.cov(x.T, correction=0)
-        want = (1 - alpha) * cov + alpha * cov.diagonal().mean() * torch.eye(len(cov), dtype=cov.dtype)
-    else:
-        want = torch.as_tensor(lw)
-    torch.testing.assert_close(ffn[1], want, atol=1e-6, rtol=1e-5)
-    old = {k: {n: t for n, t in v.items() if not n.endswith("4")} if k.startswith("input") else v
-           for k, v in state.items()}
-    legacy = StructureMasks(arch)
-    legacy.load_score_state(old)
-    with pytest.raises(PrunetuneError, match="reconstruct_shrinkage"):
-        legacy.take_moments(shrink=True)
-
-
 def test_surgery_scales_the_update_by_the_masks_it_drops():
     """light_peft.prune passes the estimate's mask values to surgery when the masks are dropped (the default),
     and none when they are folded: the result equals the explicit call, and differs without the values."""

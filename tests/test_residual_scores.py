@@ -13,7 +13,8 @@ from prunetune.errors import PrunetuneError
 from prunetune.methods.light_peft import _reconstruction_selection
 from prunetune.plan import Scores, make_plan
 from prunetune.scores import residual_shares, select_kept
-from prunetune.scores.residual import _greedy_kept, _layer_shares
+from prunetune.scores import residual
+from prunetune.scores.residual import _greedy_kept, _layer_shares, ridge
 
 
 def _data(n: int, cols: int, seed: int, copies: dict[int, int] | None = None) -> torch.Tensor:
@@ -33,7 +34,7 @@ def test_shares_are_the_least_squares_residuals_of_each_unit(width):
     units, kept = 6, [0, 2, 3, 5]
     x = _data(400, units * width, seed=width)
     c = x.T @ x / len(x)
-    shares = _layer_shares(c, kept, width, damp=0.0)
+    shares = _layer_shares(c, kept, width, ridge(c, kept, width, 0.0))
 
     def cols(us):
         return [u * width + j for u in us for j in range(width)]
@@ -53,29 +54,49 @@ def test_a_copy_is_free_to_remove_while_its_original_stays():
     x = _data(300, 5, seed=1, copies={4: 1})
     x[:, 3] = 0.0
     c = x.T @ x / len(x)
-    s = _layer_shares(c, [0, 1, 2, 3], 1, damp=0.0)
+    s = _layer_shares(c, [0, 1, 2, 3], 1, ridge(c, [0, 1, 2, 3], 1, 0.0))
     assert float(s[4]) == pytest.approx(0.0, abs=1e-5) and float(s[3]) == 1.0
-    both = _layer_shares(c, [0, 1, 2, 3, 4], 1, damp=0.0)  # both kept: each rebuilds the other
+    both = _layer_shares(c, [0, 1, 2, 3, 4], 1, ridge(c, [0, 1, 2, 3, 4], 1, 0.0))  # both kept: each rebuilds the other
     assert float(both[1]) == pytest.approx(0.0, abs=1e-5) and float(both[4]) == pytest.approx(0.0, abs=1e-5)
-    assert torch.equal(_layer_shares(c, [], 1, damp=0.0)[:3], torch.ones(3, dtype=torch.float64))
-    ridge = _layer_shares(c, [0, 1, 2, 3], 1, damp=0.01)  # surgery's ridge: the copy is rebuilt almost fully
-    assert float(ridge[4]) < 0.2
+    assert torch.equal(_layer_shares(c, [], 1, ridge(c, [], 1, 0.0))[:3], torch.ones(3, dtype=torch.float64))
+    damped = _layer_shares(c, [0, 1, 2, 3], 1, ridge(c, [0, 1, 2, 3], 1, 0.01))  # surgery's ridge: the copy is
+    assert float(damped[4]) < 0.2  # rebuilt almost fully
 
 
-@pytest.mark.parametrize("width", [1, 3])
-def test_the_greedy_removal_matches_recomputing_every_share_from_scratch(width):
+@pytest.mark.parametrize("width,spread", [(1, False), (3, False), (1, True), (3, True)])
+def test_the_greedy_removal_matches_recomputing_every_share_from_scratch(width, spread):
     """The in-place downdated inverse gives the same removals, in the same order, as recomputing each unit's share
-    from the moments given the units still kept, step by step (the naive greedy)."""
+    from the moments given the units still kept, step by step (the naive greedy), with the same ridge; also when
+    the inputs' scales spread over three decades (activations with massive channels)."""
     units = 9
     x = _data(300, units * width, seed=7 + width, copies={0: 4} if width == 1 else None)
+    if spread:
+        x = x * torch.logspace(-1.5, 1.5, units * width, dtype=torch.float64)[torch.randperm(
+            units * width, generator=torch.Generator().manual_seed(1))]
     c = x.T @ x / len(x)
     score = torch.rand(units, generator=torch.Generator().manual_seed(width)) + 0.5
+    d = ridge(c, list(range(units)), width, 0.01)
     alive = list(range(units))
     for _ in range(5):
-        share = _layer_shares(c, alive, width, damp=0.01)
+        share = _layer_shares(c, alive, width, d)
         u = min(alive, key=lambda j: (float(score[j] * share[j]), j))
         alive.remove(u)
-    assert _greedy_kept(c, score, 5, width, damp=0.01) == alive
+    assert _greedy_kept(c, score, 5, width, d) == alive
+
+
+def test_wide_layers_remove_several_units_per_step(monkeypatch):
+    """Above MAX_STEPS removals a layer removes ceil(n / MAX_STEPS) units per step: the count is exact, the choice
+    deterministic, and with steps of one it is the one-at-a-time greedy."""
+    x = _data(400, 40, seed=3, copies={5: 6, 7: 8})
+    c = x.T @ x / len(x)
+    score = torch.rand(40, generator=torch.Generator().manual_seed(2)) + 0.5
+    d = ridge(c, list(range(40)), 1, 0.01)
+    one_at_a_time = _greedy_kept(c, score, 15, 1, d)
+    monkeypatch.setattr(residual, "MAX_STEPS", 4)  # 15 removals: 4 units a step
+    chunked = _greedy_kept(c, score, 15, 1, d)
+    assert len(chunked) == 25 and chunked == _greedy_kept(c, score, 15, 1, d)
+    monkeypatch.setattr(residual, "MAX_STEPS", 15)
+    assert _greedy_kept(c, score, 15, 1, d) == one_at_a_time
 
 
 def test_each_layer_loses_as_many_units_but_the_predictable_ones():
@@ -105,9 +126,8 @@ def test_each_layer_loses_as_many_units_but_the_predictable_ones():
     assert [len(k) for k in chosen.kept_heads] == [len(k) for k in plan.kept_heads]
     assert chosen.peft_ranks == plan.peft_ranks and chosen.meta is plan.meta
     assert summary["ffn"]["changed"] >= 1
-    for kind in ("heads", "ffn"):
-        assert summary[kind]["removed_share"] <= summary[kind]["removed_share_scores_only"]
-    assert summary["ffn"]["removed_share"] < summary["ffn"]["removed_share_scores_only"]
+    assert summary["ffn"]["removed_share"] < summary["ffn"]["removed_share_first_plan"]
+    assert 0 < summary["heads"]["removed_share"] <= 1
 
 
 def test_gqa_heads_are_priced_and_chosen_per_kv_group():
@@ -136,6 +156,9 @@ def test_gqa_heads_are_priced_and_chosen_per_kv_group():
 def test_the_option_needs_reconstruction_and_a_run_records_the_selection(tmp_path):
     with pytest.raises(PrunetuneError, match="reconstruct_scores needs prune.reconstruct"):
         from_dict({"model": {"name_or_path": "x"}, "prune": {"reconstruct_scores": True}})
+    with pytest.raises(PrunetuneError, match="structure_score=mask is a signed mask value"):
+        from_dict({"model": {"name_or_path": "x"}, "estimate": {"structure_score": "mask"},
+                   "prune": {"reconstruct": True, "reconstruct_scores": True}})
     from test_pipeline import light, save_tiny_bert, write_sst2
 
     model_dir, data = save_tiny_bert(tmp_path / "bert"), write_sst2(tmp_path / "sst2")
@@ -146,6 +169,6 @@ def test_the_option_needs_reconstruction_and_a_run_records_the_selection(tmp_pat
     rs = meta["reconstruct_scores"]
     assert set(rs) == {"heads", "ffn"}
     for kind in ("heads", "ffn"):
-        shares = [rs[kind][k] for k in ("removed_share", "removed_share_scores_only") if rs[kind][k] is not None]
+        shares = [rs[kind][k] for k in ("removed_share", "removed_share_first_plan") if rs[kind][k] is not None]
         assert all(0 <= v <= 1 for v in shares) and rs[kind]["changed"] >= 0
     assert meta["compensation"]["reconstruct"]

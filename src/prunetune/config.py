@@ -263,10 +263,6 @@ class PruneConfig(ConfigBase):
     reconstruct_damp: float = option(0.01, ge=0.0, help=(
         "prune.reconstruct: ridge term added to the kept inputs' moment matrix, as a fraction of its mean "
         "diagonal (keeps dead or collinear inputs solvable; 0 = plain least squares)"))
-    reconstruct_shrinkage: bool = option(True, help=(
-        "prune.reconstruct: shrink each window moment matrix toward (tr C / width) I by its Ledoit-Wolf intensity "
-        "(from the tokens' |x|^4): with few tokens per input (a short window, a wide FFN) the raw matrix is noise "
-        "in most directions and the least squares fit the window's tokens, not the model; false = raw moments"))
     reconstruct_scores: bool = option(False, help=(
         "prune.reconstruct: choose which heads and FFN neurons each layer loses by Taylor score x what the "
         "reconstruction cannot rebuild of them (sqrt of the residual over the variance of the unit's o / down "
@@ -361,6 +357,10 @@ class LightPeftConfig(ConfigBase):
         """Target mode: the fixed ratios left at their defaults (so a config never means two plans), and Taylor
         scores everywhere (the allocator compares heads, neurons, modules and ranks on one loss scale)."""
         p = self.prune
+        if p.reconstruct_scores and self.estimate.structure_score != "taylor":
+            raise PrunetuneError("prune.reconstruct_scores weighs each unit's Taylor loss estimate by what "
+                                 "reconstruction cannot rebuild; estimate.structure_score=mask is a signed mask "
+                                 "value, not a loss (use taylor)")
         if not p.target_mode:
             return
         defaults = PruneConfig()

@@ -138,8 +138,7 @@ def plan_from_scores(*, cfg: RunConfig, arch, model_type: str, masks: StructureM
     masks.collect_means = masks.collect_moments = False  # before cost_of: the probe's passes go through the hooks
     means = masks.input_means() if cfg.prune.compensate else None
     # CPU copies; the device's sums (layers x width^2) are freed
-    moments = (masks.take_moments(centered=cfg.prune.compensate, shrink=cfg.prune.reconstruct_shrinkage)
-               if cfg.prune.reconstruct else None)
+    moments = masks.take_moments(centered=cfg.prune.compensate) if cfg.prune.reconstruct else None
     for name, got in (("compensate", means), ("reconstruct", moments)):
         if getattr(cfg.prune, name) and got is None:
             raise PrunetuneError(f"prune.{name}: no training token reached the masks during the estimation window")
@@ -175,18 +174,16 @@ def plan_from_scores(*, cfg: RunConfig, arch, model_type: str, masks: StructureM
         log(f"warning: every PEFT module scored 0 after {window.steps} estimation steps; target mode will "
             "treat removing PEFT modules as free (set estimate.steps higher)")
 
-    def plan_of(scores: Scores) -> PruningPlan:
-        if p.target_mode:  # target mode: joint allocation
-            return _target_plan(cfg=cfg, arch=arch, cost=cost, scores=scores, body_params=body_params,
-                                model_type=model_type, meta=meta)
-        return make_plan(arch=arch, scores=scores, heads=p.heads, ffn=p.ffn, modules=p.modules, ranks=p.ranks,
+    if p.target_mode:  # target mode: joint allocation
+        plan = _target_plan(cfg=cfg, arch=arch, cost=cost, scores=scores, body_params=body_params,
+                            model_type=model_type, meta=meta)
+    else:  # the paper's fixed ratios
+        plan = make_plan(arch=arch, scores=scores, heads=p.heads, ffn=p.ffn, modules=p.modules, ranks=p.ranks,
                          ffn_scope=p.ffn_scope, ffn_floor=p.ffn_floor, peft_kind=cfg.peft.kind,
-                         model_type=model_type, meta=meta)  # the paper's fixed ratios
-
-    plan = plan_of(scores)
+                         model_type=model_type, meta=meta)
     if p.reconstruct_scores:  # which units go, by what reconstruction cannot rebuild (counts stay the plan's)
-        plan, plan.meta["reconstruct_scores"] = _reconstruction_selection(plan, scores, moments, arch=arch,
-                                                                          damp=p.reconstruct_damp)
+        plan, plan.meta["reconstruct_scores"] = _reconstruction_selection(
+            plan, scores, moments, arch=arch, damp=p.reconstruct_damp, device=masks.heads[0].device)
     plan.meta["allocation"] = allocation_summary(plan, cost=cost, scores=scores)
     values = ([m.tolist() for m in head_vals], [m.tolist() for m in ffn_vals])
     if means is not None or moments is not None:  # what compensation used, for reports and the DDP check
@@ -195,10 +192,6 @@ def plan_from_scores(*, cfg: RunConfig, arch, model_type: str, masks: StructureM
         plan.meta["compensation"] |= {
             f"{role}_input_scale": [float(m.diagonal().mean().clamp_min(0).sqrt()) for m in kind]
             for role, kind in (("o", moments[0]), ("down", moments[1]))}
-        if cfg.prune.reconstruct_shrinkage:  # how much of each matrix was noise for its token count
-            plan.meta["compensation"] |= {"o_shrinkage": masks.shrinkage[0], "down_shrinkage": masks.shrinkage[1]}
-            log(f"prune.reconstruct: moments over {masks.tokens_seen:,} tokens; Ledoit-Wolf shrinkage per layer "
-                f"o {_span_of(masks.shrinkage[0])}, down {_span_of(masks.shrinkage[1])}")
     if means is not None:
         plan.meta["compensation"] |= {
             "o_input_mean_abs": [float(torch.tensor(m).abs().mean()) for m in means[0]],
@@ -208,32 +201,26 @@ def plan_from_scores(*, cfg: RunConfig, arch, model_type: str, masks: StructureM
                     mask_values=values if p.reconstruct else None)
 
 
-def _span_of(values: list[float]) -> str:
-    return f"{min(values):.2f}-{max(values):.2f}" if values else "-"
-
-
-def _reconstruction_selection(plan: PruningPlan, scores: Scores, moments, *, arch, damp: float
+def _reconstruction_selection(plan: PruningPlan, scores: Scores, moments, *, arch, damp: float, device=None
                               ) -> tuple[PruningPlan, dict]:
     """prune.reconstruct_scores: the plan with each layer's heads and neurons re-chosen by score x what the
     reconstruction cannot rebuild (as many per layer as the plan keeps), and a summary for reports: per type, the
-    units that changed and the removed units' mean residual share before and after."""
+    units that changed and the removed units' mean residual share under the first plan and the chosen one."""
     width = arch.heads_per_unit * arch.head_dim
     heads, neurons = select_kept(moments, head_scores=scores.head, ffn_scores=scores.ffn, kept_heads=plan.kept_heads,
-                                 kept_neurons=plan.kept_neurons, head_width=width, damp=damp)
+                                 kept_neurons=plan.kept_neurons, head_width=width, damp=damp, device=device)
     chosen = replace(plan, kept_heads=heads, kept_neurons=neurons)
-    shares = {name: residual_shares(moments, kept_heads=pl.kept_heads, kept_neurons=pl.kept_neurons, head_width=width,
-                                    damp=damp) for name, pl in (("scores_only", plan), ("chosen", chosen))}
-
-    def removed_mean(name: str, i: int, kept_lists) -> float | None:
-        gone = [f[[u for u in range(len(f)) if u not in set(k)]] for f, k in zip(shares[name][i], kept_lists)]
-        flat = torch.cat(gone)
-        return float(flat.mean()) if len(flat) else None
-
-    summary = {kind: {"changed": sum(len(set(a) - set(b)) for a, b in zip(new, old)),
-                      "removed_share_scores_only": removed_mean("scores_only", i, old),
-                      "removed_share": removed_mean("chosen", i, new)}
-               for i, (kind, old, new) in enumerate((("heads", plan.kept_heads, heads),
-                                                     ("ffn", plan.kept_neurons, neurons)))}
+    summary: dict = {}
+    for name, pl in (("removed_share_first_plan", plan), ("removed_share", chosen)):
+        shares = residual_shares(moments, kept_heads=pl.kept_heads, kept_neurons=pl.kept_neurons, head_width=width,
+                                 damp=damp, device=device)
+        for kind, kind_shares, kept_lists in (("heads", shares[0], pl.kept_heads),
+                                              ("ffn", shares[1], pl.kept_neurons)):
+            gone = torch.cat([f[torch.isin(torch.arange(len(f)), torch.as_tensor(k, dtype=torch.long),
+                                           invert=True)] for f, k in zip(kind_shares, kept_lists)])
+            summary.setdefault(kind, {})[name] = float(gone.mean()) if len(gone) else None
+    for kind, old, new in (("heads", plan.kept_heads, heads), ("ffn", plan.kept_neurons, neurons)):
+        summary[kind]["changed"] = sum(len(set(a) - set(b)) for a, b in zip(new, old))
     return chosen, summary
 
 

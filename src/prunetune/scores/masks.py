@@ -21,30 +21,6 @@ from torch import nn
 
 from ..arch import Arch
 from ..dist import all_reduce_sum_, rank
-from ..errors import PrunetuneError
-
-
-def shrinkage_intensity(c: torch.Tensor, mean_fourth: float, n: int) -> float:
-    """Ledoit-Wolf (2004) intensity a in [0, 1] for shrinking c = mean x x^T over n tokens toward
-    (tr c / p) I, from mean |x|^4: a = min(b2, d2) / d2 with d2 = |c - mI|_F^2 (how far c is from the target) and
-    b2 = (mean |x|^4 - |c|_F^2) / n (how far the n-token mean strays from its expectation). The tokens are taken as
-    independent; those of one sequence are not, so this errs low.
-
-    >>> import torch
-    >>> _ = torch.manual_seed(0)
-    >>> x = torch.randn(200, 100, dtype=torch.float64)   # 2 tokens per input, true moment I: shrink most of it
-    >>> c = x.T @ x / 200
-    >>> shrinkage_intensity(c, float(x.pow(2).sum(1).pow(2).mean()), 200) > 0.25
-    True
-    """
-    p = c.shape[0]
-    m = float(c.diagonal().mean())
-    frob = float((c * c).sum())
-    d2 = frob - p * m * m
-    if not d2 > 0 or n < 1:  # already the target (or nothing to go on)
-        return 0.0
-    b2 = max(0.0, (mean_fourth - frob) / n)
-    return min(b2, d2) / d2
 
 
 class StructureMasks(nn.Module):
@@ -61,15 +37,13 @@ class StructureMasks(nn.Module):
         self.token_mask: torch.Tensor | None = None  # (batch, seq) 1 = real token; set before each forward
         # kind -> (layers, width) float64 sums of the o / down input and (layers,) token counts: committed steps
         # (input_sum / input_n) and the step in flight (_pending_*), committed by commit_inputs when finite;
-        # kind "heads2" / "ffn2": (layers, width, width) sums of x x^T (prune.reconstruct); "heads4" / "ffn4":
-        # (layers,) sums of |x|^4 (the shrinkage intensity of those moments)
+        # kind "heads2" / "ffn2": (layers, width, width) sums of x x^T (prune.reconstruct)
         self.input_sum: dict[str, torch.Tensor] = {}
         self.input_n: dict[str, torch.Tensor] = {}
         self._pending_sum: dict[str, torch.Tensor] = {}
         self._pending_n: dict[str, torch.Tensor] = {}
         self._pending = False  # whether the buffers hold a step in flight
         self.tokens_seen = 0  # tokens behind the last input_means() / take_moments(), over all ranks
-        self.shrinkage: tuple[list[float], list[float]] | None = None  # the last take_moments(shrink=True)'s
 
     def attach(self, hf_model) -> "StructureMasks":
         """Hook the (possibly LoRA-wrapped) o and down projections, so PEFT inputs are masked too."""
@@ -112,8 +86,6 @@ class StructureMasks(nn.Module):
             # (the hooks run inside the forward) would make it a bf16 / fp16 product
             with torch.autocast(flat.device.type, enabled=False):
                 self._pend(kind + "2", layer, weighted.T @ weighted, w.sum())
-                # sum of |x|^4 over tokens: the spread of x x^T around its mean, for the shrinkage intensity
-                self._pend(kind + "4", layer, weighted.double().pow(2).sum(1).pow(2).sum(), w.sum())
 
     def _pend(self, kind: str, layer: int, total: torch.Tensor, count: torch.Tensor) -> None:
         """Add to the step-in-flight buffers (allocated once, zeroed in place by commit_inputs)."""
@@ -155,39 +127,20 @@ class StructureMasks(nn.Module):
         means = self._reduced(("heads", "ffn"))
         return None if means is None else (means[0].float().tolist(), means[1].float().tolist())
 
-    def take_moments(self, centered: bool = False, shrink: bool = False
-                     ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def take_moments(self, centered: bool = False) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Mean x x^T of the o-input (heads) and down-input (ffn) per layer, or with centered the covariance
         (centred from the float64 sums: the cancellation would eat float32 means), (layers, width, width)
         float64 CPU tensors over the committed tokens of all ranks (prune.reconstruct); None when nothing was
         collected. Takes them: the sums (layers x width^2, on the device) are all-reduced in place and freed, so
-        the device never holds more than the window's sums. A collective: call on all ranks, once.
-        shrink: each matrix becomes (1 - a) C + a (tr C / width) I with a the Ledoit-Wolf intensity of the raw
-        moments (`shrinkage_intensity`; the intensities land in self.shrinkage): with few tokens per input the
-        raw matrix is noise in most directions, and least squares on it fits the window's tokens."""
+        the device never holds more than the window's sums. A collective: call on all ranks, once."""
         for d in (self._pending_sum, self._pending_n):
-            for kind in ("heads2", "ffn2", "heads4", "ffn4"):
+            for kind in ("heads2", "ffn2"):
                 d.pop(kind, None)
         means = self._reduced(("heads", "ffn")) if centered else None
-        fourth = self._reduced(("heads4", "ffn4"), take=True)
         out = self._reduced(("heads2", "ffn2"), take=True)
-        if out is None:
-            return None
-        if shrink:
-            if fourth is None:
-                raise PrunetuneError("prune.reconstruct_shrinkage: the window's |x|^4 sums are missing (a "
-                                     "checkpoint from a version before them); resume with it off or start again")
-            alphas = tuple([shrinkage_intensity(c, float(q), self.tokens_seen) for c, q in zip(t, f)]
-                           for t, f in zip(out, fourth))
-            self.shrinkage = alphas
-        if means is not None:
+        if out is not None and means is not None:
             for t, m in zip(out, means):
                 t -= m[:, :, None] * m[:, None, :]
-        if shrink:
-            for t, kind_alphas in zip(out, alphas):
-                for c, a in zip(t, kind_alphas):
-                    target = c.diagonal().mean()
-                    c.mul_(1.0 - a).diagonal().add_(a * target)
         return out
 
     def _reduced(self, kinds: tuple[str, str], take: bool = False) -> tuple[torch.Tensor, torch.Tensor] | None:
