@@ -263,11 +263,6 @@ class PruneConfig(ConfigBase):
     reconstruct_damp: float = option(0.01, ge=0.0, help=(
         "prune.reconstruct: ridge term added to the kept inputs' moment matrix, as a fraction of its mean "
         "diagonal (keeps dead or collinear inputs solvable; 0 = plain least squares)"))
-    reconstruct_scores: bool = option(False, help=(
-        "prune.reconstruct: choose which heads and FFN neurons each layer loses by Taylor score x what the "
-        "reconstruction cannot rebuild of them (sqrt of the residual over the variance of the unit's o / down "
-        "input given the units still kept), one unit at a time as in ZipLM's greedy structured OBS; how many per "
-        "layer stays the plan's, so its constraints and predicted speed hold"))
     gradual: float = option(0.0, ge=0.0, lt=1.0, help=(
         "gradual pruning: the removed heads and FFN neurons fade out linearly through their masks over this "
         "fraction of all steps after estimation (the model still trains at full size, so the PEFT modules adapt "
@@ -314,9 +309,6 @@ class PruneConfig(ConfigBase):
                 raise PrunetuneError(f"prune.{name} cannot be combined with prune.gradual: the fade drives the removed "
                                      "units to 0 before the cut, so their window statistics are no longer what the "
                                      "model uses")
-        if self.reconstruct_scores and not self.reconstruct:
-            raise PrunetuneError("prune.reconstruct_scores needs prune.reconstruct: it prices units by what the "
-                                 "reconstruction at surgery cannot rebuild")
         if self.target_speedup is not None and self.target_params is not None:
             raise PrunetuneError("set one of prune.target_speedup and prune.target_params, not both")
         if self.target_speedup is not None and not self.target_speedup > 1.0:
@@ -357,10 +349,6 @@ class LightPeftConfig(ConfigBase):
         """Target mode: the fixed ratios left at their defaults (so a config never means two plans), and Taylor
         scores everywhere (the allocator compares heads, neurons, modules and ranks on one loss scale)."""
         p = self.prune
-        if p.reconstruct_scores and self.estimate.structure_score != "taylor":
-            raise PrunetuneError("prune.reconstruct_scores weighs each unit's Taylor loss estimate by what "
-                                 "reconstruction cannot rebuild; estimate.structure_score=mask is a signed mask "
-                                 "value, not a loss (use taylor)")
         if not p.target_mode:
             return
         defaults = PruneConfig()

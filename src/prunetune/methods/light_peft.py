@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -17,7 +17,7 @@ from ..errors import PrunetuneError
 from ..io import atomic_write_text
 from ..cost import CostModel, DeviceRates, calibrate, seq_stats
 from ..plan import PruningPlan, Scores, allocation_summary, make_plan, make_target_plan
-from ..scores import ImportanceTracker, StructureMasks, residual_shares, select_kept
+from ..scores import ImportanceTracker, StructureMasks
 from ..surgery import base_layer, check_compensable, prune_adapter_model, prune_lora_model, structure_ops
 from ..train import PeakMemory, TrainState
 from ..train.checkpoint import load_checkpoint, save_checkpoint
@@ -169,21 +169,17 @@ def plan_from_scores(*, cfg: RunConfig, arch, model_type: str, masks: StructureM
             "ffn_mask_summary": [[float(m.min()), float(m.mean()), float(m.max())] for m in ffn_vals],
             # canonical roles (q, k, v, o, up, down) for reports, from the arch descriptor
             "peft_roles": {n: [arch.role_of(n)[0], arch.role_label(arch.role_of(n)[1])] for n in rank_imp}}
-    if p.target_speedup is not None and not any(module_imp.values()):
-        # LoRA B starts at 0, so its Taylor terms are 0 until B has trained: PEFT removal would look free
-        log(f"warning: every PEFT module scored 0 after {window.steps} estimation steps; target mode will "
-            "treat removing PEFT modules as free (set estimate.steps higher)")
-
-    if p.target_mode:  # target mode: joint allocation
+    if p.target_speedup is not None or p.target_params is not None:  # target mode: joint allocation
+        if p.target_speedup is not None and not any(module_imp.values()):
+            # LoRA B starts at 0, so its Taylor terms are 0 until B has trained: PEFT removal would look free
+            log(f"warning: every PEFT module scored 0 after {window.steps} estimation steps; target mode will "
+                "treat removing PEFT modules as free (set estimate.steps higher)")
         plan = _target_plan(cfg=cfg, arch=arch, cost=cost, scores=scores, body_params=body_params,
                             model_type=model_type, meta=meta)
     else:  # the paper's fixed ratios
         plan = make_plan(arch=arch, scores=scores, heads=p.heads, ffn=p.ffn, modules=p.modules, ranks=p.ranks,
                          ffn_scope=p.ffn_scope, ffn_floor=p.ffn_floor, peft_kind=cfg.peft.kind,
                          model_type=model_type, meta=meta)
-    if p.reconstruct_scores:  # which units go, by what reconstruction cannot rebuild (counts stay the plan's)
-        plan, plan.meta["reconstruct_scores"] = _reconstruction_selection(
-            plan, scores, moments, arch=arch, damp=p.reconstruct_damp, device=masks.heads[0].device)
     plan.meta["allocation"] = allocation_summary(plan, cost=cost, scores=scores)
     values = ([m.tolist() for m in head_vals], [m.tolist() for m in ffn_vals])
     if means is not None or moments is not None:  # what compensation used, for reports and the DDP check
@@ -199,29 +195,6 @@ def plan_from_scores(*, cfg: RunConfig, arch, model_type: str, masks: StructureM
     return Estimate(plan=plan, fold_values=values if p.fold_masks else None,
                     fade_from=values if p.gradual > 0 else None, means=means, moments=moments,
                     mask_values=values if p.reconstruct else None)
-
-
-def _reconstruction_selection(plan: PruningPlan, scores: Scores, moments, *, arch, damp: float, device=None
-                              ) -> tuple[PruningPlan, dict]:
-    """prune.reconstruct_scores: the plan with each layer's heads and neurons re-chosen by score x what the
-    reconstruction cannot rebuild (as many per layer as the plan keeps), and a summary for reports: per type, the
-    units that changed and the removed units' mean residual share under the first plan and the chosen one."""
-    width = arch.heads_per_unit * arch.head_dim
-    heads, neurons = select_kept(moments, head_scores=scores.head, ffn_scores=scores.ffn, kept_heads=plan.kept_heads,
-                                 kept_neurons=plan.kept_neurons, head_width=width, damp=damp, device=device)
-    chosen = replace(plan, kept_heads=heads, kept_neurons=neurons)
-    summary: dict = {}
-    for name, pl in (("removed_share_first_plan", plan), ("removed_share", chosen)):
-        shares = residual_shares(moments, kept_heads=pl.kept_heads, kept_neurons=pl.kept_neurons, head_width=width,
-                                 damp=damp, device=device)
-        for kind, kind_shares, kept_lists in (("heads", shares[0], pl.kept_heads),
-                                              ("ffn", shares[1], pl.kept_neurons)):
-            gone = torch.cat([f[torch.isin(torch.arange(len(f)), torch.as_tensor(k, dtype=torch.long),
-                                           invert=True)] for f, k in zip(kind_shares, kept_lists)])
-            summary.setdefault(kind, {})[name] = float(gone.mean()) if len(gone) else None
-    for kind, old, new in (("heads", plan.kept_heads, heads), ("ffn", plan.kept_neurons, neurons)):
-        summary[kind]["changed"] = sum(len(set(a) - set(b)) for a, b in zip(new, old))
-    return chosen, summary
 
 
 def _target_plan(*, cfg: RunConfig, arch, cost: CostModel, scores: Scores, body_params: int, model_type: str,
