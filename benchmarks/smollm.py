@@ -38,8 +38,8 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from light_peft import (GLUE_DIRS, check_seeds, compare_row, latency_ms, merge_json, parse_seeds,  # noqa: E402
-                        seed_table, summaries, table, write_json)
+from light_peft import (GLUE_DIRS, check_seeds, compare_row, latency_ms, light_fields, merge_json,  # noqa: E402
+                        parse_seeds, seed_table, summaries, table, write_json)
 
 from prunetune.config import DataConfig, from_dict, set_dotted, yaml_load  # noqa: E402
 from prunetune.data import load_task, sample_path  # noqa: E402
@@ -171,10 +171,7 @@ def bench_task(task: str, args, seed: int) -> dict:
     if dev_rows is not None:
         light["answer_accuracy"] = answer_accuracy(light_model, ctx.tokenizer, dev_rows, args.max_length)
     del light_model
-    row = compare_row(task, ctx, van, light)
-    row.update(device=str(ctx.device), mixed_precision=args.mixed_precision, dtype=args.dtype,
-               estimation_steps=light["estimation_steps"], seed=seed, variant=args.variant_name,
-               overrides=args.common, target_speedup=ctx.cfg.prune.target_speedup)
+    row = {**compare_row(task, ctx, van, light), **run_fields(ctx, args, light, seed)}
     if ctx.device.type == "cuda":
         # max_memory_allocated of each side's whole run (training + its evaluations; Light-PEFT: estimation
         # included), and the training-phase peaks (vanilla: all of it; Light-PEFT: the pruned fine-tuning)
@@ -187,6 +184,13 @@ def bench_task(task: str, args, seed: int) -> dict:
         row["vanilla_answer_accuracy"], row["light_answer_accuracy"] = van["answer_accuracy"], light["answer_accuracy"]
     print(json.dumps(row, indent=1), flush=True)
     return row
+
+
+def run_fields(ctx, args, light: dict, seed: int) -> dict:
+    """What a row records of the run itself (device, precision, seed, variant, overrides)."""
+    return {"device": str(ctx.device), "mixed_precision": args.mixed_precision, "dtype": args.dtype,
+            "estimation_steps": light["estimation_steps"], "seed": seed, "variant": args.variant_name,
+            "overrides": args.common, "target_speedup": ctx.cfg.prune.target_speedup}
 
 
 VANILLA_KEYS = ("vanilla_final", "vanilla_best", "vanilla_step_ms", "vanilla_peak_mb", "vanilla_latency_ms",
@@ -233,18 +237,9 @@ def light_only_row(task: str, ctx, args, seed: int, batch: dict, dev_rows) -> di
     light, model = done.metrics, done.model
     del done
     light["latency_ms"] = latency_ms(model, batch, args.repeats)
-    metric = ctx.task.metric
-    row = {"task": task, "metric": metric, "steps": ctx.total_steps, **van,
-           "light_final": light["final"][metric], "light_best": light["best"][metric],
-           "step_speedup": None, "predicted_step_speedup": light.get("predicted_step_speedup"),
-           "e2e_speedup": None, "memory_ratio": None, "inference_speedup": None,
-           "light_step_ms": 1e3 * light["step_seconds"], "light_peak_mb": light["peak_mb"],
-           "light_latency_ms": light["latency_ms"], "base_kept_pct": light["base_kept_pct"],
-           "block_kept_pct": light["block_kept_pct"], "trainable_light": light["trainable_params_no_head"],
-           "plan": light["plan"], "light_evals": light["evals"], "device": str(ctx.device),
-           "mixed_precision": args.mixed_precision, "dtype": args.dtype,
-           "estimation_steps": light["estimation_steps"], "seed": seed, "variant": args.variant_name,
-           "overrides": args.common, "target_speedup": ctx.cfg.prune.target_speedup}
+    row = {"task": task, "metric": ctx.task.metric, "steps": ctx.total_steps, **van, "step_speedup": None,
+           "e2e_speedup": None, "memory_ratio": None, "inference_speedup": None, **light_fields(ctx, light),
+           **run_fields(ctx, args, light, seed)}
     if dev_rows is not None:
         row["light_answer_accuracy"] = answer_accuracy(model, ctx.tokenizer, dev_rows, args.max_length)
     print(json.dumps(row, indent=1), flush=True)
